@@ -1,0 +1,143 @@
+"""Training checkpoints: model, optimizer, step, RNG states and config in one file, written atomically.
+
+The file is a ``torch.save`` dict readable with ``weights_only=True`` (no pickled code):
+``{"format": "gpt-triton-checkpoint", "version": 1, "model": state_dict, "config": dict, "step": int,
+"optimizer": state_dict | None, "rng": {...}, "extra": dict}``.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+FORMAT = "gpt-triton-checkpoint"
+VERSION = 1
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file is missing, corrupt or not written by this project."""
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The bare module behind DistributedDataParallel and torch.compile wrappers."""
+    while True:
+        if hasattr(model, "module") and isinstance(model.module, nn.Module):  # DDP / DataParallel
+            model = model.module
+        elif hasattr(model, "_orig_mod"):  # torch.compile
+            model = model._orig_mod
+        else:
+            return model
+
+
+def get_rng_state() -> dict:
+    """Python, NumPy, torch CPU and CUDA generator states, as tensors/ints (weights_only-loadable)."""
+    np_state = np.random.get_state()
+    state = {
+        "python": _to_plain(random.getstate()),
+        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(_to_tuple(state["python"]))
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _to_plain(x):
+    return [_to_plain(v) for v in x] if isinstance(x, tuple | list) else x
+
+
+def _to_tuple(x):
+    return tuple(_to_tuple(v) for v in x) if isinstance(x, list) else x
+
+
+def atomic_torch_save(obj, path: str | os.PathLike) -> Path:
+    """``torch.save`` to a temp file in the same folder, fsync, then rename over ``path``: a crash
+    mid-write never leaves a truncated file where a good checkpoint was."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def save_checkpoint(path: str | os.PathLike, model: nn.Module, *, optimizer=None, step: int = 0,
+                    config=None, extra: dict | None = None, rng: bool = True) -> Path:
+    """Save model (unwrapped from DDP/compile), optimizer, step, RNG states and config atomically."""
+    model = unwrap_model(model)
+    if config is None:
+        config = getattr(model, "cfg", None)
+    if config is not None and hasattr(config, "to_dict"):
+        config = config.to_dict()
+    payload = {
+        "format": FORMAT,
+        "version": VERSION,
+        "model": model.state_dict(),
+        "config": dict(config) if config is not None else None,
+        "step": int(step),
+        "optimizer": optimizer.state_dict() if optimizer is not None else None,
+        "rng": get_rng_state() if rng else None,
+        "extra": extra or {},
+    }
+    return atomic_torch_save(payload, path)
+
+
+def load_checkpoint(path: str | os.PathLike, model: nn.Module | None = None, *, optimizer=None,
+                    map_location="cpu", restore_rng: bool = False, strict: bool = True) -> dict:
+    """Read a checkpoint (clear ``CheckpointError`` if missing or corrupt), optionally restoring
+    ``model``, ``optimizer`` and the RNG states into place. Returns the checkpoint dict."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - torch raises many types for a damaged file
+        raise CheckpointError(f"cannot read checkpoint {path}: the file is corrupt or not a torch "
+                              f"checkpoint ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT or "model" not in ckpt:
+        raise CheckpointError(f"{path} is not a checkpoint written by this project (no '{FORMAT}' header)")
+    if ckpt.get("version", 0) > VERSION:
+        raise CheckpointError(f"{path} has checkpoint version {ckpt['version']}; this code reads up to {VERSION}")
+    if model is not None:
+        unwrap_model(model).load_state_dict(ckpt["model"], strict=strict)
+    if optimizer is not None:
+        if ckpt.get("optimizer") is None:
+            raise CheckpointError(f"{path} holds no optimizer state")
+        optimizer.load_state_dict(ckpt["optimizer"])
+    if restore_rng and ckpt.get("rng") is not None:
+        set_rng_state(ckpt["rng"])
+    return ckpt
+
+
+def is_checkpoint(path: str | os.PathLike) -> bool:
+    """Cheap test whether ``path`` looks like a torch checkpoint file (zip container)."""
+    p = Path(path)
+    if not p.is_file():
+        return False
+    with open(p, "rb") as f:
+        return f.read(4) == b"PK\x03\x04"

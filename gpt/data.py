@@ -1,0 +1,192 @@
+"""Data: the book's sliding-window dataset, text readers, llm.c token shards, an embedded corpus.
+
+Windows follow the book (chapter 2): input ``tokens[i : i+max_length]``, target shifted by one, for
+``i`` in ``range(0, len(tokens) - max_length, stride)``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from .tokenizer import ENDOFTEXT, get_tokenizer
+
+SHARD_MAGIC = 20240520
+SHARD_VERSION = 1
+SHARD_HEADER_INTS = 256
+TEXT_SUFFIXES = (".txt", ".md", ".rst", ".text")
+
+
+class DataError(ValueError):
+    """Input data is missing, empty, malformed or too short."""
+
+
+class TokenWindowDataset(Dataset):
+    """Sliding ``(input, target)`` windows over a 1-D token sequence, built lazily (no copies)."""
+
+    def __init__(self, tokens, max_length: int, stride: int):
+        if max_length <= 0 or stride <= 0:
+            raise ValueError(f"max_length and stride must be positive, got {max_length} and {stride}")
+        self.tokens = torch.as_tensor(np.asarray(tokens, dtype=np.int64))  # (N,)
+        self.max_length = max_length
+        self.stride = stride
+        n = len(self.tokens)
+        if n <= max_length:
+            raise DataError(f"corpus has {n} tokens, fewer than one window of {max_length} + 1 tokens")
+        self._starts = range(0, n - max_length, stride)
+
+    def __len__(self) -> int:
+        return len(self._starts)
+
+    def __getitem__(self, idx: int):
+        i = self._starts[idx]
+        return self.tokens[i:i + self.max_length], self.tokens[i + 1:i + self.max_length + 1]  # (T,), (T,)
+
+
+class GPTDatasetV1(TokenWindowDataset):
+    """The book's dataset: tokenize ``txt`` (``<|endoftext|>`` allowed) and cut sliding windows."""
+
+    def __init__(self, txt: str, tokenizer, max_length: int, stride: int):
+        token_ids = tokenizer.encode(txt, allowed_special={ENDOFTEXT})
+        super().__init__(token_ids, max_length, stride)
+        self.input_ids = _WindowView(self, 0)
+        self.target_ids = _WindowView(self, 1)
+
+
+class _WindowView(Sequence):
+    """``dataset.input_ids[i]`` / ``dataset.target_ids[i]`` as in the book, computed on demand."""
+
+    def __init__(self, ds: TokenWindowDataset, which: int):
+        self.ds, self.which = ds, which
+
+    def __len__(self):
+        return len(self.ds)
+
+    def __getitem__(self, i):
+        return self.ds[i][self.which]
+
+
+def create_dataloader_v1(txt: str, batch_size: int = 4, max_length: int = 256, stride: int = 128,
+                         shuffle: bool = True, drop_last: bool = True, num_workers: int = 0,
+                         tokenizer=None, generator: torch.Generator | None = None) -> DataLoader:
+    """The book's dataloader over ``GPTDatasetV1`` (GPT-2 tokenizer unless one is given)."""
+    dataset = GPTDatasetV1(txt, tokenizer or get_tokenizer(), max_length, stride)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last,
+                      num_workers=num_workers, generator=generator)
+
+
+# --------------------------------------------------------------------------------------------- text
+def list_text_files(paths: str | os.PathLike | Iterable[str | os.PathLike]) -> list[Path]:
+    """Expand files and folders (recursively: .txt/.md/.rst/.text files, sorted) into a file list."""
+    if isinstance(paths, str | os.PathLike):
+        paths = [paths]
+    files: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in TEXT_SUFFIXES)
+            if not found:
+                raise DataError(f"folder {p} holds no text files ({', '.join(TEXT_SUFFIXES)})")
+            files.extend(found)
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise DataError(f"data path not found: {p}")
+    return files
+
+
+def read_text(paths: str | os.PathLike | Iterable[str | os.PathLike], separator: str = ENDOFTEXT) -> str:
+    """Read text files/folders into one string, documents joined by ``<|endoftext|>``."""
+    docs = []
+    for f in list_text_files(paths):
+        try:
+            text = f.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise DataError(f"{f} is not UTF-8 text") from None
+        if text.strip():
+            docs.append(text)
+    if not docs:
+        raise DataError("the data files are empty")
+    return separator.join(docs)
+
+
+def default_corpus() -> str:
+    """An English corpus every Python has, no download: CPython's pydoc topics (about 465k characters
+    of the Python reference manual, shipped in ``pydoc_data``)."""
+    from pydoc_data.topics import topics
+
+    return ENDOFTEXT.join(topics[k].strip() for k in sorted(topics))
+
+
+def train_val_split(data, train_ratio: float = 0.9):
+    """Split text or a token array at ``train_ratio`` (the book splits the characters 90/10)."""
+    if not 0.0 < train_ratio < 1.0:
+        raise ValueError(f"train_ratio must be in (0, 1), got {train_ratio}")
+    split = int(train_ratio * len(data))
+    return data[:split], data[split:]
+
+
+# -------------------------------------------------------------------------------- llm.c token shards
+def write_shard(path: str | os.PathLike, tokens) -> Path:
+    """Write tokens as an llm.c ``.bin`` shard: 256 int32 header (magic, version, count) + uint16 tokens."""
+    toks = np.asarray(tokens)
+    if toks.ndim != 1:
+        raise DataError(f"tokens must be 1-D, got shape {toks.shape}")
+    if toks.size and (toks.min() < 0 or toks.max() >= 2**16):
+        raise DataError("token ids must fit in uint16 (0..65535) for an llm.c shard")
+    header = np.zeros(SHARD_HEADER_INTS, dtype=np.int32)
+    header[:3] = (SHARD_MAGIC, SHARD_VERSION, toks.size)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(header.tobytes())
+        f.write(toks.astype("<u2").tobytes())
+    os.replace(tmp, path)
+    return path
+
+
+def read_shard(path: str | os.PathLike, mmap: bool = True) -> np.ndarray:
+    """Read an llm.c ``.bin`` shard, checking magic, version and that the count matches the file size."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"shard not found: {path}")
+    size = path.stat().st_size
+    if size < SHARD_HEADER_INTS * 4:
+        raise DataError(f"{path} is too small for an llm.c shard header ({size} bytes)")
+    header = np.fromfile(path, dtype="<i4", count=SHARD_HEADER_INTS)
+    if header[0] != SHARD_MAGIC:
+        raise DataError(f"{path}: bad magic number {header[0]} (expected {SHARD_MAGIC}); not an llm.c shard")
+    if header[1] != SHARD_VERSION:
+        raise DataError(f"{path}: unsupported shard version {header[1]} (expected {SHARD_VERSION})")
+    n = int(header[2])
+    expected = SHARD_HEADER_INTS * 4 + 2 * n
+    if size != expected:
+        raise DataError(f"{path}: header says {n} tokens ({expected} bytes) but the file has {size} bytes")
+    if mmap:
+        return np.memmap(path, dtype="<u2", mode="r", offset=SHARD_HEADER_INTS * 4, shape=(n,))
+    return np.fromfile(path, dtype="<u2", offset=SHARD_HEADER_INTS * 4, count=n)
+
+
+def load_tokens(paths: str | os.PathLike | Iterable[str | os.PathLike], tokenizer=None) -> np.ndarray:
+    """Tokens of the given data: ``.bin`` shards are read as is, text files/folders are tokenized."""
+    if isinstance(paths, str | os.PathLike):
+        paths = [paths]
+    expanded: list[Path] = []
+    for p in map(Path, paths):  # a folder of .bin shards counts as its shards, in name order
+        bins = sorted(p.glob("*.bin")) if p.is_dir() else []
+        expanded.extend(bins or [p])
+    paths = expanded
+    shards = [p for p in paths if p.suffix == ".bin"]
+    if shards and len(shards) != len(paths):
+        raise DataError("mix of .bin shards and text files: pass one kind")
+    if shards:
+        arrays = [np.asarray(read_shard(p)) for p in shards]
+        return np.concatenate(arrays).astype(np.int64)
+    text = read_text(paths)
+    tokenizer = tokenizer or get_tokenizer()
+    return np.asarray(tokenizer.encode(text, allowed_special={ENDOFTEXT}), dtype=np.int64)

@@ -1,0 +1,95 @@
+"""Text generation: greedy, temperature, top-k, top-p, end-of-text stop, seeded sampling.
+
+``generate`` works with any model whose forward maps ``idx (B, T)`` to logits ``(B, T, V)`` (or an
+object with ``.logits``, as Hugging Face models return). Prompts longer than the model's context are
+cropped to the last ``context_length`` tokens at every step (sliding window), as in the book.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def context_length_of(model: nn.Module) -> int | None:
+    """The model's maximum sequence length, from ``cfg``, a HF ``config`` or the position embedding."""
+    cfg = getattr(model, "cfg", None)
+    if cfg is not None:
+        return cfg["context_length"] if isinstance(cfg, dict) else cfg.context_length
+    hf = getattr(model, "config", None)
+    if hf is not None and getattr(hf, "n_positions", None):
+        return int(hf.n_positions)
+    pos = getattr(model, "pos_emb", None)
+    return pos.num_embeddings if isinstance(pos, nn.Embedding) else None
+
+
+def sample_next_token(logits: torch.Tensor, *, temperature: float = 0.0, top_k: int | None = None,
+                      top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Pick the next token from ``logits (B, V)``; returns ``(B, 1)``. Temperature 0 is greedy."""
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if top_k is not None and top_k <= 0:
+        raise ValueError(f"top_k must be a positive int, got {top_k}")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if temperature == 0.0:
+        return torch.argmax(logits, dim=-1, keepdim=True)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1) k-th largest
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, sorted_idx = torch.sort(logits, dim=-1, descending=True)
+        cum = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
+        # drop a token when the tokens before it already cover top_p (the first token always stays)
+        drop_sorted = (cum - torch.softmax(sorted_logits, dim=-1)) >= top_p
+        drop = drop_sorted.scatter(-1, sorted_idx, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    return torch.multinomial(probs, num_samples=1, generator=generator)
+
+
+def _logits(model: nn.Module, idx: torch.Tensor) -> torch.Tensor:
+    out = model(idx)
+    return getattr(out, "logits", out)
+
+
+@torch.no_grad()
+def generate(model: nn.Module, idx: torch.Tensor, max_new_tokens: int, *, temperature: float = 0.0,
+             top_k: int | None = None, top_p: float | None = None, eos_id: int | None = None,
+             use_cache: bool = True, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Append up to ``max_new_tokens`` tokens to ``idx (B, T)`` and return ``(B, T + n)``.
+
+    Generation stops at the step where every row has produced ``eos_id``; that step is not appended
+    (for one row this is the book's rule: the end-of-text token is not returned). In a batch, rows
+    that finish early are padded with ``eos_id`` until the last one finishes. ``use_cache`` selects the KV-cached path on models that
+    provide one (``model.generate_cached``); other models recompute the full window each step.
+    """
+    if not isinstance(idx, torch.Tensor) or idx.dim() != 2 or idx.dtype != torch.long:
+        raise ValueError("idx must be a (batch, tokens) tensor of token ids (torch.long)")
+    if idx.shape[1] == 0:
+        raise ValueError("idx must hold at least one prompt token")
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if use_cache and hasattr(model, "generate_cached"):
+        return model.generate_cached(idx, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                                     eos_id=eos_id, generator=generator)
+    was_training = model.training
+    model.eval()
+    try:
+        ctx = context_length_of(model)
+        finished = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
+        for _ in range(max_new_tokens):
+            idx_cond = idx if ctx is None else idx[:, -ctx:]  # (B, <=ctx) sliding window
+            logits = _logits(model, idx_cond)[:, -1, :]  # (B, V) last position
+            idx_next = sample_next_token(logits, temperature=temperature, top_k=top_k, top_p=top_p,
+                                         generator=generator)  # (B, 1)
+            if eos_id is not None:
+                idx_next = idx_next.masked_fill(finished.unsqueeze(1), eos_id)  # finished rows: pad
+                finished |= idx_next.squeeze(1) == eos_id
+                if bool(finished.all()):  # this step's tokens are all eos_id: stop, not appended
+                    break
+            idx = torch.cat((idx, idx_next), dim=1)  # (B, T+1)
+    finally:
+        model.train(was_training)
+    return idx

@@ -1,0 +1,7 @@
+"""Hand-written Triton kernels for GPT-2, importable on their own (no import of ``gpt``).
+
+Public API (DESIGN.md): ``flash_attention``, ``decode_attention``, ``layer_norm``, ``add_layer_norm``,
+``gelu`` and the drop-in modules ``LayerNorm``, ``GELU``, ``CausalSelfAttention``.
+"""
+
+__all__: list[str] = []

@@ -1,0 +1,40 @@
+"""Test setup: kernels run through the Triton interpreter on CPU; the tokenizer works offline."""
+
+import os
+from pathlib import Path
+
+# Must happen before anything imports triton (the interpreter is chosen at decoration time).
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+DATA = SHARED / "data"
+if "TIKTOKEN_CACHE_DIR" not in os.environ and (SHARED / "tiktoken_cache").is_dir():
+    os.environ["TIKTOKEN_CACHE_DIR"] = str(SHARED / "tiktoken_cache")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="session")
+def shared_data():
+    """Path to ../shared/data; skips the test cleanly when it is absent."""
+    if not DATA.is_dir():
+        pytest.skip("../shared/data is not present")
+    return DATA
+
+
+@pytest.fixture
+def fallback_path(monkeypatch):
+    """Run kernel ops on their pure-PyTorch fallback instead of the Triton interpreter."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")

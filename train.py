@@ -41,7 +41,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda if available)")
     p.add_argument("--eval-every", type=int, default=100)
     p.add_argument("--eval-batches", type=int, default=10)
-    p.add_argument("--out", default="runs/pretrain", help="run folder")
+    p.add_argument("--out", default=None,
+                   help="run folder (default: runs/pretrain, or runs/pretrain-N when that holds a run)")
     p.add_argument("--seed", type=int, default=123)
     p.add_argument("--prompt", default="The function", help="start of the sample printed at each evaluation")
     return p.parse_args(argv)
@@ -94,7 +95,7 @@ def main(argv=None) -> int:
         raise ValueError(f"the training split holds {len(train_ds)} windows, fewer than one batch of "
                          f"{args.batch_size}: use more data or a smaller --batch-size")
 
-    out = Path(args.out)
+    out = choose_run_folder(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps({"model": cfg.to_dict(), "args": vars(args)}, indent=2))
     n_params = sum(p.numel() for p in model.parameters())
@@ -107,6 +108,23 @@ def main(argv=None) -> int:
                                    {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.95))
     train_loop(model, optimizer, train_loader, val_loader, tokenizer, device, out, args)
     return 0
+
+
+def choose_run_folder(out: str | None) -> Path:
+    """The run folder; never overwrites an earlier run (an explicit --out holding one is an error)."""
+    def holds_run(p: Path) -> bool:
+        return (p / "ckpt-last.pt").exists() or (p / "metrics.jsonl").exists()
+
+    if out is not None:
+        if holds_run(Path(out)):
+            raise ValueError(f"run folder {out} already holds a run; choose another --out")
+        return Path(out)
+    base = Path("runs/pretrain")
+    candidate, n = base, 1
+    while holds_run(candidate):
+        n += 1
+        candidate = base.with_name(f"{base.name}-{n}")
+    return candidate
 
 
 def load_tokens_from_text(text: str, tokenizer):

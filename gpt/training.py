@@ -1,19 +1,38 @@
-"""Training helpers with the book's names (chapter 5): batch/loader loss, evaluation, sampling."""
+"""Training: the book's loss helpers (chapter 5) and one training loop shared by pretraining and the
+finetuning recipes: AdamW, warm-up + cosine schedule, gradient accumulation and clipping, autocast,
+periodic evaluation, atomic checkpoints, exact resume, Ctrl-C and NaN handling, DDP.
+
+Exact resume: the data order is a pure function of (seed, epoch) and the learning rate a pure function of
+the step, so a checkpoint needs only the step, model, optimizer, grad scaler and RNG states; a resumed run
+logs the same losses as an uninterrupted one.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import json
 import math
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
+from .checkpoint import load_checkpoint, save_checkpoint
 from .generate import context_length_of, generate
 from .tokenizer import text_to_token_ids, token_ids_to_text
 
 
+# ------------------------------------------------------------------------------ the book's helpers
 def calc_loss_batch(input_batch: torch.Tensor, target_batch: torch.Tensor, model: nn.Module,
                     device) -> torch.Tensor:
-    """Mean next-token cross-entropy of one batch: logits (b, T, V) vs targets (b, T)."""
+    """Mean next-token cross-entropy of one batch: logits (b, T, V) vs targets (b, T); -100 is ignored."""
     input_batch, target_batch = input_batch.to(device), target_batch.to(device)
     logits = model(input_batch)
     return nn.functional.cross_entropy(logits.flatten(0, 1).float(), target_batch.flatten())
@@ -56,3 +75,305 @@ def generate_sample(model: nn.Module, tokenizer, device, start_context: str, max
 
 def perplexity(loss: float) -> float:
     return math.exp(loss) if loss < 50 else float("inf")
+
+
+# ------------------------------------------------------------------------------------ optimization
+def build_optimizer(model: nn.Module, lr: float, weight_decay: float, device: torch.device):
+    """AdamW (fused on CUDA); no weight decay on biases, norm parameters and embeddings."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (decay if p.dim() >= 2 and "emb" not in name else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), fused=device.type == "cuda")
+
+
+def lr_at(step: int, total: int, peak: float, warmup: int, min_ratio: float = 0.1) -> float:
+    """Linear warm-up to ``peak`` over ``warmup`` steps, then cosine decay to ``min_ratio * peak``."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return peak * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+class EpochBatches:
+    """Deterministic batches: epoch ``e`` is a permutation seeded by ``seed + e``; global batch ``pos``
+    is a contiguous slice of it, split across DDP ranks. Any position can be recomputed (exact resume)."""
+
+    def __init__(self, n_items: int, batch_size: int, *, seed: int, shuffle: bool = True, rank: int = 0,
+                 world: int = 1):
+        self.n, self.batch_size, self.seed, self.shuffle, self.rank, self.world = (
+            n_items, batch_size, seed, shuffle, rank, world)
+        self.global_batch = batch_size * world
+        self.per_epoch = n_items // self.global_batch
+        self._perm_epoch, self._perm = None, None
+
+    def indices(self, pos: int) -> list[int]:
+        epoch, i = divmod(pos, self.per_epoch)
+        if self._perm_epoch != epoch:
+            self._perm = (torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + epoch))
+                          if self.shuffle else torch.arange(self.n))
+            self._perm_epoch = epoch
+        start = i * self.global_batch + self.rank * self.batch_size
+        return self._perm[start:start + self.batch_size].tolist()
+
+
+# ------------------------------------------------------------------------------------ distributed
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device_arg: str | None) -> tuple[Dist, torch.device]:
+    """Join the process group when launched by torchrun (NCCL on GPUs, gloo on CPU)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        device = torch.device(device_arg or ("cuda" if torch.cuda.is_available() else "cpu"))
+        return Dist(), device
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = (device_arg or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    return Dist(rank, world, local_rank), torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
+
+
+def _mean_across_ranks(value: float, d: Dist, device) -> float:
+    if d.world == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.item() / d.world
+
+
+# ----------------------------------------------------------------------------------- training loop
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite."""
+
+
+@dataclass
+class TrainSpec:
+    """What a recipe gives the loop: data, how to batch it, its loss, and its evaluation."""
+
+    train_data: object  # a Dataset (indexable, len)
+    collate: Callable[[list], tuple]
+    loss_fn: Callable[[nn.Module, tuple, torch.device], torch.Tensor]
+    evaluate: Callable[[nn.Module], dict]  # -> metrics; "val_loss" picks ckpt-best.pt
+    sample: Callable[[nn.Module], str] | None = None
+    extra: dict = field(default_factory=dict)  # stored in checkpoints (labels, task, ...)
+
+
+@dataclass
+class LoopConfig:
+    steps: int
+    batch_size: int
+    grad_accum: int = 1
+    lr: float = 3e-4
+    warmup: int = 0
+    weight_decay: float = 0.1
+    clip: float = 1.0
+    dtype: str = "fp32"
+    eval_every: int = 100
+    save_every: int = 100
+    seed: int = 123
+    desc: str = "train"
+
+
+class _StopFlag:
+    """First Ctrl-C: finish the current step, save, stop. Second Ctrl-C: stop at once."""
+
+    def __init__(self):
+        self.requested = False
+        self._old = None
+
+    def __enter__(self):
+        if threading_main():
+            self._old = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, *_):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nCtrl-C: stopping after this step (press again to abort at once)", file=sys.stderr)
+
+    def __exit__(self, *exc):
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
+
+
+def threading_main() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def autocast_context(dtype: str, device: torch.device):
+    if dtype == "fp32":
+        return contextlib.nullcontext()
+    if dtype == "fp16" and device.type != "cuda":
+        raise ValueError("--dtype fp16 needs a CUDA device (use bf16 or fp32 on CPU)")
+    return torch.autocast(device.type, dtype=torch.bfloat16 if dtype == "bf16" else torch.float16)
+
+
+def read_metrics(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot_losses(out: Path) -> None:
+    """``loss.png`` from ``metrics.jsonl`` (skipped quietly without matplotlib)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    rows = read_metrics(out / "metrics.jsonl")
+    if not rows:
+        return
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot([r["step"] for r in rows], [r["train_loss"] for r in rows], label="train", lw=1)
+    val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
+    if val:
+        ax.plot(*zip(*val), "o-", label="validation")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.legend()
+    fig.tight_layout()
+    tmp = out / ".loss.png.tmp.png"
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, out / "loss.png")
+
+
+def train(model: nn.Module, spec: TrainSpec, cfg: LoopConfig, out: Path, device: torch.device, *,
+          resume: bool = False, d: Dist | None = None, compile: bool = False, log=print) -> dict:
+    """Run the loop up to ``cfg.steps`` optimizer steps; returns the last evaluation's metrics.
+
+    ``out`` receives ``ckpt-last.pt`` (every ``save_every`` steps, at the end and on Ctrl-C),
+    ``ckpt-best.pt`` (best ``val_loss``), ``metrics.jsonl`` and ``loss.png`` (rank 0 only).
+    """
+    from tqdm import tqdm
+
+    d = d or Dist()
+    model.to(device)
+    optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.dtype == "fp16")
+    start, best_val = 0, float("inf")
+    metrics_path = out / "metrics.jsonl"
+    if resume:
+        ckpt = load_checkpoint(out / "ckpt-last.pt", model, optimizer=optimizer, map_location=device,
+                               restore_rng=True)
+        start, best_val = ckpt["step"], ckpt["extra"].get("best_val", float("inf"))
+        if ckpt["extra"].get("scaler"):
+            scaler.load_state_dict(ckpt["extra"]["scaler"])
+        if d.main:  # drop rows logged after the checkpoint (a crash between saves)
+            rows = [r for r in read_metrics(metrics_path) if r["step"] <= start]
+            metrics_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        log(f"resumed from {out / 'ckpt-last.pt'} at step {start}")
+    train_model = torch.compile(model) if compile else model
+    if d.world > 1:
+        train_model = nn.parallel.DistributedDataParallel(
+            train_model, device_ids=[device.index] if device.type == "cuda" else None)
+    sampler = EpochBatches(len(spec.train_data), cfg.batch_size, seed=cfg.seed, rank=d.rank, world=d.world)
+    if sampler.per_epoch == 0:
+        raise ValueError(f"the training split holds {len(spec.train_data)} examples, fewer than one global "
+                         f"batch of {sampler.global_batch}: use more data or a smaller --batch-size")
+    amp = autocast_context(cfg.dtype, device)
+
+    def checkpoint(step: int, name: str = "ckpt-last.pt", with_optimizer: bool = True):
+        if d.main:
+            extra = {**spec.extra, "best_val": best_val, "scaler": scaler.state_dict() if scaler.is_enabled() else None}
+            save_checkpoint(out / name, model, optimizer=optimizer if with_optimizer else None, step=step,
+                            extra=extra)
+
+    metrics = open(metrics_path, "a") if d.main else None
+    last_eval: dict = {}
+    step = start
+    bar = tqdm(total=cfg.steps, initial=start, desc=cfg.desc, dynamic_ncols=True, disable=not d.main,
+               file=sys.stdout, mininterval=1.0)
+    t_last, tokens = time.perf_counter(), 0
+    model.train()
+    try:
+        with _StopFlag() as stop:
+            while step < cfg.steps and not stop.requested:
+                lr = lr_at(step, cfg.steps, cfg.lr, cfg.warmup)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                loss_sum = 0.0
+                for micro in range(cfg.grad_accum):
+                    batch = spec.collate([spec.train_data[i] for i in sampler.indices(step * cfg.grad_accum + micro)])
+                    tokens += batch[0].numel() * d.world  # input tokens of the global micro-batch
+                    sync = micro == cfg.grad_accum - 1 or d.world == 1
+                    ctx = train_model.no_sync() if not sync else contextlib.nullcontext()
+                    with ctx, amp:
+                        loss = spec.loss_fn(train_model, batch, device) / cfg.grad_accum
+                    scaler.scale(loss).backward()
+                    loss_sum += loss.item()
+                loss_val = _mean_across_ranks(loss_sum, d, device)
+                if not math.isfinite(loss_val):
+                    raise TrainingDiverged(f"loss is {loss_val} at step {step + 1}; stopped without saving it "
+                                           f"(the last good checkpoint is {out / 'ckpt-last.pt'})")
+                if cfg.clip > 0:
+                    scaler.unscale_(optimizer)
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
+                scaler.step(optimizer)
+                scaler.update()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                now = time.perf_counter()
+                row = {"step": step, "train_loss": round(loss_val, 6), "lr": lr,
+                       "tokens_per_s": round(tokens / max(now - t_last, 1e-9), 1)}
+                t_last, tokens = now, 0
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss_val:.3f}", tok_s=f"{row['tokens_per_s']:.0f}", refresh=False)
+                if step % cfg.eval_every == 0 or step == cfg.steps:
+                    last_eval = run_eval(model, spec, amp)
+                    row.update(last_eval)
+                    msg = f"step {step}: train loss {loss_val:.3f}" + "".join(
+                        f", {k.replace('_', ' ')} {v:.4g}" for k, v in last_eval.items())
+                    if spec.sample is not None:
+                        msg += f"\n  sample: {spec.sample(model)}"
+                    if d.main:
+                        tqdm.write(msg, file=sys.stdout)
+                    val = last_eval.get("val_loss", float("nan"))
+                    if math.isfinite(val) and val < best_val:
+                        best_val = val
+                        checkpoint(step, "ckpt-best.pt", with_optimizer=False)
+                    t_last = time.perf_counter()  # evaluation is not training throughput
+                if metrics is not None:
+                    metrics.write(json.dumps(row) + "\n")
+                    metrics.flush()
+                if step % cfg.save_every == 0 or step == cfg.steps:
+                    checkpoint(step)
+                    if d.main:
+                        plot_losses(out)
+            if stop.requested and step < cfg.steps:
+                checkpoint(step)
+                raise KeyboardInterrupt(f"interrupted at step {step}; continue with --resume")
+    finally:
+        bar.close()
+        if metrics is not None:
+            metrics.close()
+    return last_eval
+
+
+def run_eval(model: nn.Module, spec: TrainSpec, amp=None) -> dict:
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), (amp or contextlib.nullcontext()):
+            return {k: round(float(v), 6) for k, v in spec.evaluate(model).items()}
+    finally:
+        model.train(was_training)

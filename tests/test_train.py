@@ -70,3 +70,128 @@ def test_existing_run_folder_is_not_overwritten(tmp_path):
     r = run_train("--steps", 1, "--out", out, timeout=120)
     assert r.returncode == 2 and "already holds a run" in r.stderr
     assert (out / "metrics.jsonl").read_text() == '{"step": 1}\n'
+
+
+def _losses(folder):
+    return [(r["step"], r["train_loss"], r["lr"]) for r in
+            (json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines())]
+
+
+def test_interrupt_then_resume_equals_uninterrupted(tmp_path, shared_data):
+    import signal
+    import time
+
+    common = ["--data", shared_data / "the-verdict.txt", "--steps", 8, "--batch-size", 2, "--eval-every", 100,
+              "--save-every", 100, "--warmup", 2]
+    full = tmp_path / "full"
+    assert run_train(*common, "--out", full).returncode == 0
+
+    part = tmp_path / "part"
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *map(str, common), "--out", str(part)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        metrics = part / "metrics.jsonl"
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 2:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)  # Ctrl-C: finish the step, save, exit 130
+    _, err = proc.communicate(timeout=240)
+    assert proc.returncode == 130, err[-2000:]
+    assert "--resume" in err and "Traceback" not in err
+    stopped = torch.load(part / "ckpt-last.pt", weights_only=True)["step"]
+    assert 2 <= stopped < 8
+
+    r = run_train(*common, "--out", part, "--resume")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"resumed from {part / 'ckpt-last.pt'} at step {stopped}" in r.stdout
+    a, b = _losses(full), _losses(part)
+    assert [s for s, _, _ in b] == list(range(1, 9))
+    for (s1, l1, lr1), (s2, l2, lr2) in zip(a, b):
+        assert s1 == s2 and lr1 == lr2 and abs(l1 - l2) < 1e-5, (s1, l1, l2)
+
+
+def test_resume_from_corrupt_checkpoint_exits_2_and_keeps_files(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "ckpt-last.pt").write_bytes(b"PK\x03\x04 broken zip" * 10)
+    (out / "metrics.jsonl").write_text('{"step": 1, "train_loss": 5.0}\n')
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    r = run_train("--out", out, "--resume", timeout=120)
+    assert r.returncode == 2 and "corrupt" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_resume_without_a_run_is_an_error(tmp_path):
+    r = run_train("--out", tmp_path / "empty", "--resume", timeout=120)
+    assert r.returncode == 2 and "nothing to resume" in r.stderr
+
+
+def test_ddp_two_gloo_processes_match_one_process(tmp_path, shared_data):
+    common = ["--data", shared_data / "the-verdict.txt", "--steps", 3, "--eval-every", 100, "--warmup", 1]
+    one = tmp_path / "one"
+    r1 = run_train(*common, "--batch-size", 4, "--out", one)
+    assert r1.returncode == 0, r1.stderr[-2000:]
+    two = tmp_path / "two"
+    r2 = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                         str(ROOT / "train.py"), *map(str, common), "--batch-size", "2", "--out", str(two)],
+                        capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert r2.returncode == 0, r2.stderr[-3000:]
+    assert "2 processes" in r2.stdout
+    for (s1, l1, _), (s2, l2, _) in zip(_losses(one), _losses(two), strict=True):
+        assert s1 == s2 and abs(l1 - l2) < 1e-4, (s1, l1, l2)
+
+
+@pytest.fixture(scope="module")
+def spam_subset(tmp_path_factory, shared_data):
+    rows = (shared_data / "sms_spam" / "SMSSpamCollection.tsv").read_text(encoding="utf-8").splitlines()
+    ham = [r for r in rows if r.startswith("ham\t")][:40]
+    spam = [r for r in rows if r.startswith("spam\t")][:40]
+    path = tmp_path_factory.mktemp("spam") / "subset.tsv"
+    path.write_text("\n".join(ham + spam) + "\n", encoding="utf-8")
+    return path
+
+
+def test_classify_and_predict(tmp_path, spam_subset):
+    out = tmp_path / "cls"
+    r = run_train("classify", "--data", spam_subset, "--epochs", 1, "--batch-size", 8, "--eval-batches", 2,
+                  "--eval-every", 3, "--lr", 1e-3, "--out", out)
+    assert r.returncode == 0, r.stderr[-3000:]
+    acc = json.loads((out / "accuracy.json").read_text())
+    assert set(acc) == {"train", "val", "test"} and all(0.0 <= v <= 1.0 for v in acc.values())
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 7  # 80 balanced rows -> 56 train -> 7 batches of 8, one epoch
+    assert "val_acc" in rows[2] and "train_acc" in rows[2]
+    ckpt = torch.load(out / "ckpt-last.pt", weights_only=True)
+    assert ckpt["extra"]["labels"] == ["ham", "spam"] and ckpt["model"]["out_head.weight"].shape[0] == 2
+    r = run_train("classify", "--init", out, "--predict", "WINNER!! Claim your free prize now", timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.strip().splitlines()[-1] in {"ham", "spam"}
+
+
+def test_instruct_writes_responses(tmp_path, shared_data):
+    data = json.loads((shared_data / "instruction-data.json").read_text())[:40]
+    path = tmp_path / "instr.json"
+    path.write_text(json.dumps(data))
+    out = tmp_path / "ins"
+    r = run_train("instruct", "--data", path, "--steps", 2, "--batch-size", 4, "--eval-batches", 1,
+                  "--max-new-tokens", 4, "--mask-prompt", "--out", out)
+    assert r.returncode == 0, r.stderr[-3000:]
+    responses = json.loads((out / "responses.json").read_text())
+    assert len(responses) == 4  # the 10% test split of 40 entries
+    assert responses[0]["instruction"] == data[34]["instruction"]
+    assert all(isinstance(e["model_response"], str) for e in responses)
+
+
+@pytest.mark.parametrize("command,content,match", [
+    ("classify", "ham\tfine\nno tab here\n", "expected 'label<TAB>text'"),
+    ("classify", "ham\tonly one label\nham\tstill one\n", "single label"),
+    ("instruct", "{not json", "not valid JSON"),
+    ("instruct", '[{"instruction": "x"}]', "needs 'instruction' and 'output'"),
+])
+def test_malformed_finetune_data(tmp_path, command, content, match):
+    path = tmp_path / "bad.data"
+    path.write_text(content)
+    r = run_train(command, "--data", path, "--out", tmp_path / "o", timeout=120)
+    assert r.returncode == 2 and match in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert not (tmp_path / "o").exists()

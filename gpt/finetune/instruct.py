@@ -1,0 +1,100 @@
+"""Instruction finetuning (the book's chapter 7): Alpaca-format JSON, the book's prompt and collate."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from torch.utils.data import Dataset
+
+from ..data import DataError
+
+PAD_ID = 50256
+IGNORE_INDEX = -100
+
+
+def format_input(entry: dict) -> str:
+    """The Alpaca prompt exactly as in the book."""
+    instruction_text = (
+        f"Below is an instruction that describes a task. "
+        f"Write a response that appropriately completes the request."
+        f"\n\n### Instruction:\n{entry['instruction']}"
+    )
+    input_text = f"\n\n### Input:\n{entry['input']}" if entry["input"] else ""
+    return instruction_text + input_text
+
+
+def format_response(entry: dict) -> str:
+    return f"\n\n### Response:\n{entry['output']}"
+
+
+def read_instructions(path: str | os.PathLike) -> list[dict]:
+    """A JSON list of ``{"instruction", "input", "output"}`` entries (``input`` may be empty)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"data file not found: {path}")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path} is not valid JSON: {e.msg} at line {e.lineno}") from None
+    if not isinstance(data, list) or not data:
+        raise DataError(f"{path} must hold a non-empty JSON list of instruction entries")
+    for i, entry in enumerate(data):
+        if not isinstance(entry, dict) or not {"instruction", "output"} <= set(entry):
+            raise DataError(f"{path}: entry {i} needs 'instruction' and 'output' keys")
+        entry.setdefault("input", "")
+    return data
+
+
+def split(data: list, train: float = 0.85, test: float = 0.10):
+    """The book's split: first 85% train, next 10% test, the remaining 5% validation."""
+    n_train, n_test = int(len(data) * train), int(len(data) * test)
+    return data[:n_train], data[n_train + n_test:], data[n_train:n_train + n_test]  # train, val, test
+
+
+class InstructionDataset(Dataset):
+    """Pre-tokenized prompt + response; remembers the prompt length for ``--mask-prompt``."""
+
+    def __init__(self, data: list[dict], tokenizer):
+        self.items = []
+        for entry in data:
+            prompt = tokenizer.encode(format_input(entry))
+            response = tokenizer.encode(format_response(entry))
+            self.items.append((prompt + response, len(prompt)))
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        return self.items[i]
+
+
+def custom_collate_fn(batch, pad_token_id: int = PAD_ID, ignore_index: int = IGNORE_INDEX,
+                      allowed_max_length: int | None = None, mask_prompt: bool = False, device="cpu"):
+    """The book's collate: pad with ``<|endoftext|>``, targets shifted by one, every padding target but the
+    first set to ``ignore_index``; ``mask_prompt`` also ignores the prompt's targets."""
+    items = [b if isinstance(b, tuple) else (b, 0) for b in batch]
+    batch_max_length = max(len(ids) + 1 for ids, _ in items)
+    inputs_lst, targets_lst = [], []
+    for ids, prompt_len in items:
+        padded = ids + [pad_token_id] + [pad_token_id] * (batch_max_length - len(ids) - 1)
+        inputs = torch.tensor(padded[:-1])  # (T,)
+        targets = torch.tensor(padded[1:])  # (T,) shifted by one
+        mask = targets == pad_token_id
+        pad_positions = torch.nonzero(mask).squeeze(-1)
+        if pad_positions.numel() > 1:
+            targets[pad_positions[1:]] = ignore_index  # keep the first end-of-text as a target
+        if mask_prompt and prompt_len > 1:
+            targets[:prompt_len - 1] = ignore_index
+        if allowed_max_length is not None:
+            inputs, targets = inputs[:allowed_max_length], targets[:allowed_max_length]
+        inputs_lst.append(inputs)
+        targets_lst.append(targets)
+    return torch.stack(inputs_lst).to(device), torch.stack(targets_lst).to(device)  # (b, T), (b, T)
+
+
+def extract_response(generated_text: str, prompt: str) -> str:
+    """The model's answer: what follows the prompt, without the ``### Response:`` header."""
+    return generated_text[len(prompt):].replace("### Response:", "").strip()

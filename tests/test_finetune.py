@@ -1,0 +1,88 @@
+"""Finetuning pieces: the book's prompt format and collate, the balanced split, the training loop's guards."""
+
+import pytest
+import torch
+
+from gpt.finetune import classify as C
+from gpt.finetune import instruct as I
+
+
+def test_format_input_is_the_books():
+    entry = {"instruction": "Rewrite the sentence.", "input": "The cat sat.", "output": "It sat."}
+    assert I.format_input(entry) == (
+        "Below is an instruction that describes a task. Write a response that appropriately completes the "
+        "request.\n\n### Instruction:\nRewrite the sentence.\n\n### Input:\nThe cat sat.")
+    assert I.format_input({**entry, "input": ""}).endswith("### Instruction:\nRewrite the sentence.")
+    assert I.format_response(entry) == "\n\n### Response:\nIt sat."
+
+
+def test_custom_collate_fn_matches_the_book():
+    inputs, targets = I.custom_collate_fn([[0, 1, 2, 3, 4], [5, 6], [7, 8, 9]])
+    assert inputs.tolist() == [[0, 1, 2, 3, 4], [5, 6, 50256, 50256, 50256], [7, 8, 9, 50256, 50256]]
+    assert targets.tolist() == [[1, 2, 3, 4, 50256], [6, 50256, -100, -100, -100], [8, 9, 50256, -100, -100]]
+    inputs, targets = I.custom_collate_fn([([10, 11, 12, 13], 2)], mask_prompt=True, allowed_max_length=3)
+    assert inputs.tolist() == [[10, 11, 12]] and targets.tolist() == [[-100, 12, 13]]
+
+
+def test_split_is_the_books():
+    data = list(range(1100))
+    train, val, test = I.split(data)
+    assert (len(train), len(val), len(test)) == (935, 55, 110)
+    assert train == data[:935] and test == data[935:1045] and val == data[1045:]
+
+
+def test_balance_and_split():
+    rows = [("ham", f"h{i}") for i in range(50)] + [("spam", f"s{i}") for i in range(10)]
+    train, val, test, labels = C.balance_and_split(rows, seed=123)
+    assert labels == ["ham", "spam"]
+    allrows = train + val + test
+    assert len(allrows) == 20 and sum(r[0] == "spam" for r in allrows) == 10
+    assert (len(train), len(val), len(test)) == (14, 2, 4)
+    assert C.balance_and_split(rows, seed=123)[0] == train  # seeded
+    assert C.balance_and_split(rows, seed=7)[0] != train
+
+
+def test_classification_dataset_pads_to_longest():
+    class Tok:
+        def encode(self, text):
+            return [ord(c) for c in text]
+
+    ds = C.ClassificationDataset([("a", "xy"), ("b", "xyzw")], ["a", "b"], Tok())
+    assert ds.max_length == 4
+    assert ds[0][0].tolist() == [120, 121, 50256, 50256] and ds[1][1].item() == 1
+    assert C.ClassificationDataset([("a", "xyzw")], ["a", "b"], Tok(), max_length=2)[0][0].tolist() == [120, 121]
+
+
+def test_make_classifier_freezes_all_but_the_last_block():
+    from gpt.config import GPTConfig
+    from gpt.reference import GPTModel
+
+    model = C.make_classifier(GPTModel(GPTConfig.from_preset("tiny", n_layers=2)), 3)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert model.out_head.out_features == 3
+    assert all(n.startswith(("trf_blocks.1.", "final_norm.", "out_head.")) for n in trainable)
+    assert "trf_blocks.1.att.W_query.weight" in trainable and "out_head.bias" in trainable
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    from gpt.config import GPTConfig
+    from gpt.reference import GPTModel
+    from gpt.training import LoopConfig, TrainingDiverged, TrainSpec, train
+
+    torch.manual_seed(0)
+    model = GPTModel(GPTConfig(vocab_size=32, context_length=8, emb_dim=16, n_heads=2, n_layers=1, drop_rate=0.0))
+    data = [(torch.randint(0, 32, (8,)), torch.randint(0, 32, (8,))) for _ in range(8)]
+    calls = {"n": 0}
+
+    def loss_fn(m, batch, device):
+        calls["n"] += 1
+        logits = m(batch[0])
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch[1].flatten())
+        return loss * float("nan") if calls["n"] >= 3 else loss
+
+    spec = TrainSpec(train_data=data, collate=lambda items: tuple(torch.stack(t) for t in zip(*items)),
+                     loss_fn=loss_fn, evaluate=lambda m: {"val_loss": 1.0})
+    cfg = LoopConfig(steps=5, batch_size=2, save_every=1, eval_every=100, lr=1e-3)
+    with pytest.raises(TrainingDiverged, match="loss is nan at step 3"):
+        train(model, spec, cfg, tmp_path, torch.device("cpu"), log=lambda *a: None)
+    assert torch.load(tmp_path / "ckpt-last.pt", weights_only=True)["step"] == 2

@@ -21,7 +21,9 @@ def test_main_job_smoke(tmp_path):
     r = run_train("--steps", 4, "--batch-size", 2, "--eval-every", 2, "--eval-batches", 1, "--out", out)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "embedded corpus" in r.stdout and "sample:" in r.stdout and "val loss" in r.stdout
-    assert {p.name for p in out.iterdir()} >= {"config.json", "metrics.jsonl", "ckpt-last.pt", "ckpt-best.pt"}
+    assert {p.name for p in out.iterdir()} == {"config.json", "metrics.jsonl", "ckpt-last.pt", "ckpt-best.pt",
+                                             "loss.png"}
+    assert (out / "loss.png").read_bytes()[:4] == b"\x89PNG"
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     assert all({"train_loss", "lr", "tokens_per_s"} <= set(r) for r in rows)

@@ -54,6 +54,43 @@ def _logits(model: nn.Module, idx: torch.Tensor) -> torch.Tensor:
     return getattr(out, "logits", out)
 
 
+def supports_kv_cache(model: nn.Module) -> bool:
+    return getattr(model, "supports_kv_cache", False)
+
+
+def prefill(model: nn.Module, idx: torch.Tensor, cache) -> torch.Tensor:
+    """Run the prompt ``idx (B, T)`` at positions ``0..T-1``, filling the cache; last logits ``(B, V)``."""
+    positions = torch.arange(idx.shape[1], device=idx.device)
+    return model(idx, cache=cache, positions=positions)[:, -1, :]
+
+
+def decode_one_token(model: nn.Module, token: torch.Tensor, cache, position: torch.Tensor) -> torch.Tensor:
+    """One decode step: ``token (B, 1)`` at ``position (1,)``; static shapes throughout. Logits ``(B, V)``."""
+    seqlens = (position + 1).to(torch.int32).expand(token.shape[0])  # (B,) valid cache length
+    return model(token, cache=cache, positions=position, seqlens=seqlens)[:, -1, :]
+
+
+class _CachedStepper:
+    """Next-token logits with the KV cache. Past ``context_length`` it re-prefills the last window each
+    step, which is exactly what uncached generation computes (positions restart at 0 in the window)."""
+
+    def __init__(self, model: nn.Module, batch_size: int):
+        from .kv_cache import KVCache
+
+        self.model, self.ctx = model, model.cfg.context_length
+        self.cache = KVCache.for_model(model, batch_size)
+        self.pos = None
+
+    def __call__(self, idx: torch.Tensor) -> torch.Tensor:
+        if self.pos is None or self.pos >= self.ctx:
+            window = idx[:, -self.ctx:]  # (B, <=ctx)
+            self.pos = window.shape[1]
+            return prefill(self.model, window, self.cache)
+        position = torch.tensor([self.pos], device=idx.device)
+        self.pos += 1
+        return decode_one_token(self.model, idx[:, -1:], self.cache, position)
+
+
 @torch.no_grad()
 def generate(model: nn.Module, idx: torch.Tensor, max_new_tokens: int, *, temperature: float = 0.0,
              top_k: int | None = None, top_p: float | None = None, eos_id: int | None = None,
@@ -62,34 +99,48 @@ def generate(model: nn.Module, idx: torch.Tensor, max_new_tokens: int, *, temper
 
     Generation stops at the step where every row has produced ``eos_id``; that step is not appended
     (for one row this is the book's rule: the end-of-text token is not returned). In a batch, rows
-    that finish early are padded with ``eos_id`` until the last one finishes. ``use_cache`` selects the KV-cached path on models that
-    provide one (``model.generate_cached``); other models recompute the full window each step.
+    that finish early are padded with ``eos_id`` until the last one finishes. ``use_cache`` uses a
+    preallocated KV cache on models that support one (``gpt.GPTModel``); other models recompute the
+    window each step. Both paths give the same tokens.
     """
+    for token in stream(model, idx, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                        eos_id=eos_id, use_cache=use_cache, generator=generator):
+        idx = torch.cat((idx, token), dim=1)  # (B, T+1)
+    return idx
+
+
+@torch.no_grad()
+def stream(model: nn.Module, idx: torch.Tensor, max_new_tokens: int, *, temperature: float = 0.0,
+           top_k: int | None = None, top_p: float | None = None, eos_id: int | None = None,
+           use_cache: bool = True, generator: torch.Generator | None = None):
+    """Yield the new tokens ``(B, 1)`` one step at a time (the CLI prints them as they come)."""
     if not isinstance(idx, torch.Tensor) or idx.dim() != 2 or idx.dtype != torch.long:
         raise ValueError("idx must be a (batch, tokens) tensor of token ids (torch.long)")
     if idx.shape[1] == 0:
         raise ValueError("idx must hold at least one prompt token")
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    if use_cache and hasattr(model, "generate_cached"):
-        return model.generate_cached(idx, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                                     eos_id=eos_id, generator=generator)
     was_training = model.training
     model.eval()
     try:
-        ctx = context_length_of(model)
+        if use_cache and supports_kv_cache(model):
+            next_logits = _CachedStepper(model, idx.shape[0])
+        else:
+            ctx = context_length_of(model)
+
+            def next_logits(seq):
+                return _logits(model, seq if ctx is None else seq[:, -ctx:])[:, -1, :]  # (B, V)
+
         finished = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
         for _ in range(max_new_tokens):
-            idx_cond = idx if ctx is None else idx[:, -ctx:]  # (B, <=ctx) sliding window
-            logits = _logits(model, idx_cond)[:, -1, :]  # (B, V) last position
-            idx_next = sample_next_token(logits, temperature=temperature, top_k=top_k, top_p=top_p,
-                                         generator=generator)  # (B, 1)
+            token = sample_next_token(next_logits(idx), temperature=temperature, top_k=top_k, top_p=top_p,
+                                      generator=generator)  # (B, 1)
             if eos_id is not None:
-                idx_next = idx_next.masked_fill(finished.unsqueeze(1), eos_id)  # finished rows: pad
-                finished |= idx_next.squeeze(1) == eos_id
-                if bool(finished.all()):  # this step's tokens are all eos_id: stop, not appended
-                    break
-            idx = torch.cat((idx, idx_next), dim=1)  # (B, T+1)
+                token = token.masked_fill(finished.unsqueeze(1), eos_id)  # finished rows: pad
+                finished |= token.squeeze(1) == eos_id
+                if bool(finished.all()):  # this step's tokens are all eos_id: stop, not yielded
+                    return
+            idx = torch.cat((idx, token), dim=1)
+            yield token
     finally:
         model.train(was_training)
-    return idx

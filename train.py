@@ -171,7 +171,8 @@ def pretrain_spec(args, model, cfg, tokenizer, device):
         collate=lambda items: tuple(torch.stack(t) for t in zip(*items)),  # (b, T), (b, T)
         loss_fn=lambda m, batch, dev: calc_loss_batch(batch[0], batch[1], m, dev),
         evaluate=evaluate,
-        sample=lambda m: generate_sample(m, tokenizer, device, prompt, max_new_tokens=30),
+        sample=lambda m: generate_sample(m, tokenizer, device, prompt, max_new_tokens=30, temperature=0.8,
+                                         top_k=40, generator=torch.Generator(device).manual_seed(args.seed)),
         extra={"task": "pretrain"},
     )
     info = f"data: {source}: {len(train_tokens):,} train / {len(val_tokens):,} val tokens, context {ctx}"

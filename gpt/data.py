@@ -117,9 +117,13 @@ def read_text(paths: str | os.PathLike | Iterable[str | os.PathLike], separator:
 def default_corpus() -> str:
     """An English corpus every Python has, no download: CPython's pydoc topics (about 465k characters
     of the Python reference manual, shipped in ``pydoc_data``)."""
+    import re
     from pydoc_data.topics import topics
 
-    return ENDOFTEXT.join(topics[k].strip() for k in sorted(topics))
+    def tidy(text: str) -> str:  # runs of indentation spaces teach a small model little
+        return re.sub(r"\n{3,}", "\n\n", re.sub(r"[ \t]+", " ", text)).strip()
+
+    return ENDOFTEXT.join(tidy(topics[k]) for k in sorted(topics))
 
 
 def train_val_split(data, train_ratio: float = 0.9):

@@ -144,3 +144,77 @@ def stream(model: nn.Module, idx: torch.Tensor, max_new_tokens: int, *, temperat
             yield token
     finally:
         model.train(was_training)
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+def _load_model(source: str, backend: str | None, device):
+    if backend in (None, "fused"):
+        try:
+            from .model import GPTModel
+        except ImportError:
+            if backend == "fused":
+                raise ValueError("--backend fused is not available in this build") from None
+            from .reference import GPTModel
+    else:
+        from .reference import GPTModel
+    return GPTModel.from_pretrained(source, device=device)
+
+
+def main(argv=None) -> int:
+    import argparse
+    import sys
+    import time
+
+    p = argparse.ArgumentParser(prog="python -m gpt.generate", description="Generate text with a GPT-2.")
+    p.add_argument("--init", required=True, help="weights: HF folder, .safetensors, checkpoint, run folder, model name")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=100)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--no-cache", action="store_true", help="recompute the whole window every step")
+    p.add_argument("--backend", choices=["fused", "reference"], default=None)
+    p.add_argument("--device", default=None)
+    args = p.parse_args(argv)
+
+    from .checkpoint import CheckpointError
+    from .tokenizer import TokenizerError, get_tokenizer, text_to_token_ids
+    from .weights import WeightsError
+
+    try:
+        if not args.prompt.strip():
+            raise ValueError("--prompt is empty")
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        tok = get_tokenizer()
+        model = _load_model(args.init, args.backend, device)
+        idx = text_to_token_ids(args.prompt, tok).to(device)
+        gen = torch.Generator(device=device).manual_seed(args.seed) if args.seed is not None else None
+        tokens = stream(model, idx, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                        top_p=args.top_p, eos_id=50256, use_cache=not args.no_cache, generator=gen)
+        sys.stdout.write(args.prompt)
+        sys.stdout.flush()
+        new_ids: list[int] = []
+        printed = 0
+        start = time.perf_counter()
+        for token in tokens:
+            new_ids.append(int(token[0, 0]))
+            text = tok.decode(new_ids)
+            if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+                sys.stdout.write(text[printed:])
+                sys.stdout.flush()
+                printed = len(text)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        elapsed = time.perf_counter() - start
+    except (ValueError, CheckpointError, WeightsError, TokenizerError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    n = len(new_ids)
+    print(f"\n\n[{n} tokens in {elapsed:.2f} s: {n / max(elapsed, 1e-9):.1f} tokens/s, "
+          f"{'KV cache' if supports_kv_cache(model) and not args.no_cache else 'no cache'}, {device}]", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -177,3 +177,26 @@ def test_generate_restores_training_mode():
     model = _model().train()
     generate(model, torch.zeros(1, 2, dtype=torch.long), 2)
     assert model.training
+
+
+def test_generate_cli(tmp_path):
+    import subprocess
+    import sys
+
+    torch.manual_seed(0)
+    model = GPTModel(GPTConfig(vocab_size=50257, context_length=32, emb_dim=16, n_heads=2, n_layers=1))
+    save_checkpoint(tmp_path / "m.pt", model)
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "gpt.generate", *args], capture_output=True, text=True,
+                              timeout=120)
+
+    r = cli("--init", str(tmp_path / "m.pt"), "--prompt", "Every effort moves you", "--max-new-tokens", "5",
+            "--backend", "reference", "--seed", "1", "--temperature", "1.0")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.startswith("Every effort moves you") and "tokens/s" in r.stderr
+    assert "RuntimeWarning" not in r.stderr
+    r = cli("--init", str(tmp_path / "missing.pt"), "--prompt", "x")
+    assert r.returncode == 2 and r.stderr.startswith("error: ") and "Traceback" not in r.stderr
+    r = cli("--init", str(tmp_path / "m.pt"), "--prompt", " ")
+    assert r.returncode == 2 and "prompt is empty" in r.stderr

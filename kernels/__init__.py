@@ -4,4 +4,8 @@ Public API (DESIGN.md): ``flash_attention``, ``decode_attention``, ``layer_norm`
 ``gelu`` and the drop-in modules ``LayerNorm``, ``GELU``, ``CausalSelfAttention``.
 """
 
+from .gelu import GELU, gelu
+from .layernorm import LayerNorm, add_layer_norm, layer_norm
+
 __all__: list[str] = []
+__all__ += ["layer_norm", "add_layer_norm", "LayerNorm", "gelu", "GELU"]

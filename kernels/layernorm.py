@@ -1,0 +1,389 @@
+"""LayerNorm and fused residual-add + LayerNorm, forward and backward, in Triton.
+
+``layer_norm(x, weight, bias, eps)`` normalizes over the last dim with fp32 statistics;
+``add_layer_norm(x, residual, weight, bias, eps)`` returns ``(layer_norm(x + residual), x + residual)``
+in one pass over memory (the GPT block's shortcut add fused with the next LayerNorm). Both are
+differentiable in every tensor input; dW/dB are reduced deterministically (no atomics, no locks).
+
+File order: ``@triton.jit`` kernels -> launchers -> op registration / autograd -> functional API ->
+``nn.Module``.
+
+Dispatch and registration (DESIGN.md). Each op is a ``torch.library.triton_op`` in the ``gpt_kernels``
+namespace, so ``torch.compile(fullgraph=True)`` sees through it to the Triton kernels on CUDA:
+
+* the triton_op body (also its fake kernel and the body torch.compile decomposes into) launches the
+  Triton kernels through ``wrap_triton`` for CUDA tensors, and runs the pure-PyTorch op-level fallback
+  of ``kernels/reference.py`` for any other device, which is what fake-tensor tracing of CPU inputs
+  needs (the interpreter cannot run on fake tensors);
+* ``register_kernel("cpu")`` is the eager CPU implementation: the same Triton kernels under the
+  interpreter when ``TRITON_INTERPRET=1`` (how CI tests them), else the PyTorch fallback;
+* ``register_autograd`` gives the backward, itself a triton_op, so compiled backward graphs call the
+  Triton backward kernel too.
+
+Under the interpreter the kernels are launched without ``wrap_triton``: ``@triton.jit`` then returns an
+``InterpretedFunction`` that torch < 2.13's ``wrap_triton`` rejects, and nothing is traced on that path.
+"""
+
+from __future__ import annotations
+
+import functools
+import numbers
+
+import torch
+from torch import nn
+from torch.library import triton_op, wrap_triton
+
+from . import reference as ref
+from ._utils import check_same_device, check_tensor, interpret_mode, next_power_of_2, use_triton
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - no triton (non-Linux): every call takes the PyTorch fallback
+
+    class triton:  # noqa: N801 - stand-in so the kernels below can still be defined
+        jit = staticmethod(lambda fn: fn)
+
+    tl = None
+
+# Kernels were decorated under the interpreter (TRITON_INTERPRET is read by @triton.jit at import time).
+_INTERPRETED = interpret_mode()
+
+#: Widest normalized dim: a whole row lives in registers (one block per row, as Triton tutorial 05).
+MAX_WIDTH = 16384
+
+
+# ---------------------------------------------------------------------------------------------------
+# Kernels
+# ---------------------------------------------------------------------------------------------------
+
+@triton.jit
+def _layer_norm_fwd_kernel(
+    X, RES, S, Y, W, B, MEAN, RSTD,  # pointers; RES/S (residual in, sum out) only when HAS_RES
+    stride_x, stride_res, stride_s, stride_y,  # row strides (elements); the last dim is unit-stride
+    M, N, eps,
+    HAS_RES: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    # One program normalizes BLOCK_M whole rows held in registers (BLOCK_N >= N).
+    # s = x + residual (rounded to S's dtype, exactly what is stored and what an unfused add gives);
+    # mean = sum(s) / N;  var = sum((s - mean)^2) / N;  rstd = 1 / sqrt(var + eps)
+    # y = (s - mean) * rstd * w + b.  mean and rstd are saved in fp32 for the backward.
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_N)
+    row_mask = rows < M
+    col_mask = cols < N
+    mask = row_mask[:, None] & col_mask[None, :]
+    rows64 = rows.to(tl.int64)[:, None]  # row * stride can exceed 2**31
+    x = tl.load(X + rows64 * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    if HAS_RES:
+        r = tl.load(RES + rows64 * stride_res + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        s = (x + r).to(S.dtype.element_ty)
+        tl.store(S + rows64 * stride_s + cols[None, :], s, mask=mask)
+        x = s.to(tl.float32)
+    mean = tl.sum(x, axis=1) / N
+    xc = tl.where(mask, x - mean[:, None], 0.0)
+    var = tl.sum(xc * xc, axis=1) / N
+    rstd = 1.0 / tl.sqrt(var + eps)
+    y = xc * rstd[:, None]
+    if HAS_W:
+        w = tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)
+        y = y * w[None, :]
+    if HAS_B:
+        b = tl.load(B + cols, mask=col_mask, other=0.0).to(tl.float32)
+        y = y + b[None, :]
+    tl.store(Y + rows64 * stride_y + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
+    tl.store(MEAN + rows, mean, mask=row_mask)
+    tl.store(RSTD + rows, rstd, mask=row_mask)
+
+
+# Backward math (per row; as in Triton tutorial 05). With xhat = (x - mean) * rstd and
+# y = xhat * w + b, for the upstream gradient dy:
+#   dxhat = dy * w
+#   dx    = rstd * (dxhat - (xhat * c1 + c2)),   c1 = sum(xhat * dxhat) / N,   c2 = sum(dxhat) / N
+#   dw    = sum over rows of dy * xhat,           db = sum over rows of dy
+# For add_layer_norm, x is the sum s = x_in + residual, whose output s also receives a gradient ds,
+# so d(x_in) = d(residual) = dx + ds.
+# dw/db are deterministic: program p accumulates rows p, p + P, p + 2P, ... (P programs) in fp32
+# registers and writes one partial row to DW/DB[p, :]; the launcher sums the P partials afterwards.
+@triton.jit
+def _layer_norm_bwd_kernel(
+    DY, X, W, MEAN, RSTD, DS, DX, DW, DB,  # DS only when HAS_DS; DW/DB: (programs, N) fp32 partials
+    stride_dy, stride_x, stride_ds, stride_dx,
+    M, N,
+    HAS_W: tl.constexpr, HAS_DS: tl.constexpr, COMPUTE_DW: tl.constexpr, COMPUTE_DB: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    num_programs = tl.num_programs(0)
+    cols = tl.arange(0, BLOCK_N)
+    col_mask = cols < N
+    if HAS_W:
+        w = tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)
+    dw_acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    db_acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for row_start in range(pid * BLOCK_M, M, num_programs * BLOCK_M):
+        rows = row_start + tl.arange(0, BLOCK_M)
+        row_mask = rows < M
+        mask = row_mask[:, None] & col_mask[None, :]
+        rows64 = rows.to(tl.int64)[:, None]
+        x = tl.load(X + rows64 * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(DY + rows64 * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        mean = tl.load(MEAN + rows, mask=row_mask, other=0.0)
+        rstd = tl.load(RSTD + rows, mask=row_mask, other=0.0)
+        xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
+        if HAS_W:
+            dxhat = dy * w[None, :]
+        else:
+            dxhat = dy
+        c1 = tl.sum(xhat * dxhat, axis=1) / N
+        c2 = tl.sum(dxhat, axis=1) / N
+        dx = (dxhat - (xhat * c1[:, None] + c2[:, None])) * rstd[:, None]
+        if HAS_DS:
+            dx += tl.load(DS + rows64 * stride_ds + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        tl.store(DX + rows64 * stride_dx + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
+        if COMPUTE_DW:
+            dw_acc += dy * xhat
+        if COMPUTE_DB:
+            db_acc += dy
+    if COMPUTE_DW:
+        tl.store(DW + pid * N + cols, tl.sum(dw_acc, axis=0), mask=col_mask)
+    if COMPUTE_DB:
+        tl.store(DB + pid * N + cols, tl.sum(db_acc, axis=0), mask=col_mask)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Launchers: 2-D inputs (rows, N) whose last dim is unit-stride (any row stride)
+# ---------------------------------------------------------------------------------------------------
+
+# Launch settings. CUDA: about _TILE_* elements per program, ~16 per thread. The interpreter runs the
+# programs one after another in Python, so it gets big tiles (few programs) instead.
+_TILE_FWD = 4096
+_TILE_BWD = 2048
+_TILE_INTERPRET = 32768
+_BWD_PROGRAMS_INTERPRET = 4
+
+
+@functools.cache
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _launch_config(M: int, N: int, device: torch.device, tile: int) -> tuple[int, int, int]:
+    """``(BLOCK_M, BLOCK_N, num_warps)``: whole rows per program, warps scaled with the tile size."""
+    BLOCK_N = next_power_of_2(N)
+    if device.type != "cuda":
+        return max(1, min(next_power_of_2(M), _TILE_INTERPRET // BLOCK_N)), BLOCK_N, 1
+    BLOCK_M = max(1, min(16, tile // BLOCK_N))
+    num_warps = min(16, max(1, BLOCK_M * BLOCK_N // 512))
+    return BLOCK_M, BLOCK_N, num_warps
+
+
+def _layer_norm_fwd_launch(x, residual, weight, bias, eps, sum_dtype):
+    """Triton forward on 2-D tensors: ``(y, s, mean, rstd)`` (``s`` is empty without a residual)."""
+    M, N = x.shape
+    has_res = residual is not None
+    s = torch.empty((M, N), dtype=sum_dtype, device=x.device) if has_res else x.new_empty(0)
+    y = torch.empty((M, N), dtype=sum_dtype if has_res else x.dtype, device=x.device)
+    mean = torch.empty((M,), dtype=torch.float32, device=x.device)
+    rstd = torch.empty((M,), dtype=torch.float32, device=x.device)
+    if M == 0:
+        return y, s, mean, rstd
+    BLOCK_M, BLOCK_N, num_warps = _launch_config(M, N, x.device, _TILE_FWD)
+    kernel = _layer_norm_fwd_kernel if _INTERPRETED else wrap_triton(_layer_norm_fwd_kernel)
+    kernel[(triton.cdiv(M, BLOCK_M),)](
+        x, residual, s, y, weight, bias, mean, rstd,
+        x.stride(0), residual.stride(0) if has_res else 0, N, N,
+        M, N, eps,
+        HAS_RES=has_res, HAS_W=weight is not None, HAS_B=bias is not None,
+        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, num_warps=num_warps,
+    )
+    return y, s, mean, rstd
+
+
+def _layer_norm_bwd_launch(dy, x, weight, mean, rstd, ds, compute_dw, compute_db):
+    """Triton backward on 2-D tensors: ``(dx, dw, db)``, dw/db fp32 (empty when not asked for)."""
+    M, N = x.shape
+    compute_dw = compute_dw and weight is not None
+    dx = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    BLOCK_M, BLOCK_N, num_warps = _launch_config(M, N, x.device, _TILE_BWD)
+    if x.device.type == "cuda":
+        programs_per_sm = max(1, 32 // num_warps)  # ~32 resident warps per SM
+        grid = min(triton.cdiv(M, BLOCK_M), _sm_count(x.device.index or 0) * programs_per_sm)
+    else:
+        grid = min(triton.cdiv(M, BLOCK_M), _BWD_PROGRAMS_INTERPRET)
+    grid = max(grid, 1)
+    # Every program writes its partial row, so only an empty problem needs zeros.
+    alloc = torch.zeros if M == 0 else torch.empty
+    dw_partial = alloc((grid, N) if compute_dw else (0,), dtype=torch.float32, device=x.device)
+    db_partial = alloc((grid, N) if compute_db else (0,), dtype=torch.float32, device=x.device)
+    if M > 0:
+        kernel = _layer_norm_bwd_kernel if _INTERPRETED else wrap_triton(_layer_norm_bwd_kernel)
+        kernel[(grid,)](
+            dy, x, weight, mean, rstd, ds, dx, dw_partial, db_partial,
+            dy.stride(0), x.stride(0), ds.stride(0) if ds is not None else 0, N,
+            M, N,
+            HAS_W=weight is not None, HAS_DS=ds is not None, COMPUTE_DW=compute_dw, COMPUTE_DB=compute_db,
+            BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, num_warps=num_warps,
+        )
+    dw = dw_partial.sum(dim=0) if compute_dw else dw_partial
+    db = db_partial.sum(dim=0) if compute_db else db_partial
+    return dx, dw, db
+
+
+def _rows(t: torch.Tensor | None) -> torch.Tensor | None:
+    """View ``t`` as (rows, N) with a unit-stride last dim (copying only when that is impossible)."""
+    if t is None:
+        return None
+    t2 = t.reshape(-1, t.shape[-1])
+    return t2 if t2.stride(-1) == 1 or t2.shape[-1] == 1 else t2.contiguous()
+
+
+def _check_layer_norm_args(x, weight, bias, eps, *, name="x"):
+    check_tensor(name, x, min_ndim=1)
+    n = x.shape[-1]
+    if n == 0:
+        raise ValueError(f"{name} must have a non-empty last dim, got shape {tuple(x.shape)}")
+    if n > MAX_WIDTH:
+        raise ValueError(f"{name}: normalized (last) dim {n} is too large; at most {MAX_WIDTH} is supported")
+    for pname, p in (("weight", weight), ("bias", bias)):
+        if p is None:
+            continue
+        check_tensor(pname, p)
+        if tuple(p.shape) != (n,):
+            raise ValueError(f"{pname} must have shape ({n},) to match the last dim of {name}, "
+                             f"got {tuple(p.shape)}")
+    if not isinstance(eps, numbers.Real) or isinstance(eps, bool) or not eps >= 0:
+        raise ValueError(f"eps must be a non-negative float, got {eps!r}")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Op registration and autograd
+# ---------------------------------------------------------------------------------------------------
+
+def _use_interpreter(x: torch.Tensor) -> bool:
+    return _INTERPRETED and use_triton(x)
+
+
+@triton_op("gpt_kernels::layer_norm_fwd", mutates_args=())
+def _layer_norm_fwd(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor | None,
+                    bias: torch.Tensor | None, eps: float, sum_dtype: torch.dtype
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(y, s, mean, rstd) for 2-D x; with a residual, s = x + residual (dtype sum_dtype) is normalized."""
+    if x.device.type == "cuda":
+        return _layer_norm_fwd_launch(x, residual, weight, bias, eps, sum_dtype)
+    # Other devices (and fake-tensor tracing of CPU inputs; eager CPU runs the kernel registered below)
+    return ref.layer_norm_fwd_ref(x, residual, weight, bias, eps, sum_dtype)
+
+
+@_layer_norm_fwd.register_kernel("cpu")
+def _layer_norm_fwd_cpu(x, residual, weight, bias, eps, sum_dtype):
+    if _use_interpreter(x):
+        return _layer_norm_fwd_launch(x, residual, weight, bias, eps, sum_dtype)
+    return ref.layer_norm_fwd_ref(x, residual, weight, bias, eps, sum_dtype)
+
+
+@triton_op("gpt_kernels::layer_norm_bwd", mutates_args=())
+def _layer_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None, mean: torch.Tensor,
+                    rstd: torch.Tensor, ds: torch.Tensor | None, compute_dw: bool, compute_db: bool
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx, dw, db) for 2-D tensors; ds (grad of the residual sum) is added to dx; dw/db in fp32."""
+    if x.device.type == "cuda":
+        return _layer_norm_bwd_launch(dy, x, weight, mean, rstd, ds, compute_dw, compute_db)
+    return ref.layer_norm_bwd_ref(dy, x, weight, mean, rstd, ds, compute_dw, compute_db)
+
+
+@_layer_norm_bwd.register_kernel("cpu")
+def _layer_norm_bwd_cpu(dy, x, weight, mean, rstd, ds, compute_dw, compute_db):
+    if _use_interpreter(x):
+        return _layer_norm_bwd_launch(dy, x, weight, mean, rstd, ds, compute_dw, compute_db)
+    return ref.layer_norm_bwd_ref(dy, x, weight, mean, rstd, ds, compute_dw, compute_db)
+
+
+def _layer_norm_setup_context(ctx, inputs, output):
+    x, residual, weight, bias, _eps, _sum_dtype = inputs
+    _y, s, mean, rstd = output
+    ctx.mark_non_differentiable(mean, rstd)
+    ctx.has_res = residual is not None
+    ctx.has_bias = bias is not None
+    ctx.dtypes = (x.dtype, residual.dtype if residual is not None else None,
+                  bias.dtype if bias is not None else None)
+    ctx.save_for_backward(s if ctx.has_res else x, weight, mean, rstd)
+
+
+def _layer_norm_backward(ctx, dy, ds, _dmean, _drstd):
+    normed_in, weight, mean, rstd = ctx.saved_tensors
+    need_x, need_res, need_w, need_b = ctx.needs_input_grad[:4]
+    dy = _rows(dy)
+    ds = _rows(ds) if ctx.has_res else None
+    dx, dw, db = torch.ops.gpt_kernels.layer_norm_bwd(
+        dy, normed_in, weight, mean, rstd, ds, need_w, need_b and ctx.has_bias)
+    dw = dw.to(weight.dtype) if weight is not None and need_w else None
+    x_dtype, res_dtype, bias_dtype = ctx.dtypes
+    db = db.to(bias_dtype) if ctx.has_bias and need_b else None
+    dres = dx.to(res_dtype) if ctx.has_res and need_res else None
+    return dx.to(x_dtype) if need_x else None, dres, dw, db, None, None
+
+
+_layer_norm_fwd.register_autograd(_layer_norm_backward, setup_context=_layer_norm_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Functional API
+# ---------------------------------------------------------------------------------------------------
+
+def layer_norm(x: torch.Tensor, weight: torch.Tensor | None = None, bias: torch.Tensor | None = None,
+               eps: float = 1e-5) -> torch.Tensor:
+    """LayerNorm over the last dim of ``x`` (any leading dims, width up to ``MAX_WIDTH``).
+
+    Statistics in fp32; the output has ``x``'s dtype (``weight``/``bias`` may be another float dtype,
+    e.g. fp32 parameters with bf16 activations). Differentiable in ``x``, ``weight`` and ``bias``.
+    """
+    _check_layer_norm_args(x, weight, bias, eps)
+    check_same_device(x=x, weight=weight, bias=bias)
+    y, _s, _mean, _rstd = torch.ops.gpt_kernels.layer_norm_fwd(_rows(x), None, weight, bias, float(eps), x.dtype)
+    return y.view(x.shape)
+
+
+def add_layer_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor | None = None,
+                   bias: torch.Tensor | None = None, eps: float = 1e-5) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(layer_norm(x + residual, weight, bias, eps), x + residual)`` in one pass over memory.
+
+    ``x`` and ``residual`` have the same shape; the sum (and the normalized output) take their promoted
+    dtype, and the sum is rounded to it before normalizing, exactly like the unfused code. Differentiable
+    in all inputs; the gradient of the returned sum flows into both ``x`` and ``residual``.
+    """
+    _check_layer_norm_args(x, weight, bias, eps)
+    check_tensor("residual", residual)
+    if residual.shape != x.shape:
+        raise ValueError(f"residual must have the shape of x {tuple(x.shape)}, got {tuple(residual.shape)}")
+    check_same_device(x=x, residual=residual, weight=weight, bias=bias)
+    sum_dtype = torch.promote_types(x.dtype, residual.dtype)
+    y, s, _mean, _rstd = torch.ops.gpt_kernels.layer_norm_fwd(
+        _rows(x), _rows(residual), weight, bias, float(eps), sum_dtype)
+    return y.view(x.shape), s.view(x.shape)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Module
+# ---------------------------------------------------------------------------------------------------
+
+class LayerNorm(nn.LayerNorm):
+    """Drop-in ``torch.nn.LayerNorm`` on the Triton kernel: same constructor, parameters, state_dict.
+
+    A multi-dim ``normalized_shape`` is handled by flattening those trailing dims into one row.
+    """
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        k = len(self.normalized_shape)
+        check_tensor("input", input, min_ndim=k)
+        if tuple(input.shape[input.dim() - k:]) != self.normalized_shape:
+            raise ValueError(f"input must end with normalized_shape {self.normalized_shape}, "
+                             f"got shape {tuple(input.shape)}")
+        if k == 1:
+            return layer_norm(input, self.weight, self.bias, self.eps)
+        lead = input.shape[: input.dim() - k]
+        w = self.weight.reshape(-1) if self.weight is not None else None
+        b = self.bias.reshape(-1) if self.bias is not None else None
+        return layer_norm(input.reshape(*lead, -1), w, b, self.eps).view(input.shape)

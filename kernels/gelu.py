@@ -15,17 +15,7 @@ from torch import nn
 from torch.library import triton_op, wrap_triton
 
 from . import reference as ref
-from ._utils import check_tensor, interpret_mode, needs_int64, use_triton
-
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - no triton (non-Linux): every call takes the PyTorch fallback
-
-    class triton:  # noqa: N801 - stand-in so the kernels below can still be defined
-        jit = staticmethod(lambda fn: fn)
-
-    tl = None
+from ._utils import check_tensor, interpret_mode, needs_int64, tl, triton, use_triton
 
 # Kernels were decorated under the interpreter (TRITON_INTERPRET is read by @triton.jit at import time).
 _INTERPRETED = interpret_mode()

@@ -9,5 +9,6 @@ warnings.filterwarnings("ignore", message=r".*'gpt\.generate' found in sys\.modu
 
 from .config import GPT_CONFIG_124M, GPTConfig  # noqa: E402
 from .generate import generate  # noqa: E402
+from .model import GPTModel  # noqa: E402
 
-__all__ = ["GPTConfig", "GPT_CONFIG_124M", "generate"]
+__all__ = ["GPTConfig", "GPT_CONFIG_124M", "GPTModel", "generate"]

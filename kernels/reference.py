@@ -98,3 +98,113 @@ def gelu_fwd_ref(x: torch.Tensor, approximate: str) -> torch.Tensor:
 def gelu_bwd_ref(dy: torch.Tensor, x: torch.Tensor, approximate: str) -> torch.Tensor:
     """Fallback of the GELU backward: ``dy * gelu'(x)`` in fp32, output in ``x.dtype``."""
     return torch.ops.aten.gelu_backward(dy.float(), x.float(), approximate=approximate).to(x.dtype)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Attention (kernels/attention.py, kernels/decode.py)
+#
+# Causal masks are aligned bottom-right (flash-attention's convention): with Tq queries and Tk keys,
+# query i sees keys j <= i + Tk - Tq. A query that sees no key (possible when Tq > Tk) outputs zeros.
+# ---------------------------------------------------------------------------------------------------
+
+def causal_mask(Tq: int, Tk: int, device=None) -> torch.Tensor:
+    """``(Tq, Tk)`` bool, True where query i may attend key j (bottom-right aligned)."""
+    i = torch.arange(Tq, device=device)[:, None]
+    j = torch.arange(Tk, device=device)[None, :]
+    return j <= i + (Tk - Tq)
+
+
+def attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = True,
+                  softmax_scale: float | None = None, dropout_mask: torch.Tensor | None = None,
+                  dropout_p: float = 0.0) -> torch.Tensor:
+    """Differentiable attention oracle: ``softmax(q kᵀ · scale, masked) [∘ mask / (1 - p)] v``.
+
+    Math in at least fp32 (pass fp64 tensors for an fp64 oracle); the result has ``q``'s dtype.
+    ``dropout_mask`` (bool, broadcastable to ``(B, H, Tq, Tk)``, True = keep) applies the given mask.
+    """
+    dt = _stat_dtype(q.dtype)
+    scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
+    s = (q.to(dt) @ k.to(dt).transpose(-2, -1)) * scale  # (B, H, Tq, Tk)
+    if causal:
+        allowed = causal_mask(q.shape[-2], k.shape[-2], q.device)
+        s = s.masked_fill(~allowed, float("-inf"))
+    p = torch.softmax(s, dim=-1).nan_to_num(0.0)  # rows that see no key: zeros, not NaN
+    if dropout_mask is not None:
+        p = p * dropout_mask / (1.0 - dropout_p)
+    return (p @ v.to(dt)).to(q.dtype)
+
+
+def _dropout_keep_ref(seed: torch.Tensor, shape, dropout_p: float, device) -> torch.Tensor:
+    """The fallback's dropout mask: a function of the seed only, so the backward regenerates it."""
+    g = torch.Generator(device=device).manual_seed(int(seed.reshape(-1)[0].item()) & (2**63 - 1))
+    return torch.rand(shape, generator=g, device=device) >= dropout_p
+
+
+def _scores_ref(q, k, causal, softmax_scale):
+    s = (q.float() @ k.float().transpose(-2, -1)) * softmax_scale  # (B, H, Tq, Tk) fp32
+    if causal:
+        s = s.masked_fill(~causal_mask(q.shape[-2], k.shape[-2], q.device), float("-inf"))
+    return s
+
+
+def flash_attention_fwd_ref(q, k, v, seed, causal: bool, softmax_scale: float, dropout_p: float):
+    """Fallback of the flash-attention forward: ``(o, lse)`` with the launcher's layouts.
+
+    ``o`` is ``(B, H, Tq, D)`` in ``q.dtype`` stored as ``(B, Tq, H, D)`` (so merging heads is free);
+    ``lse`` is the fp32 natural log-sum-exp of the scaled, masked scores ``(B, H, Tq)``, ``+inf`` for a
+    row that sees no key (its probabilities ``exp(s - lse)`` are then all zero).
+    """
+    B, H, Tq, D = q.shape
+    s = _scores_ref(q, k, causal, softmax_scale)
+    lse = torch.logsumexp(s, dim=-1)
+    lse = torch.where(torch.isneginf(lse), torch.full_like(lse, float("inf")), lse)
+    p = torch.exp(s - lse[..., None])
+    if dropout_p > 0.0:
+        p = p * _dropout_keep_ref(seed, p.shape, dropout_p, q.device) / (1.0 - dropout_p)
+    o = torch.empty((B, Tq, H, D), dtype=q.dtype, device=q.device).transpose(1, 2)
+    o.copy_(p @ v.float())
+    return o, lse.contiguous()
+
+
+def flash_attention_bwd_ref(do, q, k, v, o, lse, seed, causal: bool, softmax_scale: float, dropout_p: float):
+    """Fallback of the flash-attention backward: ``(dq, dk, dv)`` in the inputs' dtypes.
+
+    With P = exp(S - lse), Z the dropout mask scaled by 1/(1-p) (all ones without dropout) and
+    O = (P∘Z) V:  dV = (P∘Z)ᵀ dO,  dP = (dO Vᵀ)∘Z,  dS = P∘(dP − rowsum(dO∘O)),
+    dQ = scale · dS K,  dK = scale · dSᵀ Q.
+    """
+    s = _scores_ref(q, k, causal, softmax_scale)
+    p = torch.exp(s - lse[..., None])
+    dof = do.float()
+    dp = dof @ v.float().transpose(-2, -1)
+    if dropout_p > 0.0:
+        z = _dropout_keep_ref(seed, p.shape, dropout_p, q.device) / (1.0 - dropout_p)
+        pd, dp = p * z, dp * z
+    else:
+        pd = p
+    dv = pd.transpose(-2, -1) @ dof
+    delta = (dof * o.float()).sum(-1, keepdim=True)
+    ds = p * (dp - delta)
+    dq = (ds @ k.float()) * softmax_scale
+    dk = (ds.transpose(-2, -1) @ q.float()) * softmax_scale
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+def decode_attention_ref(q, k_cache, v_cache, cache_seqlens, softmax_scale: float | None = None):
+    """Attention of the ``Tq`` new queries over each row's valid cache prefix.
+
+    Row b's cache holds ``L = cache_seqlens[b]`` valid positions, the last ``Tq`` of them the new tokens;
+    query t sits at position ``L - Tq + t`` and sees keys ``j <= L - Tq + t`` (and ``j < L``).
+    """
+    B, H, Tq, D = q.shape
+    Tmax = k_cache.shape[-2]
+    scale = D ** -0.5 if softmax_scale is None else softmax_scale
+    dt = _stat_dtype(q.dtype)
+    s = (q.to(dt) @ k_cache.to(dt).transpose(-2, -1)) * scale  # (B, H, Tq, Tmax)
+    L = cache_seqlens.to(torch.long).view(B, 1, 1, 1)
+    j = torch.arange(Tmax, device=q.device).view(1, 1, 1, Tmax)
+    t = torch.arange(Tq, device=q.device).view(1, 1, Tq, 1)
+    allowed = (j < L) & (j <= L - Tq + t)
+    s = s.masked_fill(~allowed, float("-inf"))
+    p = torch.softmax(s, dim=-1).nan_to_num(0.0)
+    return (p @ v_cache.to(dt)).to(q.dtype)

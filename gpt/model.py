@@ -1,0 +1,140 @@
+"""GPT-2 on the fused Triton kernels, with exactly the reference model's state_dict.
+
+Differences from ``gpt.reference`` are in how, never in what: one QKV GEMM feeding flash attention
+through strided views (no copies, no T×T mask, no saved attention matrix), each block's shortcut add
+fused with the next LayerNorm (``add_layer_norm``: one pass over memory instead of two), the Triton
+GELU, and a KV-cached inference path (prefill with ``flash_attention``, decode with
+``decode_attention``) whose cache the caller owns (``gpt.kv_cache.KVCache``).
+
+Residual stream, with ``LN_next`` the next block's ``norm1`` (or ``final_norm`` after the last block)::
+
+    normed, resid = LN1(x), x
+    per block:  a = att(normed);   normed, resid = add_layer_norm(drop(a), resid, norm2)
+                f = ff(normed);    normed, resid = add_layer_norm(drop(f), resid, LN_next)
+    logits = out_head(normed)
+
+which is the book's ``x = x + drop(att(norm1(x))); x = x + drop(ff(norm2(x)))`` reassociated.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from kernels import GELU, CausalSelfAttention, add_layer_norm, decode_attention, flash_attention, layer_norm
+
+from .config import GPTConfig
+from .kv_cache import KVCache
+from .weights import PretrainedMixin
+
+
+class LayerNorm(nn.Module):
+    """The book's LayerNorm (``scale``/``shift``, eps 1e-5) on the fused kernel."""
+
+    def __init__(self, emb_dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.scale = nn.Parameter(torch.ones(emb_dim))
+        self.shift = nn.Parameter(torch.zeros(emb_dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return layer_norm(x, self.scale, self.shift, self.eps)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.layers = nn.Sequential(
+            nn.Linear(cfg.emb_dim, 4 * cfg.emb_dim),
+            GELU(approximate="tanh"),
+            nn.Linear(4 * cfg.emb_dim, cfg.emb_dim),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(x)
+
+
+class Attention(CausalSelfAttention):
+    """``kernels.CausalSelfAttention`` (the book's ``MultiHeadAttention`` names, one QKV GEMM, flash
+    attention) plus the KV-cached inference step."""
+
+    def __init__(self, cfg: GPTConfig):
+        super().__init__(cfg.emb_dim, cfg.emb_dim, cfg.context_length, cfg.drop_rate, cfg.n_heads,
+                         qkv_bias=cfg.qkv_bias)
+
+    def forward_cached(self, x: torch.Tensor, cache: KVCache, layer: int, positions: torch.Tensor,
+                       seqlens: torch.Tensor | None) -> torch.Tensor:
+        """Inference with the cache: write k/v at ``positions``; prefill (``seqlens is None``, positions
+        start at 0) attends with flash attention, decode with ``decode_attention`` over the cache."""
+        q, k, v = self.qkv(x)  # 3 x (b, H, T, D)
+        k_cache, v_cache = cache.update(layer, positions, k, v)
+        if seqlens is None:
+            ctx = flash_attention(q, k, v, causal=True)
+        else:
+            ctx = decode_attention(q, k_cache, v_cache, seqlens)
+        return self.merge(ctx)
+
+
+class TransformerBlock(nn.Module):
+    """The book's block (``att``, ``ff``, ``norm1``, ``norm2``, ``drop_shortcut``). The model drives the
+    fused residual stream; ``forward`` alone is the book's block for use on its own."""
+
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.att = Attention(cfg)
+        self.ff = FeedForward(cfg)
+        self.norm1 = LayerNorm(cfg.emb_dim)
+        self.norm2 = LayerNorm(cfg.emb_dim)
+        self.drop_shortcut = nn.Dropout(cfg.drop_rate)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        normed = self.norm1(x)
+        normed, x = add_layer_norm(self.drop_shortcut(self.att(normed)), x, self.norm2.scale, self.norm2.shift)
+        return x + self.drop_shortcut(self.ff(normed))
+
+
+class GPTModel(PretrainedMixin, nn.Module):
+    """GPT-2 on the fused kernels; ``model(idx)`` maps ``(b, T)`` token ids to logits ``(b, T, vocab)``."""
+
+    supports_kv_cache = True  # gpt.generate uses prefill/decode with a KVCache
+
+    def __init__(self, cfg: GPTConfig | dict, *, tie_weights: bool = False):
+        super().__init__()
+        cfg = GPTConfig.coerce(cfg)
+        self.cfg = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.emb_dim)
+        self.pos_emb = nn.Embedding(cfg.context_length, cfg.emb_dim)
+        self.drop_emb = nn.Dropout(cfg.drop_rate)
+        self.trf_blocks = nn.Sequential(*[TransformerBlock(cfg) for _ in range(cfg.n_layers)])
+        self.final_norm = LayerNorm(cfg.emb_dim)
+        self.out_head = nn.Linear(cfg.emb_dim, cfg.vocab_size, bias=False)
+        if tie_weights:  # GPT-2's tying; the state_dict keeps both keys (same tensor)
+            self.out_head.weight = self.tok_emb.weight
+
+    def _embed(self, idx: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        return self.drop_emb(self.tok_emb(idx) + self.pos_emb(positions))  # (b, T, emb_dim)
+
+    def _next_norm(self, i: int) -> LayerNorm:
+        return self.trf_blocks[i + 1].norm1 if i + 1 < len(self.trf_blocks) else self.final_norm
+
+    def forward(self, in_idx: torch.Tensor, *, cache: KVCache | None = None,
+                positions: torch.Tensor | None = None, seqlens: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits ``(b, T, vocab)``. With ``cache``: ``positions (T,)`` are the tokens' absolute
+        positions (written into the cache); ``seqlens (b,)`` int32 switches to decode attention."""
+        _, T = in_idx.shape
+        if positions is None:
+            if T > self.cfg.context_length:
+                raise ValueError(f"sequence length {T} exceeds context_length {self.cfg.context_length}")
+            positions = torch.arange(T, device=in_idx.device)
+        x = self._embed(in_idx, positions)
+        first = self.trf_blocks[0].norm1
+        normed, resid = layer_norm(x, first.scale, first.shift, first.eps), x
+        for i, block in enumerate(self.trf_blocks):
+            if cache is None:
+                a = block.att(normed)
+            else:
+                a = block.att.forward_cached(normed, cache, i, positions, seqlens)
+            normed, resid = add_layer_norm(block.drop_shortcut(a), resid, block.norm2.scale, block.norm2.shift)
+            nxt = self._next_norm(i)
+            normed, resid = add_layer_norm(block.drop_shortcut(block.ff(normed)), resid, nxt.scale, nxt.shift)
+        return self.out_head(normed)  # (b, T, vocab_size)

@@ -1,0 +1,738 @@
+"""Fused causal flash attention, forward and backward, in Triton (FlashAttention-2 algorithm).
+
+``flash_attention(q, k, v, causal=True, softmax_scale=None, dropout_p=0.0, deterministic=False)``:
+q ``(B, H, Tq, D)``, k/v ``(B, H, Tk, D)``, any strides (q, k, v may be transposed views of one fused
+QKV projection: no copy), any lengths (masked tails; the fast path skips masks where the lengths divide
+the block), head_dim 16..128 including 80 and 96 (padded to a power of two in registers), fp32 (IEEE
+dot products, no TF32), fp16 and bf16 with fp32 accumulation and statistics.
+
+* Causal masks are aligned bottom-right (flash-attention's convention): query i sees keys
+  ``j <= i + Tk - Tq``, so a chunk of new queries at the end of a longer key sequence is causal among
+  itself. A query that sees no key (only possible when Tq > Tk) outputs zeros, never NaN.
+* The forward keeps only the fp32 log-sum-exp per query (no T×T matrix); the backward recomputes the
+  probabilities block by block.
+* Dropout on the attention weights uses an in-kernel counter-based RNG (Philox, ``tl.rand``) keyed on
+  (seed + batch·head, query·Tk + key); the backward regenerates exactly the same mask from the seed.
+* The backward is two passes that each own their output tile (dK/dV per key block, dQ per query block):
+  no atomics, so gradients are bit-identical run to run whatever ``deterministic`` says.
+* Element offsets of each (batch, head) slice are int64; row offsets inside a slice switch to int64
+  (``LARGE``) when a slice spans more than 2**31 elements.
+
+File order: ``@triton.jit`` kernels -> launchers -> op registration / autograd -> functional API ->
+``nn.Module``. Registration and dispatch follow kernels/layernorm.py: ``triton_op`` in the
+``gpt_kernels`` namespace (CUDA: ``wrap_triton`` launches, visible to ``torch.compile``), a ``"cpu"``
+kernel that runs the same Triton code under the interpreter when ``TRITON_INTERPRET=1`` and the
+PyTorch fallback of ``kernels/reference.py`` otherwise, ``register_autograd`` for the backward.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.library import triton_op, wrap_triton
+
+from . import reference as ref
+from ._utils import check_same_device, check_tensor, interpret_mode, next_power_of_2, tl, triton, use_triton
+
+_INTERPRETED = interpret_mode()
+
+MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 128
+LOG2E = 1.4426950408889634  # scores are kept in the log2 domain: exp(x) = exp2(x * log2(e))
+LN2 = 0.6931471805599453
+
+
+# ---------------------------------------------------------------------------------------------------
+# Kernels
+# ---------------------------------------------------------------------------------------------------
+
+@triton.jit
+def _dot(a, b, IEEE: tl.constexpr):
+    # fp32 inputs multiply in full IEEE precision (no TF32); fp16/bf16 use the tensor cores.
+    if IEEE:
+        return tl.dot(a, b, input_precision="ieee")
+    else:
+        return tl.dot(a, b)
+
+
+@triton.jit
+def _load_tile(ptrs, rows, n_rows, cols, n_cols,
+               EVEN_ROWS: tl.constexpr, EVEN_COLS: tl.constexpr):
+    # Load a (rows, cols) tile, masking only the dimensions that may run past the tensor.
+    if EVEN_ROWS:
+        if EVEN_COLS:
+            return tl.load(ptrs)
+        else:
+            return tl.load(ptrs, mask=cols[None, :] < n_cols, other=0.0)
+    else:
+        if EVEN_COLS:
+            return tl.load(ptrs, mask=rows[:, None] < n_rows, other=0.0)
+        else:
+            return tl.load(ptrs, mask=(rows[:, None] < n_rows) & (cols[None, :] < n_cols), other=0.0)
+
+
+@triton.jit
+def _store_tile(ptrs, val, rows, n_rows, cols, n_cols,
+                EVEN_ROWS: tl.constexpr, EVEN_COLS: tl.constexpr):
+    if EVEN_ROWS:
+        if EVEN_COLS:
+            tl.store(ptrs, val)
+        else:
+            tl.store(ptrs, val, mask=cols[None, :] < n_cols)
+    else:
+        if EVEN_COLS:
+            tl.store(ptrs, val, mask=rows[:, None] < n_rows)
+        else:
+            tl.store(ptrs, val, mask=(rows[:, None] < n_rows) & (cols[None, :] < n_cols))
+
+
+@triton.jit
+def _dropout_keep(seed, rng_offsets, dropout_p):
+    # Philox uniform in [0, 1) per (seed, offset); keep with probability 1 - p. The offsets are
+    # query * Tk + key (int32; they wrap only past 2**32 scores per head, harmless for a mask).
+    return tl.rand(seed, rng_offsets) >= dropout_p
+
+
+@triton.jit
+def _fwd_inner(acc, l_i, m_i, q, K_ptr, V_ptr, stride_kn, stride_kd, stride_vn, stride_vd,
+               rows, offs_n, offs_d, lo, hi, TK, causal_shift, qk_scale, seed, dropout_p,
+               HEAD_DIM: tl.constexpr, MASK: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
+               IEEE: tl.constexpr, EVEN_D: tl.constexpr, LARGE: tl.constexpr, BLOCK_N: tl.constexpr):
+    # Online softmax over key blocks [lo, hi). MASK=False blocks are entirely visible to every query
+    # of the tile (no causal cut, no tail), so the mask arithmetic is skipped there.
+    for start_n in range(lo, hi, BLOCK_N):
+        cols = start_n + offs_n
+        cols_o = cols.to(tl.int64) if LARGE else cols
+        kT = _load_tile(K_ptr + offs_d[:, None] * stride_kd + cols_o[None, :] * stride_kn,
+                        offs_d, HEAD_DIM, cols, TK, EVEN_D, not MASK)  # (BLOCK_D, BLOCK_N)
+        s = _dot(q, kT, IEEE) * qk_scale  # (BLOCK_M, BLOCK_N), log2 domain
+        if MASK:
+            visible = cols[None, :] < TK
+            if CAUSAL:
+                visible = visible & (cols[None, :] <= rows[:, None] + causal_shift)
+            s = tl.where(visible, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no visible key so far
+        p = tl.math.exp2(s - m_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        v = _load_tile(V_ptr + cols_o[:, None] * stride_vn + offs_d[None, :] * stride_vd,
+                       cols, TK, offs_d, HEAD_DIM, not MASK, EVEN_D)  # (BLOCK_N, BLOCK_D)
+        if DROPOUT:
+            keep = _dropout_keep(seed, rows[:, None] * TK + cols[None, :], dropout_p)
+            p = tl.where(keep, p * (1.0 / (1.0 - dropout_p)), 0.0)
+        acc = acc + _dot(p.to(v.dtype), v, IEEE)  # p in the value dtype, never a hard-coded one
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+# Forward (per query tile of BLOCK_M rows, all in fp32 registers):
+#   s_j = q k_jᵀ · scale · log2(e);  m = running max;  l = Σ exp2(s - m);  acc = Σ exp2(s - m) v
+#   o = acc / l;  lse = (m + log2 l) · ln 2  (natural log, saved for the backward; +inf if l == 0).
+# Causal tiles run two loops: keys every row of the tile sees (no mask), then the diagonal band.
+@triton.jit
+def _attn_fwd_kernel(
+    Q, K, V, O, LSE, SEED,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_ob, stride_oh, stride_om, stride_od,
+    H, TQ, TK, qk_scale, dropout_p,
+    T_BUCKET,  # autotune key only (sequence-length bucket)
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
+    IEEE: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, EVEN_D: tl.constexpr,
+    LARGE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    start_m = tl.program_id(0) * BLOCK_M
+    off_bh = tl.program_id(1)
+    off_b = (off_bh // H).to(tl.int64)
+    off_h = (off_bh % H).to(tl.int64)
+    Q_ptr = Q + off_b * stride_qb + off_h * stride_qh
+    K_ptr = K + off_b * stride_kb + off_h * stride_kh
+    V_ptr = V + off_b * stride_vb + off_h * stride_vh
+    O_ptr = O + off_b * stride_ob + off_h * stride_oh
+
+    rows = start_m + tl.arange(0, BLOCK_M)
+    rows_o = rows.to(tl.int64) if LARGE else rows
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    q = _load_tile(Q_ptr + rows_o[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+                   rows, TQ, offs_d, HEAD_DIM, EVEN_M, EVEN_D)  # (BLOCK_M, BLOCK_D)
+    seed = 0
+    if DROPOUT:
+        seed = tl.load(SEED) + off_bh
+
+    m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    causal_shift = TK - TQ  # bottom-right alignment: row i sees keys <= i + shift
+    if CAUSAL:
+        # keys < lo are visible to every row of the tile; keys >= hi to none of them
+        lo = (tl.maximum(start_m + causal_shift + 1, 0) // BLOCK_N) * BLOCK_N
+        hi = tl.maximum(tl.minimum(start_m + BLOCK_M + causal_shift, TK), 0)
+    else:
+        lo = (TK // BLOCK_N) * BLOCK_N
+        hi = TK
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K_ptr, V_ptr, stride_kn, stride_kd, stride_vn, stride_vd,
+                               rows, offs_n, offs_d, 0, lo, TK, causal_shift, qk_scale, seed, dropout_p,
+                               HEAD_DIM, False, CAUSAL, DROPOUT, IEEE, EVEN_D, LARGE, BLOCK_N)
+    if (not EVEN_N) or CAUSAL:
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K_ptr, V_ptr, stride_kn, stride_kd, stride_vn,
+                                   stride_vd, rows, offs_n, offs_d, lo, hi, TK, causal_shift, qk_scale,
+                                   seed, dropout_p, HEAD_DIM, True, CAUSAL, DROPOUT, IEEE, EVEN_D, LARGE,
+                                   BLOCK_N)
+
+    empty = l_i == 0.0  # no visible key: output 0, lse +inf (so the backward's p = exp(s - lse) = 0)
+    acc = acc / tl.where(empty, 1.0, l_i)[:, None]
+    lse = tl.where(empty, float("inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
+    _store_tile(O_ptr + rows_o[:, None] * stride_om + offs_d[None, :] * stride_od, acc.to(O.dtype.element_ty),
+                rows, TQ, offs_d, HEAD_DIM, EVEN_M, EVEN_D)
+    lse_ptrs = LSE + off_bh.to(tl.int64) * TQ + rows
+    if EVEN_M:
+        tl.store(lse_ptrs, lse)
+    else:
+        tl.store(lse_ptrs, lse, mask=rows < TQ)
+
+
+@triton.jit
+def _bwd_preprocess_kernel(
+    O, DO, DELTA,
+    stride_ob, stride_oh, stride_om, stride_od,
+    stride_dob, stride_doh, stride_dom, stride_dod,
+    H, TQ,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, LARGE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+):
+    # delta_i = Σ_d o_id · do_id  (= Σ_j p_ij dp_ij, also with dropout), fp32, (B·H, Tq)
+    off_bh = tl.program_id(1)
+    off_b = (off_bh // H).to(tl.int64)
+    off_h = (off_bh % H).to(tl.int64)
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows_o = rows.to(tl.int64) if LARGE else rows
+    offs_d = tl.arange(0, BLOCK_D)
+    o = _load_tile(O + off_b * stride_ob + off_h * stride_oh + rows_o[:, None] * stride_om
+                   + offs_d[None, :] * stride_od, rows, TQ, offs_d, HEAD_DIM, False, EVEN_D)
+    do = _load_tile(DO + off_b * stride_dob + off_h * stride_doh + rows_o[:, None] * stride_dom
+                    + offs_d[None, :] * stride_dod, rows, TQ, offs_d, HEAD_DIM, False, EVEN_D)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
+    tl.store(DELTA + off_bh.to(tl.int64) * TQ + rows, delta, mask=rows < TQ)
+
+
+# Backward math, with S = q kᵀ · scale, P = exp(S - lse) (recomputed), Z = keep / (1 - p_drop)
+# (all ones without dropout) and O = (P∘Z) V:
+#   dV = (P∘Z)ᵀ dO
+#   dP = (dO Vᵀ) ∘ Z
+#   dS = P ∘ (dP − delta),   delta_i = Σ_d O_id dO_id
+#   dQ = scale · dS K,       dK = scale · dSᵀ Q
+# Pass 1 (_attn_bwd_dkdv_kernel): one program per key block keeps K, V, dK, dV in registers and walks
+# the query blocks that can see it. Pass 2 (_attn_bwd_dq_kernel): one program per query block walks
+# the key blocks, like the forward. Each output tile has one owner: deterministic without atomics.
+@triton.jit
+def _dkdv_inner(dk, dv, k, v, Q_ptr, DO_ptr, LSE_ptr, DELTA_ptr,
+                stride_qm, stride_qd, stride_dom, stride_dod,
+                cols, offs_m, offs_d, lo, hi, TQ, TK, causal_shift, qk_scale, seed, dropout_p,
+                HEAD_DIM: tl.constexpr, MASK: tl.constexpr, DROPOUT: tl.constexpr, IEEE: tl.constexpr,
+                EVEN_M: tl.constexpr, EVEN_D: tl.constexpr, LARGE: tl.constexpr, BLOCK_M: tl.constexpr):
+    # Transposed tiles: sT/pT are (BLOCK_N keys, BLOCK_M queries). Rows past Tq load lse = +inf -> p = 0.
+    for start_m in range(lo, hi, BLOCK_M):
+        rows = start_m + offs_m
+        rows_o = rows.to(tl.int64) if LARGE else rows
+        qT = _load_tile(Q_ptr + offs_d[:, None] * stride_qd + rows_o[None, :] * stride_qm,
+                        offs_d, HEAD_DIM, rows, TQ, EVEN_D, EVEN_M)  # (BLOCK_D, BLOCK_M)
+        if EVEN_M:
+            lse = tl.load(LSE_ptr + rows)
+            delta = tl.load(DELTA_ptr + rows)
+        else:
+            lse = tl.load(LSE_ptr + rows, mask=rows < TQ, other=float("inf"))
+            delta = tl.load(DELTA_ptr + rows, mask=rows < TQ, other=0.0)
+        sT = _dot(k, qT, IEEE) * qk_scale
+        pT = tl.math.exp2(sT - lse[None, :] * 1.4426950408889634)
+        if MASK:
+            pT = tl.where(cols[:, None] <= rows[None, :] + causal_shift, pT, 0.0)
+        do = _load_tile(DO_ptr + rows_o[:, None] * stride_dom + offs_d[None, :] * stride_dod,
+                        rows, TQ, offs_d, HEAD_DIM, EVEN_M, EVEN_D)  # (BLOCK_M, BLOCK_D)
+        dpT = _dot(v, tl.trans(do), IEEE)  # (BLOCK_N, BLOCK_M)
+        if DROPOUT:
+            keep = _dropout_keep(seed, rows[None, :] * TK + cols[:, None], dropout_p)
+            z = 1.0 / (1.0 - dropout_p)
+            dv += _dot(tl.where(keep, pT * z, 0.0).to(do.dtype), do, IEEE)
+            dpT = tl.where(keep, dpT * z, 0.0)
+        else:
+            dv += _dot(pT.to(do.dtype), do, IEEE)
+        dsT = pT * (dpT - delta[None, :])
+        dk += _dot(dsT.to(qT.dtype), tl.trans(qT), IEEE)
+    return dk, dv
+
+
+@triton.jit
+def _attn_bwd_dkdv_kernel(
+    Q, K, V, DO, LSE, DELTA, DK, DV, SEED,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_dob, stride_doh, stride_dom, stride_dod,
+    stride_dkb, stride_dkh, stride_dkn, stride_dkd,
+    stride_dvb, stride_dvh, stride_dvn, stride_dvd,
+    H, TQ, TK, qk_scale, sm_scale, dropout_p,
+    T_BUCKET,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
+    IEEE: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, EVEN_D: tl.constexpr,
+    LARGE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    start_n = tl.program_id(0) * BLOCK_N
+    off_bh = tl.program_id(1)
+    off_b = (off_bh // H).to(tl.int64)
+    off_h = (off_bh % H).to(tl.int64)
+    cols = start_n + tl.arange(0, BLOCK_N)
+    cols_o = cols.to(tl.int64) if LARGE else cols
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    k = _load_tile(K + off_b * stride_kb + off_h * stride_kh + cols_o[:, None] * stride_kn
+                   + offs_d[None, :] * stride_kd, cols, TK, offs_d, HEAD_DIM, EVEN_N, EVEN_D)
+    v = _load_tile(V + off_b * stride_vb + off_h * stride_vh + cols_o[:, None] * stride_vn
+                   + offs_d[None, :] * stride_vd, cols, TK, offs_d, HEAD_DIM, EVEN_N, EVEN_D)
+    Q_ptr = Q + off_b * stride_qb + off_h * stride_qh
+    DO_ptr = DO + off_b * stride_dob + off_h * stride_doh
+    LSE_ptr = LSE + off_bh.to(tl.int64) * TQ
+    DELTA_ptr = DELTA + off_bh.to(tl.int64) * TQ
+    seed = 0
+    if DROPOUT:
+        seed = tl.load(SEED) + off_bh
+    dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+    dv = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+    causal_shift = TK - TQ
+    if CAUSAL:
+        # query rows < lo see none of these keys; rows >= mid see all of them
+        lo = (tl.maximum(start_n - causal_shift, 0) // BLOCK_M) * BLOCK_M
+        mid = tl.cdiv(tl.maximum(start_n + BLOCK_N - 1 - causal_shift, 0), BLOCK_M) * BLOCK_M
+        mid = tl.minimum(mid, TQ)
+        dk, dv = _dkdv_inner(dk, dv, k, v, Q_ptr, DO_ptr, LSE_ptr, DELTA_ptr,
+                             stride_qm, stride_qd, stride_dom, stride_dod, cols, offs_m, offs_d,
+                             lo, mid, TQ, TK, causal_shift, qk_scale, seed, dropout_p,
+                             HEAD_DIM, True, DROPOUT, IEEE, EVEN_M, EVEN_D, LARGE, BLOCK_M)
+    else:
+        mid = 0
+    dk, dv = _dkdv_inner(dk, dv, k, v, Q_ptr, DO_ptr, LSE_ptr, DELTA_ptr,
+                         stride_qm, stride_qd, stride_dom, stride_dod, cols, offs_m, offs_d,
+                         mid, TQ, TQ, TK, causal_shift, qk_scale, seed, dropout_p,
+                         HEAD_DIM, False, DROPOUT, IEEE, EVEN_M, EVEN_D, LARGE, BLOCK_M)
+    dk = dk * sm_scale
+    _store_tile(DK + off_b * stride_dkb + off_h * stride_dkh + cols_o[:, None] * stride_dkn
+                + offs_d[None, :] * stride_dkd, dk.to(DK.dtype.element_ty), cols, TK, offs_d, HEAD_DIM,
+                EVEN_N, EVEN_D)
+    _store_tile(DV + off_b * stride_dvb + off_h * stride_dvh + cols_o[:, None] * stride_dvn
+                + offs_d[None, :] * stride_dvd, dv.to(DV.dtype.element_ty), cols, TK, offs_d, HEAD_DIM,
+                EVEN_N, EVEN_D)
+
+
+@triton.jit
+def _dq_inner(dq, q, do, lse, delta, K_ptr, V_ptr, stride_kn, stride_kd, stride_vn, stride_vd,
+              rows, offs_n, offs_d, lo, hi, TK, causal_shift, qk_scale, seed, dropout_p,
+              HEAD_DIM: tl.constexpr, MASK: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
+              IEEE: tl.constexpr, EVEN_D: tl.constexpr, LARGE: tl.constexpr, BLOCK_N: tl.constexpr):
+    for start_n in range(lo, hi, BLOCK_N):
+        cols = start_n + offs_n
+        cols_o = cols.to(tl.int64) if LARGE else cols
+        kT = _load_tile(K_ptr + offs_d[:, None] * stride_kd + cols_o[None, :] * stride_kn,
+                        offs_d, HEAD_DIM, cols, TK, EVEN_D, not MASK)  # (BLOCK_D, BLOCK_N)
+        vT = _load_tile(V_ptr + offs_d[:, None] * stride_vd + cols_o[None, :] * stride_vn,
+                        offs_d, HEAD_DIM, cols, TK, EVEN_D, not MASK)
+        s = _dot(q, kT, IEEE) * qk_scale
+        p = tl.math.exp2(s - lse[:, None])
+        if MASK:
+            visible = cols[None, :] < TK
+            if CAUSAL:
+                visible = visible & (cols[None, :] <= rows[:, None] + causal_shift)
+            p = tl.where(visible, p, 0.0)
+        dp = _dot(do, vT, IEEE)  # (BLOCK_M, BLOCK_N)
+        if DROPOUT:
+            keep = _dropout_keep(seed, rows[:, None] * TK + cols[None, :], dropout_p)
+            dp = tl.where(keep, dp * (1.0 / (1.0 - dropout_p)), 0.0)
+        ds = p * (dp - delta[:, None])
+        dq += _dot(ds.to(kT.dtype), tl.trans(kT), IEEE)
+    return dq
+
+
+@triton.jit
+def _attn_bwd_dq_kernel(
+    Q, K, V, DO, LSE, DELTA, DQ, SEED,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_dob, stride_doh, stride_dom, stride_dod,
+    stride_dqb, stride_dqh, stride_dqm, stride_dqd,
+    H, TQ, TK, qk_scale, sm_scale, dropout_p,
+    T_BUCKET,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
+    IEEE: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, EVEN_D: tl.constexpr,
+    LARGE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    start_m = tl.program_id(0) * BLOCK_M
+    off_bh = tl.program_id(1)
+    off_b = (off_bh // H).to(tl.int64)
+    off_h = (off_bh % H).to(tl.int64)
+    rows = start_m + tl.arange(0, BLOCK_M)
+    rows_o = rows.to(tl.int64) if LARGE else rows
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    q = _load_tile(Q + off_b * stride_qb + off_h * stride_qh + rows_o[:, None] * stride_qm
+                   + offs_d[None, :] * stride_qd, rows, TQ, offs_d, HEAD_DIM, EVEN_M, EVEN_D)
+    do = _load_tile(DO + off_b * stride_dob + off_h * stride_doh + rows_o[:, None] * stride_dom
+                    + offs_d[None, :] * stride_dod, rows, TQ, offs_d, HEAD_DIM, EVEN_M, EVEN_D)
+    if EVEN_M:
+        lse = tl.load(LSE + off_bh.to(tl.int64) * TQ + rows)
+        delta = tl.load(DELTA + off_bh.to(tl.int64) * TQ + rows)
+    else:
+        lse = tl.load(LSE + off_bh.to(tl.int64) * TQ + rows, mask=rows < TQ, other=float("inf"))
+        delta = tl.load(DELTA + off_bh.to(tl.int64) * TQ + rows, mask=rows < TQ, other=0.0)
+    lse = lse * 1.4426950408889634  # to the log2 domain of s
+    K_ptr = K + off_b * stride_kb + off_h * stride_kh
+    V_ptr = V + off_b * stride_vb + off_h * stride_vh
+    seed = 0
+    if DROPOUT:
+        seed = tl.load(SEED) + off_bh
+    dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    causal_shift = TK - TQ
+    if CAUSAL:
+        lo = (tl.maximum(start_m + causal_shift + 1, 0) // BLOCK_N) * BLOCK_N
+        hi = tl.maximum(tl.minimum(start_m + BLOCK_M + causal_shift, TK), 0)
+    else:
+        lo = (TK // BLOCK_N) * BLOCK_N
+        hi = TK
+    dq = _dq_inner(dq, q, do, lse, delta, K_ptr, V_ptr, stride_kn, stride_kd, stride_vn, stride_vd,
+                   rows, offs_n, offs_d, 0, lo, TK, causal_shift, qk_scale, seed, dropout_p,
+                   HEAD_DIM, False, CAUSAL, DROPOUT, IEEE, EVEN_D, LARGE, BLOCK_N)
+    if (not EVEN_N) or CAUSAL:
+        dq = _dq_inner(dq, q, do, lse, delta, K_ptr, V_ptr, stride_kn, stride_kd, stride_vn, stride_vd,
+                       rows, offs_n, offs_d, lo, hi, TK, causal_shift, qk_scale, seed, dropout_p,
+                       HEAD_DIM, True, CAUSAL, DROPOUT, IEEE, EVEN_D, LARGE, BLOCK_N)
+    dq = dq * sm_scale
+    _store_tile(DQ + off_b * stride_dqb + off_h * stride_dqh + rows_o[:, None] * stride_dqm
+                + offs_d[None, :] * stride_dqd, dq.to(DQ.dtype.element_ty), rows, TQ, offs_d, HEAD_DIM,
+                EVEN_M, EVEN_D)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Launch settings
+# ---------------------------------------------------------------------------------------------------
+# Autotune lists (CUDA), keyed on head_dim, causal, dropout and a sequence-length bucket (the dtype is
+# part of Triton's key). Every block size divides _EVEN_BLOCK, so EVEN_M/EVEN_N (decided by the
+# launcher, before the config is known) hold for whichever config wins.
+_EVEN_BLOCK = 128
+
+
+def _cfg(bm, bn, warps, stages):
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages)
+
+
+_FWD_CONFIGS = [] if not hasattr(triton, "Config") else [
+    _cfg(128, 64, 4, 3),   # Triton tutorial's Hopper choice for D=64: Q tile in registers, 3-deep K/V pipeline
+    _cfg(128, 128, 8, 3),  # long T: wider key blocks halve the per-block softmax bookkeeping
+    _cfg(128, 32, 4, 4),   # D=128: a narrow key block keeps the fp32 accumulator + p in registers
+    _cfg(64, 64, 4, 4),    # short T / small B*H: twice the programs to fill all SMs
+]
+_DKDV_CONFIGS = [] if not hasattr(triton, "Config") else [
+    _cfg(32, 128, 4, 3),   # tutorial: a 128-key K/V/dK/dV tile stays resident, small query steps
+    _cfg(64, 128, 8, 3),   # D=64, long T: fewer loop trips, 8 warps for the four 128-row dots
+    _cfg(32, 64, 4, 4),    # D=128 or short T: half the resident tile, more programs
+    _cfg(64, 64, 4, 3),    # middle ground for fp32 / D=80,96 padding
+]
+_DQ_CONFIGS = [] if not hasattr(triton, "Config") else [
+    _cfg(128, 32, 4, 3),   # tutorial: a 128-query dQ tile resident, small key steps
+    _cfg(128, 64, 8, 3),   # D=64, long T: fewer loop trips
+    _cfg(64, 32, 4, 4),    # D=128 or short T: more programs
+    _cfg(64, 64, 4, 3),
+]
+_KEY = ["HEAD_DIM", "CAUSAL", "DROPOUT", "T_BUCKET"]
+
+if hasattr(triton, "autotune"):
+    _attn_fwd_tuned = triton.autotune(configs=_FWD_CONFIGS, key=_KEY)(_attn_fwd_kernel)
+    _attn_bwd_dkdv_tuned = triton.autotune(configs=_DKDV_CONFIGS, key=_KEY)(_attn_bwd_dkdv_kernel)
+    _attn_bwd_dq_tuned = triton.autotune(configs=_DQ_CONFIGS, key=_KEY)(_attn_bwd_dq_kernel)
+
+# The interpreter runs programs one after another in Python: one fixed small config that still
+# exercises every path (BLOCK_M != BLOCK_N, unmasked + diagonal loops, masked tails).
+_INTERPRET_FWD = {"BLOCK_M": 32, "BLOCK_N": 16}
+_INTERPRET_DKDV = {"BLOCK_M": 16, "BLOCK_N": 32}
+_INTERPRET_DQ = {"BLOCK_M": 32, "BLOCK_N": 16}
+
+
+def _t_bucket(t: int) -> int:
+    """Sequence-length bucket for the autotune key: powers of two from 256 to 16k."""
+    return min(max(next_power_of_2(t), 256), 16384)
+
+
+def _strides(t: torch.Tensor) -> tuple[int, int, int, int]:
+    return tuple(t.stride())
+
+
+def _spans_large(*tensors: torch.Tensor) -> bool:
+    """Whether a (batch, head) slice spans >= 2**31 elements (row offsets then need int64)."""
+    for t in tensors:
+        if t is None or t.numel() == 0:
+            continue
+        span = sum((n - 1) * abs(s) for n, s in zip(t.shape[2:], t.stride()[2:]))
+        if span >= 2**31 - 1:
+            return True
+    return False
+
+
+def _common_meta(q, k, causal, dropout_p):
+    B, H, Tq, D = q.shape
+    Tk = k.shape[2]
+    BLOCK_D = max(16, next_power_of_2(D))
+    return dict(HEAD_DIM=D, BLOCK_D=BLOCK_D, CAUSAL=bool(causal), DROPOUT=dropout_p > 0.0,
+                IEEE=q.dtype == torch.float32, EVEN_D=BLOCK_D == D), B, H, Tq, Tk
+
+
+def _even(Tq, Tk, blocks):
+    if blocks is None:  # autotuned: every candidate block divides _EVEN_BLOCK
+        return Tq % _EVEN_BLOCK == 0, Tk % _EVEN_BLOCK == 0
+    return Tq % blocks["BLOCK_M"] == 0, Tk % blocks["BLOCK_N"] == 0
+
+
+def _launch(tuned, raw, interp_blocks, grid_fn, args, meta):
+    """Launch ``raw`` with fixed blocks under the interpreter, else the autotuned kernel via wrap_triton."""
+    if _INTERPRETED and args[0].device.type == "cpu":
+        raw[grid_fn(interp_blocks)](*args, **meta, **interp_blocks, num_warps=1)
+    else:
+        wrap_triton(tuned)[grid_fn](*args, **meta)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Launchers
+# ---------------------------------------------------------------------------------------------------
+
+def _attn_fwd_launch(q, k, v, seed, causal, softmax_scale, dropout_p):
+    meta, B, H, Tq, Tk = _common_meta(q, k, causal, dropout_p)
+    D = q.shape[-1]
+    # (B, Tq, H, D) storage: merging heads afterwards ((B, H, T, D) -> (B, T, H*D)) is a free view.
+    o = torch.empty((B, Tq, H, D), dtype=q.dtype, device=q.device).transpose(1, 2)
+    lse = torch.empty((B, H, Tq), dtype=torch.float32, device=q.device)
+    if o.numel() == 0:
+        return o, lse
+    if Tk == 0:  # nothing to attend to
+        return o.zero_(), lse.fill_(float("inf"))
+    interp = _INTERPRETED and q.device.type == "cpu"
+    even_m, even_n = _even(Tq, Tk, _INTERPRET_FWD if interp else None)
+    meta.update(EVEN_M=even_m, EVEN_N=even_n, LARGE=_spans_large(q, k, v, o))
+    args = (q, k, v, o, lse, seed if seed is not None else lse,
+            *_strides(q), *_strides(k), *_strides(v), *_strides(o),
+            H, Tq, Tk, softmax_scale * LOG2E, dropout_p, _t_bucket(max(Tq, Tk)))
+    _launch(_attn_fwd_tuned if not interp else None, _attn_fwd_kernel, _INTERPRET_FWD,
+            lambda m: (triton.cdiv(Tq, m["BLOCK_M"]), B * H), args, meta)
+    return o, lse
+
+
+def _attn_bwd_launch(do, q, k, v, o, lse, seed, causal, softmax_scale, dropout_p):
+    meta, B, H, Tq, Tk = _common_meta(q, k, causal, dropout_p)
+    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    if dq.numel() == 0 or dk.numel() == 0:
+        return dq.zero_(), dk.zero_(), dv.zero_()
+    interp = _INTERPRETED and q.device.type == "cpu"
+    large = _spans_large(q, k, v, o, do)
+    delta = torch.empty((B, H, Tq), dtype=torch.float32, device=q.device)
+    block_m_pre = 64 if not interp else 32
+    pre = _bwd_preprocess_kernel if interp else wrap_triton(_bwd_preprocess_kernel)
+    pre[(triton.cdiv(Tq, block_m_pre), B * H)](
+        o, do, delta, *_strides(o), *_strides(do), H, Tq,
+        HEAD_DIM=meta["HEAD_DIM"], BLOCK_D=meta["BLOCK_D"], EVEN_D=meta["EVEN_D"], LARGE=large,
+        BLOCK_M=block_m_pre, num_warps=4 if not interp else 1)
+    seed_arg = seed if seed is not None else lse
+    common = (H, Tq, Tk, softmax_scale * LOG2E, softmax_scale, dropout_p, _t_bucket(max(Tq, Tk)))
+
+    even_m, even_n = _even(Tq, Tk, _INTERPRET_DKDV if interp else None)
+    meta_kv = dict(meta, EVEN_M=even_m, EVEN_N=even_n, LARGE=large)
+    _launch(_attn_bwd_dkdv_tuned if not interp else None, _attn_bwd_dkdv_kernel, _INTERPRET_DKDV,
+            lambda m: (triton.cdiv(Tk, m["BLOCK_N"]), B * H),
+            (q, k, v, do, lse, delta, dk, dv, seed_arg, *_strides(q), *_strides(k), *_strides(v),
+             *_strides(do), *_strides(dk), *_strides(dv), *common), meta_kv)
+
+    even_m, even_n = _even(Tq, Tk, _INTERPRET_DQ if interp else None)
+    meta_q = dict(meta, EVEN_M=even_m, EVEN_N=even_n, LARGE=large)
+    _launch(_attn_bwd_dq_tuned if not interp else None, _attn_bwd_dq_kernel, _INTERPRET_DQ,
+            lambda m: (triton.cdiv(Tq, m["BLOCK_M"]), B * H),
+            (q, k, v, do, lse, delta, dq, seed_arg, *_strides(q), *_strides(k), *_strides(v),
+             *_strides(do), *_strides(dq), *common), meta_q)
+    return dq, dk, dv
+
+
+# ---------------------------------------------------------------------------------------------------
+# Op registration and autograd
+# ---------------------------------------------------------------------------------------------------
+
+def _use_interpreter(x: torch.Tensor) -> bool:
+    return _INTERPRETED and use_triton(x)
+
+
+@triton_op("gpt_kernels::flash_attention_fwd", mutates_args=())
+def _flash_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seed: torch.Tensor | None,
+                         causal: bool, softmax_scale: float, dropout_p: float
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(o, lse): o (B, H, Tq, D) stored as (B, Tq, H, D); lse (B, H, Tq) fp32 natural log-sum-exp."""
+    if q.device.type == "cuda":
+        return _attn_fwd_launch(q, k, v, seed, causal, softmax_scale, dropout_p)
+    return ref.flash_attention_fwd_ref(q, k, v, seed, causal, softmax_scale, dropout_p)
+
+
+@_flash_attention_fwd.register_kernel("cpu")
+def _flash_attention_fwd_cpu(q, k, v, seed, causal, softmax_scale, dropout_p):
+    if _use_interpreter(q):
+        return _attn_fwd_launch(q, k, v, seed, causal, softmax_scale, dropout_p)
+    return ref.flash_attention_fwd_ref(q, k, v, seed, causal, softmax_scale, dropout_p)
+
+
+@triton_op("gpt_kernels::flash_attention_bwd", mutates_args=())
+def _flash_attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                         o: torch.Tensor, lse: torch.Tensor, seed: torch.Tensor | None, causal: bool,
+                         softmax_scale: float, dropout_p: float
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv) in the dtypes of q, k, v."""
+    if q.device.type == "cuda":
+        return _attn_bwd_launch(do, q, k, v, o, lse, seed, causal, softmax_scale, dropout_p)
+    return ref.flash_attention_bwd_ref(do, q, k, v, o, lse, seed, causal, softmax_scale, dropout_p)
+
+
+@_flash_attention_bwd.register_kernel("cpu")
+def _flash_attention_bwd_cpu(do, q, k, v, o, lse, seed, causal, softmax_scale, dropout_p):
+    if _use_interpreter(q):
+        return _attn_bwd_launch(do, q, k, v, o, lse, seed, causal, softmax_scale, dropout_p)
+    return ref.flash_attention_bwd_ref(do, q, k, v, o, lse, seed, causal, softmax_scale, dropout_p)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, seed, causal, softmax_scale, dropout_p = inputs
+    o, lse = output
+    ctx.mark_non_differentiable(lse)
+    ctx.causal, ctx.softmax_scale, ctx.dropout_p = causal, softmax_scale, dropout_p
+    ctx.save_for_backward(q, k, v, o, lse, seed)
+
+
+def _backward(ctx, do, _dlse):
+    q, k, v, o, lse, seed = ctx.saved_tensors
+    dq, dk, dv = torch.ops.gpt_kernels.flash_attention_bwd(
+        do, q, k, v, o, lse, seed, ctx.causal, ctx.softmax_scale, ctx.dropout_p)
+    return dq, dk, dv, None, None, None, None
+
+
+_flash_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Functional API
+# ---------------------------------------------------------------------------------------------------
+
+def check_head_dim(name: str, d: int) -> None:
+    if not MIN_HEAD_DIM <= d <= MAX_HEAD_DIM:
+        raise ValueError(f"{name}: head_dim must be in [{MIN_HEAD_DIM}, {MAX_HEAD_DIM}], got {d}")
+
+
+def _check_attention_args(q, k, v, causal, softmax_scale, dropout_p, deterministic):
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        check_tensor(name, t, ndim=4)
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    check_same_device(q=q, k=k, v=v)
+    B, H, _Tq, D = q.shape
+    if k.shape[:2] != (B, H) or v.shape[:2] != (B, H):
+        raise ValueError(f"k and v must have batch and heads {(B, H)} like q (B, H, T, D), got "
+                         f"k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape (B, H, Tk, D), got {tuple(k.shape)} and "
+                         f"{tuple(v.shape)}")
+    if k.shape[-1] != D:
+        raise ValueError(f"q and k must have the same head_dim, got {D} and {k.shape[-1]}")
+    check_head_dim("q", D)
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+    if not isinstance(deterministic, bool):
+        raise TypeError(f"deterministic must be a bool, got {type(deterministic).__name__}")
+    if softmax_scale is not None and not (isinstance(softmax_scale, (int, float)) and math.isfinite(softmax_scale)):
+        raise ValueError(f"softmax_scale must be a finite float or None, got {softmax_scale!r}")
+    if not (isinstance(dropout_p, (int, float)) and 0.0 <= dropout_p < 1.0):
+        raise ValueError(f"dropout_p must be a float in [0, 1), got {dropout_p!r}")
+
+
+def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = True,
+                    softmax_scale: float | None = None, dropout_p: float = 0.0,
+                    deterministic: bool = False) -> torch.Tensor:
+    """Scaled dot-product attention without materializing the T×T matrix.
+
+    q ``(B, H, Tq, D)``, k/v ``(B, H, Tk, D)``; returns ``(B, H, Tq, D)`` in q's dtype (stored as
+    ``(B, Tq, H, D)``, so ``out.transpose(1, 2).reshape(B, Tq, H * D)`` is free). ``causal`` masks are
+    bottom-right aligned (query i sees keys ``<= i + Tk - Tq``). ``softmax_scale`` defaults to
+    ``D ** -0.5``. ``dropout_p`` drops attention weights (seeded from torch's RNG, so
+    ``torch.manual_seed`` reproduces a mask; the backward uses the same mask). Gradients are always
+    deterministic (no atomics); ``deterministic`` is accepted for API compatibility.
+    """
+    _check_attention_args(q, k, v, causal, softmax_scale, dropout_p, deterministic)
+    scale = float(q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale)
+    seed = None
+    if dropout_p > 0.0:
+        seed = torch.randint(0, 2**62, (1,), dtype=torch.int64, device=q.device)
+    o, _lse = torch.ops.gpt_kernels.flash_attention_fwd(q, k, v, seed, causal, scale, float(dropout_p))
+    return o
+
+
+# ---------------------------------------------------------------------------------------------------
+# Module
+# ---------------------------------------------------------------------------------------------------
+
+class CausalSelfAttention(nn.Module):
+    """Drop-in for the book's ``MultiHeadAttention`` on the fused kernel.
+
+    Same constructor (``d_in, d_out, context_length, dropout, num_heads, qkv_bias=False``), parameters
+    and state_dict keys (``W_query``, ``W_key``, ``W_value``, ``out_proj``); the book's ``mask`` buffer
+    key is accepted on load and ignored (the kernel needs no mask). The three projections run as one
+    GEMM whose output is viewed as q, k, v ``(b, H, T, D)`` without a copy.
+    """
+
+    def __init__(self, d_in: int, d_out: int, context_length: int, dropout: float, num_heads: int,
+                 qkv_bias: bool = False):
+        super().__init__()
+        if num_heads <= 0 or d_out % num_heads != 0:
+            raise ValueError(f"d_out ({d_out}) must be divisible by num_heads ({num_heads})")
+        check_head_dim("CausalSelfAttention", d_out // num_heads)
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        self.d_out, self.num_heads, self.head_dim = d_out, num_heads, d_out // num_heads
+        self.context_length = context_length
+        self.dropout_p = float(dropout)
+        self.W_query = nn.Linear(d_in, d_out, bias=qkv_bias)
+        self.W_key = nn.Linear(d_in, d_out, bias=qkv_bias)
+        self.W_value = nn.Linear(d_in, d_out, bias=qkv_bias)
+        self.out_proj = nn.Linear(d_out, d_out)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        state_dict.pop(prefix + "mask", None)  # the book's causal-mask buffer
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Project ``x (b, T, d_in)`` to q, k, v ``(b, H, T, D)``: strided views of one GEMM's output."""
+        b, T, _ = x.shape
+        w = torch.cat((self.W_query.weight, self.W_key.weight, self.W_value.weight))  # (3 d_out, d_in)
+        bias = None
+        if self.W_query.bias is not None:
+            bias = torch.cat((self.W_query.bias, self.W_key.bias, self.W_value.bias))  # (3 d_out,)
+        qkv = nn.functional.linear(x, w, bias)  # (b, T, 3 d_out)
+        qkv = qkv.view(b, T, 3, self.num_heads, self.head_dim)  # (b, T, 3, H, D)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (b, H, T, D), no copy
+        return q, k, v
+
+    def merge(self, ctx: torch.Tensor) -> torch.Tensor:
+        """``(b, H, T, D)`` attention output -> heads merged and projected, ``(b, T, d_out)``."""
+        b, _, T, _ = ctx.shape
+        ctx = ctx.transpose(1, 2).reshape(b, T, self.d_out)  # (b, T, H, D) -> (b, T, d_out); a view
+        return self.out_proj(ctx)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_tensor("x", x, ndim=3)
+        if x.shape[1] > self.context_length:
+            raise ValueError(f"sequence length {x.shape[1]} exceeds context_length {self.context_length}")
+        q, k, v = self.qkv(x)
+        dropout_p = self.dropout_p if self.training else 0.0
+        return self.merge(flash_attention(q, k, v, causal=True, dropout_p=dropout_p))

@@ -1,5 +1,6 @@
 """The book's attention progression: each step equals the next given matching weights."""
 
+import pytest
 import torch
 
 from gpt.attention import (
@@ -61,3 +62,70 @@ def test_wrapper_equals_multihead_with_matching_weights():
         mha.out_proj.bias.zero_()
     x = torch.stack((INPUTS, INPUTS))
     torch.testing.assert_close(mha(x), wrapper(x))
+
+
+# ---------------------------------------------------------------------------------------------------
+# The book's modules against the fused kernels, on both CPU paths: the Triton interpreter (conftest's
+# TRITON_INTERPRET=1) and the pure-PyTorch fallback (TRITON_INTERPRET=0). fp32, ≤ 1e-5 relative.
+# ---------------------------------------------------------------------------------------------------
+@pytest.fixture(params=["interpreter", "fallback"])
+def kernel_path(request, monkeypatch):
+    from kernels._utils import interpret_mode
+
+    if request.param == "fallback":
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
+    elif not interpret_mode():
+        pytest.skip("TRITON_INTERPRET is off in this session")
+    return request.param
+
+
+@pytest.mark.parametrize("T", [1, 37])
+def test_causal_attention_equals_flash_attention_one_head(kernel_path, T):
+    from kernels import flash_attention
+
+    torch.manual_seed(1)
+    ca = CausalAttention(d_in=24, d_out=16, context_length=40, dropout=0.0, qkv_bias=True).eval()
+    x = torch.randn(2, T, 24)
+    want = ca(x)  # (2, T, 16)
+    q, k, v = ca.W_query(x)[:, None], ca.W_key(x)[:, None], ca.W_value(x)[:, None]  # (2, 1, T, 16): one head
+    got = flash_attention(q, k, v, causal=True)  # (2, 1, T, 16)
+    assert got.shape == (2, 1, T, 16)
+    torch.testing.assert_close(got[:, 0], want, atol=1e-5, rtol=1e-5)
+
+
+def test_multihead_attention_equals_fused_causal_self_attention(kernel_path):
+    from kernels import CausalSelfAttention
+
+    torch.manual_seed(2)
+    d_in, d_out, ctx, heads = 24, 32, 40, 2  # head_dim 16, the kernel's smallest
+    mha = MultiHeadAttention(d_in, d_out, ctx, 0.0, heads, qkv_bias=True).eval()
+    fused = CausalSelfAttention(d_in, d_out, ctx, 0.0, heads, qkv_bias=True).eval()
+    assert set(fused.state_dict()) == set(mha.state_dict())
+    fused.load_state_dict(mha.state_dict(), strict=True)
+
+    x = torch.randn(3, 37, d_in)
+    x_ref, x_fused = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out_ref, out_fused = mha(x_ref), fused(x_fused)
+    torch.testing.assert_close(out_fused, out_ref, atol=1e-5, rtol=1e-5)
+
+    g = torch.randn_like(out_ref)
+    out_ref.backward(g)
+    out_fused.backward(g)
+    torch.testing.assert_close(x_fused.grad, x_ref.grad, atol=1e-5, rtol=1e-5)
+    grads = dict(fused.named_parameters())
+    for name, p in mha.named_parameters():
+        torch.testing.assert_close(grads[name].grad, p.grad, atol=1e-5, rtol=1e-5,
+                                   msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_fused_causal_self_attention_loads_a_book_checkpoint_with_its_mask():
+    from kernels import CausalSelfAttention
+
+    torch.manual_seed(3)
+    mha = MultiHeadAttention(16, 32, 8, 0.0, 2).eval()
+    book_sd = {**mha.state_dict(), "mask": torch.triu(torch.ones(8, 8), diagonal=1)}  # the book saves its mask
+    fused = CausalSelfAttention(16, 32, 8, 0.0, 2).eval()
+    fused.load_state_dict(book_sd, strict=True)
+    mha.load_state_dict(book_sd, strict=True)
+    x = torch.randn(2, 8, 16)
+    torch.testing.assert_close(fused(x), mha(x), atol=1e-5, rtol=1e-5)

@@ -12,6 +12,10 @@ from gpt.config import GPTConfig
 from gpt.generate import sample_next_token
 from gpt.reference import GPTModel
 
+# These test the CLIs and the pipeline, not the kernels (tests/test_attention.py etc. do that):
+# run the fused model on its PyTorch fallback, in-process and in subprocesses, to keep CI fast.
+pytestmark = pytest.mark.usefixtures("fallback_path")
+
 CFG = GPTConfig(vocab_size=64, context_length=16, emb_dim=32, n_heads=2, n_layers=2, drop_rate=0.0)
 
 

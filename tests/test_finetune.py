@@ -6,6 +6,10 @@ import torch
 from gpt.finetune import classify as C
 from gpt.finetune import instruct as I
 
+# These test the CLIs and the pipeline, not the kernels (tests/test_attention.py etc. do that):
+# run the fused model on its PyTorch fallback, in-process and in subprocesses, to keep CI fast.
+pytestmark = pytest.mark.usefixtures("fallback_path")
+
 
 def test_format_input_is_the_books():
     entry = {"instruction": "Rewrite the sentence.", "input": "The cat sat.", "output": "It sat."}

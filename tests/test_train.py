@@ -8,6 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
+# These test the CLIs and the pipeline, not the kernels (tests/test_attention.py etc. do that):
+# run the fused model on its PyTorch fallback, in-process and in subprocesses, to keep CI fast.
+pytestmark = pytest.mark.usefixtures("fallback_path")
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -8,6 +8,10 @@ import torch
 from gpt.reference import GPTModel
 from gpt.weights import WeightsError, hf_to_state_dict
 
+# These test the CLIs and the pipeline, not the kernels (tests/test_attention.py etc. do that):
+# run the fused model on its PyTorch fallback, in-process and in subprocesses, to keep CI fast.
+pytestmark = pytest.mark.usefixtures("fallback_path")
+
 transformers = pytest.importorskip("transformers")
 safetensors_torch = pytest.importorskip("safetensors.torch")
 

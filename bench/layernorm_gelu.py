@@ -3,14 +3,16 @@
     python -m bench.layernorm_gelu            # GPT-2 widths + large widths, fp32 and bf16 (CUDA)
     python -m bench.layernorm_gelu --quick    # widths 768 and 1600, bf16 only
 
-Providers: ``triton`` (this repo's kernels), ``torch`` (F.layer_norm / F.gelu, the unfused add for
-add_layer_norm), ``compiled`` (torch.compile of the pure-PyTorch reference in kernels/reference.py) and
+Providers: ours (this repo's Triton kernels), ``torch`` (F.layer_norm / F.gelu, the unfused add for
+add_layer_norm), ``compiled`` (torch.compile of the pure-PyTorch reference in kernels/reference.py),
 ``book`` (the book's from-scratch LayerNorm with ``scale``/``shift`` and its tanh GELU, cast to the
-benchmark dtype). GB/s counts the bytes each pass must move at least (reads + writes of every tensor it
+benchmark dtype) and ``liger`` (Liger-Kernel's Triton LayerNorm, when ``liger_kernel`` is importable on
+a CUDA machine; optional). GB/s counts the bytes each pass must move at least (reads + writes of every tensor it
 touches, each once); ``%copy`` is that over the device-to-device copy bandwidth measured in the same
 run, the ceiling for these memory-bound ops. GELU is benchmarked at the MLP's hidden width (4x).
-On CPU the run is only a smoke test (tiny shapes; the Triton provider is the interpreter or the PyTorch
-fallback), and nothing is saved.
+Timing: ``triton.testing.do_bench`` medians (L2 flushed before every run, warm-up excluded).
+On CPU the run is only a smoke test (tiny shapes; ours is the Triton interpreter or the PyTorch
+fallback; no torch.compile), and nothing is saved. ``run()`` returns the rows for ``python -m bench``.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bench.common import bench, copy_bandwidth_gbs, env_info, print_table, save_results
+from bench.common import bench, env_info, make_row, measure_ceilings, ratio, save_results
 from kernels import add_layer_norm, gelu, layer_norm
 from kernels.reference import add_layer_norm_ref, gelu_ref, layer_norm_ref
 
@@ -80,6 +82,9 @@ def _providers(op: str, width: int, dtype: torch.dtype, device: str, use_compile
             provs["compiled"] = torch.compile(layer_norm_ref, dynamic=False)
         book = BookLayerNorm(width).to(device=device, dtype=dtype)
         provs["book"] = lambda x, w, b: book(x)
+        liger = _liger_layer_norm() if device == "cuda" else None
+        if liger is not None:
+            provs["liger"] = lambda x, w, b: liger(x, w.to(x.dtype), b.to(x.dtype), 1e-5)
     elif op == "add_layer_norm":
         provs["triton"] = lambda x, r, w, b: add_layer_norm(x, r, w, b)
 
@@ -107,6 +112,15 @@ def _providers(op: str, width: int, dtype: torch.dtype, device: str, use_compile
     return provs
 
 
+def _liger_layer_norm():
+    """Liger-Kernel's LayerNorm autograd function (X, W, B, eps), or None when not installed."""
+    try:
+        from liger_kernel.ops.layer_norm import LigerLayerNormFunction
+    except Exception:  # noqa: BLE001 - optional baseline; any import problem means "not available"
+        return None
+    return LigerLayerNormFunction.apply
+
+
 def _inputs(op: str, rows: int, width: int, dtype: torch.dtype, device: str):
     g = torch.Generator(device=device).manual_seed(0)
     x = torch.randn(rows, width, device=device, dtype=dtype, generator=g).requires_grad_(True)
@@ -124,7 +138,7 @@ def _as_tuple(out):
     return out if isinstance(out, tuple) else (out,)
 
 
-def _time_passes(fn, inputs, warmup, rep) -> dict[str, float]:
+def _time_passes(fn, inputs, warmup, rep) -> dict[str, dict]:
     outs = _as_tuple(fn(*inputs))
     grads_out = [torch.randn_like(o) for o in outs]
     # The book's bf16 modules have no grad for the fp32 w/b it ignores: differentiate what was used.
@@ -140,7 +154,7 @@ def _time_passes(fn, inputs, warmup, rep) -> dict[str, float]:
         o = _as_tuple(fn(*inputs))
         torch.autograd.grad(o, used, grads_out, allow_unused=True)
 
-    return {p: bench(f, warmup=warmup, rep=rep)["median_ms"] for p, f in
+    return {p: bench(f, warmup=warmup, rep=rep) for p, f in
             (("fwd", fwd), ("bwd", bwd), ("fwd+bwd", fwd_bwd))}
 
 
@@ -156,7 +170,67 @@ def _check(op, provs, inputs):
                   f"{(t.float() - u.float()).abs().max().item():.3g})", file=sys.stderr)
 
 
+def run(quick: bool = False, *, device: str | None = None, ceilings: dict | None = None,
+        use_compile: bool | None = None, rows: int | None = None, widths: list[int] | None = None,
+        dtypes: list[str] | None = None, ops: list[str] | None = None) -> list[dict]:
+    """Benchmark every (op, dtype, width, pass); return rows in the ``bench.common.make_row`` format.
+
+    CUDA: rows 8*1024, GPT-2 widths (+ 4k..16k unless ``quick``), fp32 and bf16 (bf16 only when quick).
+    CPU: a smoke run (64 rows, widths 64 and 96, fp32, no torch.compile).
+    """
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    cuda = device == "cuda"
+    ops = ops or ["layer_norm", "add_layer_norm", "gelu"]
+    if cuda:
+        rows = rows or 8 * 1024
+        widths = widths or ([768, 1600] if quick else GPT2_WIDTHS + LARGE_WIDTHS)
+        dtypes = dtypes or (["bf16"] if quick else ["fp32", "bf16"])
+        warmup, rep = 25, 100
+    else:
+        rows = rows or 64
+        widths = widths or [64, 96]
+        dtypes = dtypes or ["fp32"]
+        warmup, rep = 2, 5
+    use_compile = cuda if use_compile is None else use_compile
+    if use_compile:
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 256)
+    ceilings = ceilings or measure_ceilings(device, quick=quick)
+    copy_gbs = ceilings["copy_gbs"]
+
+    results = []
+    for op in ops:
+        for dname in dtypes:
+            dtype = DTYPES[dname]
+            for width in widths:
+                w_eff = 4 * width if op == "gelu" else width  # GELU runs on the MLP hidden layer
+                inputs = _inputs(op, rows, w_eff, dtype, device)
+                provs = _providers(op, w_eff, dtype, device, use_compile)
+                _check(op, provs, inputs)
+                nbytes = _bytes(op, rows, w_eff, dtype.itemsize, 4)
+                times = {name: _time_passes(fn, inputs, warmup, rep) for name, fn in provs.items()}
+                for p in PASSES:
+                    t = times["triton"][p]
+                    ms = t["median_ms"]
+                    base = {name: times[name][p]["median_ms"] for name in provs if name != "triton"}
+                    speed = {name: ratio(ms, v) for name, v in base.items()}
+                    gbs = nbytes[p] / (ms * 1e-3) / 1e9
+                    results.append(make_row(
+                        group="kernels", bench="layernorm_gelu", name=f"{op} {p}",
+                        shape=f"{rows}x{w_eff}", dtype=dname, unit="ms", ours=ms,
+                        ours_p20=t["p20_ms"], ours_p80=t["p80_ms"], baselines=base, speedup=speed,
+                        metric="GB/s", achieved=gbs, ceiling=copy_gbs,
+                        params={"op": op, "pass": p, "rows": rows, "width": w_eff, "bytes": nbytes[p],
+                                "torch_gbs": nbytes[p] / (base["torch"] * 1e-3) / 1e9},
+                        notes="" if use_compile else "no torch.compile baseline"))
+                del inputs, provs
+                if cuda:
+                    torch.cuda.empty_cache()
+    return results
+
+
 def main(argv=None) -> int:
+    from bench.report import print_rows
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="widths 768 and 1600, bf16 only")
     parser.add_argument("--rows", type=int, default=None, help="rows (batch * tokens); default 8*1024")
@@ -170,57 +244,22 @@ def main(argv=None) -> int:
 
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
-    if cuda:
-        rows = args.rows or 8 * 1024
-        widths = args.widths or ([768, 1600] if args.quick else GPT2_WIDTHS + LARGE_WIDTHS)
-        dtypes = args.dtypes or (["bf16"] if args.quick else ["fp32", "bf16"])
-        warmup, rep = 25, 100
-        copy_gbs = copy_bandwidth_gbs()
-    else:
-        print("NOTE: no CUDA device: a CPU smoke test with tiny shapes; the triton provider runs the "
-              "Triton interpreter (TRITON_INTERPRET=1) or the PyTorch fallback. Timings mean nothing "
-              "for the GPU targets.\n")
-        rows = args.rows or 64
-        widths = args.widths or [64, 96]
-        dtypes = args.dtypes or ["fp32"]
-        warmup, rep = 2, 5
-        copy_gbs = copy_bandwidth_gbs(nbytes=1 << 26, device="cpu")
-    use_compile = not args.no_compile
-    if use_compile:
-        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 256)
-
+    if not cuda:
+        print("NOTE: no CUDA device: a CPU smoke test with tiny shapes; ours runs the Triton interpreter "
+              "(TRITON_INTERPRET=1) or the PyTorch fallback. Timings mean nothing for the GPU targets.\n")
+    ceilings = measure_ceilings(device, quick=args.quick)
     env = env_info(device)
     print(f"device: {env.get('device')} | torch {env['torch']} | triton {env['triton']} | "
-          f"copy bandwidth {copy_gbs:.1f} GB/s | rows {rows}\n")
-
-    results = []
-    for op in args.ops:
-        for dname in dtypes:
-            dtype = DTYPES[dname]
-            for width in widths:
-                w_eff = 4 * width if op == "gelu" else width  # GELU runs on the MLP hidden layer
-                inputs = _inputs(op, rows, w_eff, dtype, device)
-                provs = _providers(op, w_eff, dtype, device, use_compile)
-                _check(op, provs, inputs)
-                nbytes = _bytes(op, rows, w_eff, dtype.itemsize, 4)
-                times = {name: _time_passes(fn, inputs, warmup, rep) for name, fn in provs.items()}
-                for p in PASSES:
-                    for name in provs:
-                        ms = times[name][p]
-                        gbs = nbytes[p] / (ms * 1e-3) / 1e9
-                        results.append({
-                            "op": op, "dtype": dname, "rows": rows, "width": w_eff, "pass": p,
-                            "provider": name, "ms": ms, "GB/s": gbs, "%copy": 100 * gbs / copy_gbs,
-                            "vs_torch": times["torch"][p] / ms,
-                        })
-                del inputs, provs
-                if cuda:
-                    torch.cuda.empty_cache()
-    print_table(results, ["op", "dtype", "rows", "width", "pass", "provider", "ms", "GB/s", "%copy", "vs_torch"])
-    print("\nvs_torch: speed-up over torch native for the same pass (> 1 is faster).")
+          f"copy bandwidth {ceilings['copy_gbs']:.1f} GB/s\n")
+    results = run(args.quick, device=device, ceilings=ceilings,
+                  use_compile=False if args.no_compile else None, rows=args.rows, widths=args.widths,
+                  dtypes=args.dtypes, ops=args.ops)
+    print_rows(results)
+    print("\nvs X: speed-up of ours over provider X for the same pass (> 1 is faster); % ceiling is "
+          "ours' GB/s over the measured copy bandwidth.")
 
     if cuda and not args.no_save:
-        path = save_results("layernorm_gelu", {"env": env, "copy_gbs": copy_gbs, "results": results})
+        path = save_results("layernorm_gelu", {"env": env, "ceilings": ceilings, "rows": results})
         print(f"saved {path}")
     return 0
 

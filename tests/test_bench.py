@@ -1,0 +1,46 @@
+"""The benchmark suite runs end to end on CPU (a smoke run: tiny shapes, nothing timed for real), so
+``python -m bench`` and ``pytest bench`` cannot rot between GPU sessions."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(*argv, timeout=600):
+    env = {**os.environ, "TRITON_INTERPRET": "0"}  # the CPU smoke run uses the PyTorch fallback
+    return subprocess.run([sys.executable, *argv], capture_output=True, text=True, timeout=timeout, cwd=ROOT,
+                          env=env)
+
+
+def test_python_m_bench_quick_writes_json_markdown_and_plots(tmp_path):
+    pytest.importorskip("matplotlib")
+    r = _run("-m", "bench", "--quick", "--no-compile", "--out", str(tmp_path))
+    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+    assert "CPU smoke run" in r.stdout
+    for part in ("layernorm_gelu", "attention", "decode", "train", "generate"):
+        assert f"### {part}" in r.stdout, part
+    [js] = tmp_path.glob("*.json")
+    payload = json.loads(js.read_text())
+    assert {"device", "torch", "triton"} <= set(payload["env"]) and payload["ceilings"]["copy_gbs"] > 0
+    names = {row["name"] for row in payload["rows"]}
+    assert {"attention fwd", "attention fwd+bwd", "decode_attention", "train step", "layer_norm fwd"} <= names
+    assert not payload["errors"]
+    assert list(tmp_path.glob("*.md")) and list(tmp_path.glob("*.png"))
+
+
+def test_bench_only_rejects_unknown_parts():
+    r = _run("-m", "bench", "--only", "nonsense", "--no-save")
+    assert r.returncode != 0 and "unknown benchmark 'nonsense'" in r.stderr
+
+
+def test_pytest_benchmarks_run_once():
+    pytest.importorskip("pytest_benchmark")
+    r = _run("-m", "pytest", "bench", "-q", "-p", "no:cacheprovider", "--benchmark-disable")
+    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+    assert "12 passed" in r.stdout

@@ -15,7 +15,8 @@ nanoGPT/PaLM estimate 6·N + 12·L·d·T FLOPs per token (N = parameters without
 achievable, not the datasheet, peak; ``mfu`` against the datasheet peak is added for known GPUs).
 
 Generation (``run_generate``): tokens/s of ``gpt.generate`` (greedy, eos off) at batch 1 and 16, bf16,
-for the fused model with its static KV cache (ours) vs the fused model without the cache, the book
+for the fused model with its static KV cache and the decode step in a CUDA graph (ours) vs the same
+without the graph (``cache, no graph``), vs the fused model without the cache, the book
 reference (no cache: recompute the window each step) and Hugging Face ``GPT2LMHeadModel.generate`` with
 its cache (same shapes, random weights) when transformers is importable. Prefill is included.
 
@@ -198,7 +199,7 @@ def run_generate(quick: bool = False, *, device=None, ceilings: dict | None = No
     dtype = torch.bfloat16 if cuda else torch.float32
     if configs is None:
         if cuda:
-            configs = [(1, 16, 128)] if quick else [(1, 16, 512), (16, 16, 512)]
+            configs = [(1, 16, 512)] if quick else [(1, 16, 512), (16, 16, 512), (1, 512, 256), (16, 512, 256)]
         else:
             configs = [(1, 8, 16)] if quick else [(1, 8, 16), (4, 8, 16)]
     torch.manual_seed(0)
@@ -216,6 +217,8 @@ def run_generate(quick: bool = False, *, device=None, ceilings: dict | None = No
         providers = {
             "ours": (lambda p=prompt, n=n_new: generate(fused, p, n), 3),
             "fused no cache": (lambda p=prompt, n=n_new: generate(fused, p, n, use_cache=False), 1),
+            **({"cache, no graph": (lambda p=prompt, n=n_new: generate(fused, p, n, cuda_graph=False), 3)}
+               if cuda else {}),
             "reference": (lambda p=prompt, n=n_new: generate(ref, p, n, use_cache=False), 1),
         }
         if hf is not None:

@@ -70,16 +70,49 @@ def decode_one_token(model: nn.Module, token: torch.Tensor, cache, position: tor
     return model(token, cache=cache, positions=position, seqlens=seqlens)[:, -1, :]
 
 
+class _GraphedDecode:
+    """``decode_one_token`` captured once in a CUDA graph and replayed every step (gpt-fast's trick).
+
+    A decode step of GPT-2 small is ~100 small kernels; launched from Python they cost more than they
+    compute at batch 1. The graph records them once against static buffers (the token, the position,
+    the KV cache, the logits) and replays them with one launch. The first call runs the step eagerly
+    on a side stream (Triton compilation and autotuning, allocator warm-up: nothing of it may happen
+    during capture), then captures and replays; each decode step writes the same cache slot as its
+    eager twin, so the warm-up leaves nothing stale.
+    """
+
+    def __init__(self, model: nn.Module, cache, token: torch.Tensor, position: torch.Tensor):
+        self.token, self.position = token.clone(), position.clone()  # static inputs (B, 1) and (1,)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                decode_one_token(model, self.token, cache, self.position)
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = decode_one_token(model, self.token, cache, self.position)  # static output (B, V)
+
+    def __call__(self, token: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+        self.token.copy_(token)
+        self.position.copy_(position)
+        self.graph.replay()
+        return self.logits
+
+
 class _CachedStepper:
     """Next-token logits with the KV cache. Past ``context_length`` it re-prefills the last window each
-    step, which is exactly what uncached generation computes (positions restart at 0 in the window)."""
+    step, which is exactly what uncached generation computes (positions restart at 0 in the window).
+    With ``cuda_graph`` the decode step is replayed from a CUDA graph (captured on first use)."""
 
-    def __init__(self, model: nn.Module, batch_size: int):
+    def __init__(self, model: nn.Module, batch_size: int, cuda_graph: bool = False, strict: bool = True):
         from .kv_cache import KVCache
 
         self.model, self.ctx = model, model.cfg.context_length
         self.cache = KVCache.for_model(model, batch_size)
         self.pos = None
+        self.cuda_graph, self.strict = cuda_graph, strict
+        self.graphed: _GraphedDecode | None = None
 
     def __call__(self, idx: torch.Tensor) -> torch.Tensor:
         if self.pos is None or self.pos >= self.ctx:
@@ -88,23 +121,40 @@ class _CachedStepper:
             return prefill(self.model, window, self.cache)
         position = torch.tensor([self.pos], device=idx.device)
         self.pos += 1
-        return decode_one_token(self.model, idx[:, -1:], self.cache, position)
+        token = idx[:, -1:]  # (B, 1)
+        if not self.cuda_graph:
+            return decode_one_token(self.model, token, self.cache, position)
+        if self.graphed is None:
+            try:
+                self.graphed = _GraphedDecode(self.model, self.cache, token, position)
+            except RuntimeError as e:  # capture failed: asked for explicitly -> raise; automatic -> eager
+                if self.strict:
+                    raise
+                import warnings
+
+                warnings.warn(f"CUDA graph capture of the decode step failed ({e}); decoding eagerly",
+                              RuntimeWarning, stacklevel=3)
+                self.cuda_graph = False
+                return decode_one_token(self.model, token, self.cache, position)
+        return self.graphed(token, position)
 
 
 @torch.no_grad()
 def generate(model: nn.Module, idx: torch.Tensor, max_new_tokens: int, *, temperature: float = 0.0,
              top_k: int | None = None, top_p: float | None = None, eos_id: int | None = None,
-             use_cache: bool = True, generator: torch.Generator | None = None) -> torch.Tensor:
+             use_cache: bool = True, generator: torch.Generator | None = None,
+             cuda_graph: bool | None = None) -> torch.Tensor:
     """Append up to ``max_new_tokens`` tokens to ``idx (B, T)`` and return ``(B, T + n)``.
 
     Generation stops at the step where every row has produced ``eos_id``; that step is not appended
     (for one row this is the book's rule: the end-of-text token is not returned). In a batch, rows
     that finish early are padded with ``eos_id`` until the last one finishes. ``use_cache`` uses a
     preallocated KV cache on models that support one (``gpt.GPTModel``); other models recompute the
-    window each step. Both paths give the same tokens.
+    window each step. Both paths give the same tokens. ``cuda_graph`` replays the cached decode step
+    from a CUDA graph (default: on for CUDA models, off elsewhere).
     """
     for token in stream(model, idx, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                        eos_id=eos_id, use_cache=use_cache, generator=generator):
+                        eos_id=eos_id, use_cache=use_cache, generator=generator, cuda_graph=cuda_graph):
         idx = torch.cat((idx, token), dim=1)  # (B, T+1)
     return idx
 
@@ -112,7 +162,7 @@ def generate(model: nn.Module, idx: torch.Tensor, max_new_tokens: int, *, temper
 @torch.no_grad()
 def stream(model: nn.Module, idx: torch.Tensor, max_new_tokens: int, *, temperature: float = 0.0,
            top_k: int | None = None, top_p: float | None = None, eos_id: int | None = None,
-           use_cache: bool = True, generator: torch.Generator | None = None):
+           use_cache: bool = True, generator: torch.Generator | None = None, cuda_graph: bool | None = None):
     """Yield the new tokens ``(B, 1)`` one step at a time (the CLI prints them as they come)."""
     if not isinstance(idx, torch.Tensor) or idx.dim() != 2 or idx.dtype != torch.long:
         raise ValueError("idx must be a (batch, tokens) tensor of token ids (torch.long)")
@@ -123,8 +173,11 @@ def stream(model: nn.Module, idx: torch.Tensor, max_new_tokens: int, *, temperat
     was_training = model.training
     model.eval()
     try:
+        if cuda_graph and idx.device.type != "cuda":
+            raise ValueError(f"cuda_graph=True needs a CUDA model, got inputs on {idx.device}")
         if use_cache and supports_kv_cache(model):
-            next_logits = _CachedStepper(model, idx.shape[0])
+            graph = idx.device.type == "cuda" if cuda_graph is None else cuda_graph
+            next_logits = _CachedStepper(model, idx.shape[0], cuda_graph=graph, strict=cuda_graph is not None)
         else:
             ctx = context_length_of(model)
 

@@ -1,4 +1,4 @@
-"""Compile the attention and decode kernels ahead of time for an H100 (sm_90) on a machine without a GPU.
+"""Compile the attention, decode, LayerNorm and GELU kernels ahead of time for an H100 (sm_90) on a machine without a GPU.
 
 The interpreter runs the kernels' semantics but not Triton's compiler: layouts, ``tl.dot`` shape and dtype
 rules, shared-memory use. This compiles them to cubin with the ptxas bundled in the triton wheel and
@@ -106,6 +106,32 @@ for dtn in (("bf16",) if QUICK else ("bf16", "fp16", "fp32")):
         fn = unwrap(Dm._decode_combine_kernel)
         types = {n: ("*fp32" if n in ("O_PART", "LSE_PART") else DT[dtn] if n == "OUT" else "i32") for n in fn.arg_names}
         attempt(f"decode combine {dtn} D={D}", fn, types, dict(HEAD_DIM=D, BLOCK_D=BD, BLOCK_M=16, BLOCK_S=8), 4, 1)
+# LayerNorm (fwd with/without the fused residual add; bwd with dW/dB partials) and GELU, GPT-2 widths
+import kernels.layernorm as LN  # noqa: E402
+
+G = sys.modules["kernels.gelu"]  # (the package attribute `kernels.gelu` is the function)
+
+for dtn in (("bf16",) if QUICK else ("bf16", "fp16", "fp32")):
+    for N in ((768,) if QUICK else (768, 1024, 1600, 4096)):
+        BN = triton.next_power_of_2(N)
+        fn = unwrap(LN._layer_norm_fwd_kernel)
+        for has_res in (False, True):
+            types = {n: (DT[dtn] if n in ("X", "RES", "S", "Y", "W", "B") else "*fp32" if n in ("MEAN", "RSTD")
+                         else "fp32" if n == "eps" else "i32") for n in fn.arg_names}
+            attempt(f"layer_norm fwd {dtn} N={N} res={has_res}", fn, types,
+                    dict(HAS_RES=has_res, HAS_W=True, HAS_B=True, BLOCK_M=1, BLOCK_N=BN), 8, 1)
+        fn = unwrap(LN._layer_norm_bwd_kernel)
+        types = {n: (DT[dtn] if n in ("DY", "X", "W", "DS", "DX") else "*fp32" if n in ("MEAN", "RSTD", "DW", "DB")
+                     else "i32") for n in fn.arg_names}
+        attempt(f"layer_norm bwd {dtn} N={N}", fn, types,
+                dict(HAS_W=True, HAS_DS=True, COMPUTE_DW=True, COMPUTE_DB=True, BLOCK_M=4, BLOCK_N=BN), 8, 1)
+    for name, kern in (("fwd", G._gelu_fwd_kernel), ("bwd", G._gelu_bwd_kernel)):
+        fn = unwrap(kern)
+        for approx in (True, False):
+            types = {n: (DT[dtn] if n.isupper() else "i64") for n in fn.arg_names}
+            attempt(f"gelu {name} {dtn} tanh={approx}", fn, types, dict(APPROX_TANH=approx, BLOCK=1024, INT64=True),
+                    4, 1)
+
 fails = [r for r in results if r[1] != "ok"]
 print(f"\n{len(results) - len(fails)} ok, {len(fails)} failed; triton {triton.__version__}, sm_90")
 sys.exit(1 if fails else 0)

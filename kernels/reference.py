@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-import torch  # noqa: F401
+import math
+
+import torch
 
 # ---------------------------------------------------------------------------------------------------
 # LayerNorm, residual-add + LayerNorm, GELU (kernels/layernorm.py, kernels/gelu.py)
@@ -134,10 +136,22 @@ def attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: 
     return (p @ v.to(dt)).to(q.dtype)
 
 
+def _lsr(x: torch.Tensor, s: int) -> torch.Tensor:
+    """Logical right shift of int64 (torch's ``>>`` is arithmetic)."""
+    return (x >> s) & ((1 << (64 - s)) - 1)
+
+
 def _dropout_keep_ref(seed: torch.Tensor, shape, dropout_p: float, device) -> torch.Tensor:
-    """The fallback's dropout mask: a function of the seed only, so the backward regenerates it."""
-    g = torch.Generator(device=device).manual_seed(int(seed.reshape(-1)[0].item()) & (2**63 - 1))
-    return torch.rand(shape, generator=g, device=device) >= dropout_p
+    """The fallback's dropout mask: a function of the seed and the position only, so the backward
+    regenerates it. A counter-based hash (splitmix64's mixer over ``seed · φ + flat index``, int64
+    arithmetic wrapping) in tensor ops: no host sync on the seed, so torch.compile can trace it."""
+    idx = torch.arange(math.prod(shape), device=device, dtype=torch.int64).view(shape)
+    x = idx + seed.reshape(()).to(device=device, dtype=torch.int64) * -7046029254386353131  # 0x9E3779B97F4A7C15
+    x = (x ^ _lsr(x, 30)) * -4658895280553007687  # 0xBF58476D1CE4E5B9
+    x = (x ^ _lsr(x, 27)) * -7723592293110705685  # 0x94D049BB133111EB
+    x = x ^ _lsr(x, 31)
+    u = _lsr(x, 40).to(torch.float32) * (1.0 / (1 << 24))  # top 24 bits: uniform on [0, 1)
+    return u >= dropout_p
 
 
 def _scores_ref(q, k, causal, softmax_scale):

@@ -357,3 +357,57 @@ def test_gpu_dropout_gradients_match_same_mask_reference():
     want = _ref64(q, k, v, do, causal=True, dropout_mask=keep, dropout_p=p)
     for name, a, e in zip(("out", "dq", "dk", "dv"), got, want):
         assert_verbose_allclose(a, e, atol=1e-4, rtol=1e-4, name=name)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Registration: the ops pass torch.library's checks and torch.compile traces through them
+# ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dropout_p", [0.0, 0.2])
+def test_opcheck(fallback_path, dropout_p):
+    """On the fallback path (the interpreter draws a different, Philox, mask than the traced fallback)."""
+    q, k, v, do = _inputs(1, 2, 19, 23, 16, torch.float32)
+    seed = torch.tensor([123], dtype=torch.int64) if dropout_p else None
+    q.requires_grad_()
+    args = (q, k, v, seed, True, 0.25, dropout_p)
+    torch.library.opcheck(torch.ops.gpt_kernels.flash_attention_fwd.default, args)
+    o, lse = torch.ops.gpt_kernels.flash_attention_fwd(*args)
+    torch.library.opcheck(torch.ops.gpt_kernels.flash_attention_bwd.default,
+                          (do, q.detach(), k, v, o.detach(), lse, seed, True, 0.25, dropout_p))
+
+
+def test_torch_compile_fullgraph_cpu(kernel_path):
+    torch.manual_seed(0)
+    m = CausalSelfAttention(32, 32, 40, 0.0, 2, qkv_bias=True)
+    x = torch.randn(2, 37, 32, requires_grad=True)
+    compiled = torch.compile(lambda t: m(t).square().sum(), fullgraph=True, backend="aot_eager")
+    compiled(x).backward()
+    g = x.grad.clone()
+    x.grad = None
+    m(x).square().sum().backward()
+    assert_verbose_allclose(g, x.grad, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.gpu
+def test_gpu_torch_compile_fullgraph_model():
+    from gpt.config import GPTConfig
+    from gpt.model import GPTModel
+
+    torch.manual_seed(0)
+    model = GPTModel(GPTConfig.from_preset("tiny", drop_rate=0.0)).cuda()
+    idx = torch.randint(0, model.cfg.vocab_size, (2, 64), device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        want = model(idx).float()
+        got = torch.compile(model, fullgraph=True)(idx).float()
+    torch.testing.assert_close(got, want, atol=3e-2, rtol=3e-2)
+
+
+def test_torch_compile_with_dropout_cpu(fallback_path):
+    """Training with attention dropout under torch.compile: the fallback's mask needs no host sync."""
+    torch.manual_seed(0)
+    m = CausalSelfAttention(32, 32, 40, 0.3, 2).train()
+    x = torch.randn(2, 37, 32, requires_grad=True)
+    compiled = torch.compile(m, fullgraph=True, backend="aot_eager")
+    out = compiled(x)
+    out.square().sum().backward()
+    assert torch.isfinite(x.grad).all()
+    assert not torch.allclose(out, m.eval()(x))  # dropout was on

@@ -144,3 +144,11 @@ def test_gpu_long_ragged_cache(dtype, B):
     want = _prefix_attention(q, k, v, lens)
     rel = ((out.double() - want).norm() / want.norm()).item()
     assert rel < 1e-2, f"relative error {rel:.3g}"
+
+
+def test_opcheck():
+    k, v = _cache(2, 2, 40, 16, torch.float32)
+    q = torch.randn(2, 2, 3, 16)
+    lens = torch.tensor([5, 40], dtype=torch.int32)
+    torch.library.opcheck(torch.ops.gpt_kernels.decode_attention.default, (q, k, v, lens, 0.25),
+                          test_utils=("test_schema", "test_faketensor"))

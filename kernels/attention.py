@@ -427,23 +427,30 @@ def _cfg(bm, bn, warps, stages):
     return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages)
 
 
+# The reasons below come from compiling every candidate for sm_90 (bf16, causal; tests/aot_compile.py
+# and its SASS): all of them issue wgmma (HGMMA), and the ones kept do not spill registers (no LDL/STL)
+# or spill least. The usual 4-warp tiles of the Triton tutorial spill on Hopper with this kernel's two
+# loop instances (e.g. fwd 128x64 at D=64: 180 LDL/STL with 4 warps, none with 8). GPU timings decide
+# among them at run time; an entry that needs more shared memory than the device has (fp32) is skipped.
 _FWD_CONFIGS = [] if not hasattr(triton, "Config") else [
-    _cfg(128, 64, 4, 3),   # Triton tutorial's Hopper choice for D=64: Q tile in registers, 3-deep K/V pipeline
-    _cfg(128, 128, 8, 3),  # long T: wider key blocks halve the per-block softmax bookkeeping
-    _cfg(128, 32, 4, 4),   # D=128: a narrow key block keeps the fp32 accumulator + p in registers
-    _cfg(64, 64, 4, 4),    # short T / small B*H: twice the programs to fill all SMs
+    _cfg(128, 64, 8, 3),   # D=64: a 128-row Q tile over two warpgroups, no spills, 3-deep K/V pipeline
+    _cfg(128, 128, 8, 3),  # D=64, long T: wider key blocks halve the softmax bookkeeping (light spills)
+    _cfg(128, 32, 8, 4),   # D=80-128: the only 128-row tile that does not spill; deeper pipeline
+    _cfg(64, 64, 4, 4),    # D=64, short T or few heads: twice the programs to fill 132 SMs; no spills
+    _cfg(64, 32, 4, 3),    # D=80-128 with few programs: small tile, no spills
 ]
 _DKDV_CONFIGS = [] if not hasattr(triton, "Config") else [
-    _cfg(32, 128, 4, 3),   # tutorial: a 128-key K/V/dK/dV tile stays resident, small query steps
-    _cfg(64, 128, 8, 3),   # D=64, long T: fewer loop trips, 8 warps for the four 128-row dots
-    _cfg(32, 64, 4, 4),    # D=128 or short T: half the resident tile, more programs
-    _cfg(64, 64, 4, 3),    # middle ground for fp32 / D=80,96 padding
+    _cfg(32, 128, 8, 3),   # D=64: a 128-key K/V/dK/dV tile stays resident (tutorial), 8 warps: no spills
+    _cfg(64, 64, 8, 3),    # D=64: fewer query-loop trips, no spills
+    _cfg(64, 128, 8, 3),   # D=64, long T: largest resident tile that barely spills
+    _cfg(16, 64, 4, 3),    # D=80-128: the only resident-64-key tile without spills
+    _cfg(16, 128, 8, 3),   # D=80-128, long T: 128 resident keys, light spills
 ]
 _DQ_CONFIGS = [] if not hasattr(triton, "Config") else [
-    _cfg(128, 32, 4, 3),   # tutorial: a 128-query dQ tile resident, small key steps
-    _cfg(128, 64, 8, 3),   # D=64, long T: fewer loop trips
-    _cfg(64, 32, 4, 4),    # D=128 or short T: more programs
-    _cfg(64, 64, 4, 3),
+    _cfg(128, 64, 8, 3),   # D=64, long T: a 128-query dQ tile resident, no spills
+    _cfg(128, 32, 8, 3),   # D=80-128: the 128-query tile that does not spill
+    _cfg(64, 64, 8, 3),    # D=64, short T: more programs, no spills
+    _cfg(64, 32, 4, 3),    # D=80-128, few programs: no spills
 ]
 _KEY = ["HEAD_DIM", "CAUSAL", "DROPOUT", "T_BUCKET"]
 

@@ -22,9 +22,20 @@ import torch
 DEFAULT_STEPS = 300
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Show a default only where it says something: not ``None``/``False``, not when the help text
+    already describes it."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text or action.default in (None, False, argparse.SUPPRESS):
+            return text
+        return super()._get_help_string(action)
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Pretrain or finetune a GPT-2.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=_HelpFormatter)
     p.add_argument("command", nargs="?", default="pretrain", choices=["pretrain", "classify", "instruct"])
     p.add_argument("--data", nargs="+", default=None,
                    help="pretrain: text files/folders or llm.c .bin shards (default: the embedded corpus); "

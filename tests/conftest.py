@@ -1,10 +1,14 @@
-"""Test setup: kernels run through the Triton interpreter on CPU; the tokenizer works offline."""
+"""Test setup: without a GPU, kernels run through the Triton interpreter on CPU; the tokenizer works offline."""
 
 import os
 from pathlib import Path
 
-# Must happen before anything imports triton (the interpreter is chosen at decoration time).
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import torch  # (does not import triton)
+
+# Must happen before anything imports triton (the interpreter is chosen at decoration time). On a CUDA
+# machine the kernels must run compiled: the gpu tests are about the real kernels.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
@@ -14,7 +18,6 @@ if "TIKTOKEN_CACHE_DIR" not in os.environ and (SHARED / "tiktoken_cache").is_dir
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest  # noqa: E402
-import torch  # noqa: E402
 
 
 def pytest_collection_modifyitems(config, items):

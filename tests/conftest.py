@@ -37,6 +37,23 @@ def shared_data():
     return DATA
 
 
+@pytest.fixture(params=["interpreter", "fallback"])
+def kernel_path(request, monkeypatch):
+    """Run a test both ways a kernel op executes without a GPU: the Triton kernel through the interpreter
+    and the pure-PyTorch fallback (``TRITON_INTERPRET=0``). On a CUDA machine the kernels run compiled,
+    once (as the "interpreter" case; CPU tensors there take the fallback)."""
+    from kernels._utils import interpret_mode
+
+    if torch.cuda.is_available():
+        if request.param == "fallback":
+            pytest.skip("on CUDA the kernels run compiled, once (the 'interpreter' case)")
+    elif request.param == "fallback":
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
+    elif not interpret_mode():
+        pytest.skip("TRITON_INTERPRET is off in this session")
+    return request.param
+
+
 @pytest.fixture
 def fallback_path(monkeypatch):
     """Run kernel ops on their pure-PyTorch fallback instead of the Triton interpreter."""

@@ -17,21 +17,6 @@ from tests.utils import assert_verbose_allclose
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-@pytest.fixture(params=["interpreter", "fallback"])
-def kernel_path(request, monkeypatch):
-    """Both CPU paths; on CUDA the compiled kernels (the fallback is not reachable there)."""
-    from kernels._utils import interpret_mode
-
-    if DEVICE == "cuda":
-        if request.param == "fallback":
-            pytest.skip("on CUDA the kernels always run compiled")
-    elif request.param == "fallback":
-        monkeypatch.setenv("TRITON_INTERPRET", "0")
-    elif not interpret_mode():
-        pytest.skip("TRITON_INTERPRET is off in this session")
-    return request.param
-
-
 def _inputs(B, H, Tq, Tk, D, dtype, seed=0, device=DEVICE):
     g = torch.Generator().manual_seed(seed)
     q, k, v = (torch.randn(B, H, t, D, generator=g) for t in (Tq, Tk, Tk))

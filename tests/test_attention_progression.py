@@ -68,17 +68,6 @@ def test_wrapper_equals_multihead_with_matching_weights():
 # The book's modules against the fused kernels, on both CPU paths: the Triton interpreter (conftest's
 # TRITON_INTERPRET=1) and the pure-PyTorch fallback (TRITON_INTERPRET=0). fp32, ≤ 1e-5 relative.
 # ---------------------------------------------------------------------------------------------------
-@pytest.fixture(params=["interpreter", "fallback"])
-def kernel_path(request, monkeypatch):
-    from kernels._utils import interpret_mode
-
-    if request.param == "fallback":
-        monkeypatch.setenv("TRITON_INTERPRET", "0")
-    elif not interpret_mode():
-        pytest.skip("TRITON_INTERPRET is off in this session")
-    return request.param
-
-
 @pytest.mark.parametrize("T", [1, 37])
 def test_causal_attention_equals_flash_attention_one_head(kernel_path, T):
     from kernels import flash_attention

@@ -17,20 +17,6 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
 
 
-@pytest.fixture(params=["interpreter", "fallback"])
-def kernel_path(request, monkeypatch):
-    from kernels._utils import interpret_mode
-
-    if DEVICE == "cuda":
-        if request.param == "fallback":
-            pytest.skip("on CUDA the kernels always run compiled")
-    elif request.param == "fallback":
-        monkeypatch.setenv("TRITON_INTERPRET", "0")
-    elif not interpret_mode():
-        pytest.skip("TRITON_INTERPRET is off in this session")
-    return request.param
-
-
 def _cache(B, H, Tmax, D, dtype, seed=0):
     g = torch.Generator().manual_seed(seed)
     k, v = (torch.randn(B, H, Tmax, D, generator=g).to(DEVICE, dtype) for _ in range(2))

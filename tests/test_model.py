@@ -13,13 +13,6 @@ from gpt.reference import GPTModel as RefModel
 CFG = GPTConfig(vocab_size=97, context_length=24, emb_dim=32, n_heads=2, n_layers=2, drop_rate=0.0, qkv_bias=True)
 
 
-@pytest.fixture(params=["interpreter", "fallback"])
-def kernel_path(request, monkeypatch):
-    if request.param == "fallback":
-        monkeypatch.setenv("TRITON_INTERPRET", "0")
-    return request.param
-
-
 def _pair(cfg=CFG, seed=0):
     torch.manual_seed(seed)
     ref = RefModel(cfg)

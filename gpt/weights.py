@@ -41,7 +41,7 @@ def hf_config_to_gpt(hf: dict, **overrides) -> GPTConfig:
             n_heads=int(hf["n_head"]),
             n_layers=int(hf["n_layer"]),
             drop_rate=0.0,
-            qkv_bias=True,
+            qkv_bias=bool(hf.get("qkv_bias", True)),  # false only in gpt.export's folders (zero biases)
         )
     except (KeyError, TypeError) as e:
         raise WeightsError(f"config.json is missing GPT-2 key {e}") from None
@@ -92,6 +92,8 @@ def hf_to_state_dict(hf_sd: dict, cfg: GPTConfig) -> dict:
             out[q + f"att.{name}.weight"] = w.t()
             if cfg.qkv_bias:
                 out[q + f"att.{name}.bias"] = b
+            elif b.any():
+                raise WeightsError(f"tensor '{p}attn.c_attn.bias' is not zero but the config says qkv_bias=False")
         out[q + "att.out_proj.weight"] = take(p + "attn.c_proj.weight").t()
         out[q + "att.out_proj.bias"] = take(p + "attn.c_proj.bias")
         out[q + "ff.layers.0.weight"] = take(p + "mlp.c_fc.weight").t()
@@ -199,9 +201,18 @@ class PretrainedMixin:
                 side_cfg = path.parent / "config.json"
                 cfg = (hf_config_to_gpt(json.loads(side_cfg.read_text()), **overrides) if side_cfg.is_file()
                        else infer_config_from_hf_state_dict(hf_sd, **overrides))
+            if not cfg.qkv_bias and any(v.any() for k, v in hf_sd.items() if k.endswith("attn.c_attn.bias")):
+                cfg = cfg.replace(qkv_bias=True)  # biases trained since the export: keep them
             sd = hf_to_state_dict(hf_sd, cfg)
         model = cls(cfg)
         load_state_dict_checked(model, sd)
         if device is not None or dtype is not None:
             model.to(device=device, dtype=dtype)
         return model.eval()
+
+    def save_pretrained(self, folder: str | os.PathLike, **kwargs):
+        """Write the Hugging Face GPT-2 layout (config.json, model.safetensors, tokenizer files,
+        generation config) that ``transformers`` and ``from_pretrained`` load; see ``gpt.export``."""
+        from .export import save_pretrained
+
+        return save_pretrained(self, folder, **kwargs)

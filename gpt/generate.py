@@ -7,6 +7,8 @@ cropped to the last ``context_length`` tokens at every step (sliding window), as
 
 from __future__ import annotations
 
+from numbers import Integral
+
 import torch
 from torch import nn
 
@@ -23,18 +25,32 @@ def context_length_of(model: nn.Module) -> int | None:
     return pos.num_embeddings if isinstance(pos, nn.Embedding) else None
 
 
-def sample_next_token(logits: torch.Tensor, *, temperature: float = 0.0, top_k: int | None = None,
-                      top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Pick the next token from ``logits (B, V)``; returns ``(B, 1)``. Temperature 0 is greedy."""
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
-    if top_k is not None and top_k <= 0:
+#: The smallest temperature sampling takes (the smallest normal fp32): below it ``1 / temperature``
+#: overflows fp32. Temperature 0 is greedy.
+MIN_TEMPERATURE = torch.finfo(torch.float32).tiny
+
+
+def check_sampling(temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None) -> None:
+    """ValueError unless ``temperature`` is 0 or finite and >= ``MIN_TEMPERATURE``, ``top_k`` a positive
+    int and ``top_p`` in (0, 1]."""
+    t = float(temperature)
+    if not (t == 0.0 or MIN_TEMPERATURE <= t < float("inf")):
+        raise ValueError(f"temperature must be 0 (greedy) or a finite number >= {MIN_TEMPERATURE:.3g}, "
+                         f"got {temperature}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, Integral) or top_k <= 0):
         raise ValueError(f"top_k must be a positive int, got {top_k}")
     if top_p is not None and not 0.0 < top_p <= 1.0:
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+
+
+def sample_next_token(logits: torch.Tensor, *, temperature: float = 0.0, top_k: int | None = None,
+                      top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Pick the next token from ``logits (B, V)``; returns ``(B, 1)``. Temperature 0 is greedy."""
+    check_sampling(temperature, top_k, top_p)
     if temperature == 0.0:
         return torch.argmax(logits, dim=-1, keepdim=True)
-    logits = logits.float() / temperature
+    logits = logits.float()
+    logits = (logits - logits.amax(dim=-1, keepdim=True)) / temperature  # max 0: no inf - inf at tiny T
     if top_k is not None and top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1) k-th largest
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -70,6 +86,13 @@ def decode_one_token(model: nn.Module, token: torch.Tensor, cache, position: tor
     return model(token, cache=cache, positions=position, seqlens=seqlens)[:, -1, :]
 
 
+def decode_rows(model: nn.Module, token: torch.Tensor, cache, positions: torch.Tensor) -> torch.Tensor:
+    """One ragged decode step: row b's ``token (B, 1)`` at its own ``positions (B, 1)``, attending to its
+    own cache prefix ``0..positions[b]``. Static shapes, no host sync. Logits ``(B, V)``."""
+    seqlens = (positions[:, 0] + 1).to(torch.int32)  # (B,) valid cache length per row
+    return model(token, cache=cache, positions=positions, seqlens=seqlens)[:, -1, :]
+
+
 class _GraphedDecode:
     """``decode_one_token`` captured once in a CUDA graph and replayed every step (gpt-fast's trick).
 
@@ -81,17 +104,18 @@ class _GraphedDecode:
     eager twin, so the warm-up leaves nothing stale.
     """
 
-    def __init__(self, model: nn.Module, cache, token: torch.Tensor, position: torch.Tensor):
-        self.token, self.position = token.clone(), position.clone()  # static inputs (B, 1) and (1,)
+    def __init__(self, model: nn.Module, cache, token: torch.Tensor, position: torch.Tensor,
+                 step=decode_one_token):
+        self.token, self.position = token.clone(), position.clone()  # static inputs (B, 1), (1,) or (B, 1)
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(2):
-                decode_one_token(model, self.token, cache, self.position)
+                step(model, self.token, cache, self.position)
         torch.cuda.current_stream().wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
-            self.logits = decode_one_token(model, self.token, cache, self.position)  # static output (B, V)
+            self.logits = step(model, self.token, cache, self.position)  # static output (B, V)
 
     def __call__(self, token: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
         self.token.copy_(token)
@@ -159,17 +183,23 @@ def generate(model: nn.Module, idx: torch.Tensor, max_new_tokens: int, *, temper
     return idx
 
 
-@torch.no_grad()
 def stream(model: nn.Module, idx: torch.Tensor, max_new_tokens: int, *, temperature: float = 0.0,
            top_k: int | None = None, top_p: float | None = None, eos_id: int | None = None,
            use_cache: bool = True, generator: torch.Generator | None = None, cuda_graph: bool | None = None):
-    """Yield the new tokens ``(B, 1)`` one step at a time (the CLI prints them as they come)."""
+    """Yield the new tokens ``(B, 1)`` one step at a time (the CLI prints them as they come). Bad
+    arguments raise here, before the first token."""
     if not isinstance(idx, torch.Tensor) or idx.dim() != 2 or idx.dtype != torch.long:
         raise ValueError("idx must be a (batch, tokens) tensor of token ids (torch.long)")
     if idx.shape[1] == 0:
         raise ValueError("idx must hold at least one prompt token")
-    if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, Integral) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens}")
+    check_sampling(temperature, top_k, top_p)
+    return _stream(model, idx, max_new_tokens, temperature, top_k, top_p, eos_id, use_cache, generator, cuda_graph)
+
+
+@torch.no_grad()
+def _stream(model, idx, max_new_tokens, temperature, top_k, top_p, eos_id, use_cache, generator, cuda_graph):
     was_training = model.training
     model.eval()
     try:

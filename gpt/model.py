@@ -21,7 +21,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from kernels import GELU, CausalSelfAttention, add_layer_norm, decode_attention, flash_attention, layer_norm
+from kernels import (
+    GELU, CausalSelfAttention, add_layer_norm, decode_attention, flash_attention, layer_norm, linear_cross_entropy,
+)
 
 from .config import GPTConfig
 from .kv_cache import KVCache
@@ -117,10 +119,12 @@ class GPTModel(PretrainedMixin, nn.Module):
     def _next_norm(self, i: int) -> LayerNorm:
         return self.trf_blocks[i + 1].norm1 if i + 1 < len(self.trf_blocks) else self.final_norm
 
-    def forward(self, in_idx: torch.Tensor, *, cache: KVCache | None = None,
-                positions: torch.Tensor | None = None, seqlens: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits ``(b, T, vocab)``. With ``cache``: ``positions (T,)`` are the tokens' absolute
-        positions (written into the cache); ``seqlens (b,)`` int32 switches to decode attention."""
+    def forward(self, in_idx: torch.Tensor, *, targets: torch.Tensor | None = None, ignore_index: int = -100,
+                cache: KVCache | None = None, positions: torch.Tensor | None = None,
+                seqlens: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits ``(b, T, vocab)``; with ``targets`` the mean token loss instead (see ``loss``). With ``cache``: ``positions (T,)`` (or per row ``(b, T)``) are the
+        tokens' absolute positions (written into the cache); ``seqlens (b,)`` int32 switches to decode
+        attention."""
         _, T = in_idx.shape
         if positions is None:
             if T > self.cfg.context_length:
@@ -137,4 +141,14 @@ class GPTModel(PretrainedMixin, nn.Module):
             normed, resid = add_layer_norm(block.drop_shortcut(a), resid, block.norm2.scale, block.norm2.shift)
             nxt = self._next_norm(i)
             normed, resid = add_layer_norm(block.drop_shortcut(block.ff(normed)), resid, nxt.scale, nxt.shift)
+        if targets is not None:  # the head fused with the loss: no (b, T, vocab) logits
+            return linear_cross_entropy(normed, self.out_head.weight, targets, self.out_head.bias,
+                                        ignore_index=ignore_index)
         return self.out_head(normed)  # (b, T, vocab_size)
+
+    def loss(self, idx: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+        """Mean next-token cross-entropy of ``targets (b, T)`` over the positions not equal to
+        ``ignore_index`` (0 if there are none), computed by ``kernels.linear_cross_entropy`` on the final
+        hidden states without materializing the logits. Same as ``model(idx, targets=targets)``, the form
+        to use through DDP / ``torch.compile`` wrappers."""
+        return self(idx, targets=targets, ignore_index=ignore_index)

@@ -33,6 +33,15 @@ def hf_config_to_gpt(hf: dict, **overrides) -> GPTConfig:
     eps = hf.get("layer_norm_epsilon", 1e-5)
     if abs(eps - 1e-5) > 1e-12:
         raise WeightsError(f"unsupported layer_norm_epsilon {eps}: this model uses 1e-5")
+    # Attention scaling options that change the logits: refused (this model scales by 1/sqrt(head_dim)).
+    # reorder_and_upcast_attn=True is accepted: it only computes HF's scores/softmax in fp32 with the
+    # scale applied first, and this model's attention always accumulates scores and softmax in fp32.
+    if hf.get("scale_attn_by_inverse_layer_idx", False):
+        raise WeightsError("unsupported scale_attn_by_inverse_layer_idx=True: this model scales attention "
+                           "scores by 1/sqrt(head_dim) only, not also by 1/(layer index + 1)")
+    if not hf.get("scale_attn_weights", True):
+        raise WeightsError("unsupported scale_attn_weights=False: this model always scales attention scores "
+                           "by 1/sqrt(head_dim)")
     try:
         cfg = GPTConfig(
             vocab_size=int(hf["vocab_size"]),

@@ -25,6 +25,8 @@ except ImportError:  # pragma: no cover - exercised only on machines without tri
     tl = None
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+#: Also accepted by the elementwise/normalization ops, which run float64 on the PyTorch reference.
+FLOAT_DTYPES = (*SUPPORTED_DTYPES, torch.float64)
 
 
 def interpret_mode() -> bool:

@@ -37,6 +37,10 @@ from . import reference as ref
 from ._utils import check_same_device, check_tensor, interpret_mode, next_power_of_2, tl, triton, use_triton
 
 _INTERPRETED = interpret_mode()
+# The interpreter multiplies bf16 tiles in tl.dot wrongly (garbage: numpy has no bf16), so under it bf16
+# dot operands are upcast to fp32 first: exact products, fp32 accumulation, as the tensor cores do. A
+# global constexpr: compiled kernels (False) are unchanged and their signatures too.
+_UPCAST_BF16_DOT = tl.constexpr(_INTERPRETED) if tl is not None else _INTERPRETED
 
 MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 128
 LOG2E = 1.4426950408889634  # scores are kept in the log2 domain: exp(x) = exp2(x * log2(e))
@@ -52,6 +56,8 @@ def _dot(a, b, IEEE: tl.constexpr):
     # fp32 inputs multiply in full IEEE precision (no TF32); fp16/bf16 use the tensor cores.
     if IEEE:
         return tl.dot(a, b, input_precision="ieee")
+    elif _UPCAST_BF16_DOT and a.dtype == tl.bfloat16:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
     else:
         return tl.dot(a, b)
 

@@ -6,6 +6,11 @@ the new ones already written, ``cache_seqlens (B,)`` is the valid length of each
 tokens. New token t of row b sits at position ``L_b - Tq + t`` and sees cache positions ``<= L_b - Tq + t``
 (causal among the new tokens). No autograd: this is the inference path.
 
+Out-of-range lengths (both paths, no host sync): ``L_b`` is clamped to ``[0, Tmax]``, so a length past
+the cache means a full cache, and a negative one an empty row. A query whose position is negative
+(``L_b < Tq``) sees no key and outputs zeros. Cache slots at or past ``L_b`` are never read: NaN or inf
+left there (a cache from ``torch.empty``) cannot reach the output.
+
 Why split-KV: at batch 1 with 12 heads a program per (batch, head) would occupy 12 of 132 SMs. The key
 range is cut into ``num_splits`` chunks, each program reduces one chunk to a partial output and its
 log-sum-exp, and a second kernel merges the partials (the log-sum-exp trick). ``num_splits`` depends
@@ -43,7 +48,7 @@ def _decode_split_kernel(
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
-    stride_sl, H, TQ, CHUNK, NUM_SPLITS, qk_scale,
+    stride_sl, H, TQ, TMAX, CHUNK, NUM_SPLITS, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, IEEE: tl.constexpr,
     LARGE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -51,7 +56,10 @@ def _decode_split_kernel(
     off_bh = tl.program_id(1)
     off_b = (off_bh // H).to(tl.int64)
     off_h = (off_bh % H).to(tl.int64)
-    L = tl.load(SEQLENS + off_b * stride_sl).to(tl.int32)
+    # Lengths are clamped to [0, Tmax] (in their own int32/int64 type, before narrowing): a length past
+    # the cache never reads past it, and no host sync is needed to check it (CUDA-graph safe).
+    L = tl.load(SEQLENS + off_b * stride_sl)
+    L = tl.minimum(tl.maximum(L, 0), TMAX).to(tl.int32)
     rows = tl.arange(0, BLOCK_M)  # new-token index t
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -166,7 +174,7 @@ def _decode_launch(q, k_cache, v_cache, cache_seqlens, softmax_scale):
     split_kernel[(splits, B * H)](
         q, k_cache, v_cache, cache_seqlens, o_part, lse_part,
         *q.stride(), *k_cache.stride(), *v_cache.stride(),
-        cache_seqlens.stride(0), H, Tq, chunk, splits, softmax_scale * LOG2E,
+        cache_seqlens.stride(0), H, Tq, Tmax, chunk, splits, softmax_scale * LOG2E,
         HEAD_DIM=D, BLOCK_D=BLOCK_D, EVEN_D=BLOCK_D == D, IEEE=q.dtype == torch.float32,
         LARGE=span >= 2**31 - 1, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
         num_warps=1 if interp else 4, **({} if interp else {"num_stages": 3}),
@@ -218,6 +226,11 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     row b's valid length including the ``Tq`` new tokens, which must already be written at positions
     ``L_b - Tq .. L_b - 1``. Returns ``(B, H, Tq, D)`` in q's dtype (stored as ``(B, Tq, H, D)``).
     Not differentiable.
+
+    Lengths are not checked on the host (that would sync): each ``L_b`` is clamped to ``[0, Tmax]``
+    (past the cache = a full cache; negative = an empty row); new token t sits at ``L_b - Tq + t`` and a
+    token at a negative position sees no key and outputs zeros. Slots past ``L_b`` are never read, so
+    NaN/inf there (an uninitialized cache) cannot leak into the output.
     """
     check_tensor("q", q, ndim=4)
     check_tensor("k_cache", k_cache, ndim=4)

@@ -15,7 +15,7 @@ from torch import nn
 from torch.library import triton_op, wrap_triton
 
 from . import reference as ref
-from ._utils import check_tensor, interpret_mode, needs_int64, tl, triton, use_triton
+from ._utils import FLOAT_DTYPES, check_tensor, interpret_mode, needs_int64, tl, triton, use_triton
 
 # Kernels were decorated under the interpreter (TRITON_INTERPRET is read by @triton.jit at import time).
 _INTERPRETED = interpret_mode()
@@ -122,7 +122,7 @@ def _gelu_bwd_launch(dy: torch.Tensor, x: torch.Tensor, approximate: str) -> tor
 
 
 def _check_gelu_args(x, approximate):
-    check_tensor("x", x)
+    check_tensor("x", x, dtypes=FLOAT_DTYPES)
     if approximate not in APPROXIMATIONS:
         raise ValueError(f"approximate must be 'tanh' or 'none', got {approximate!r}")
 
@@ -186,8 +186,12 @@ def gelu(x: torch.Tensor, approximate: str = "tanh") -> torch.Tensor:
     """GELU of ``x`` (any shape, fp32/fp16/bf16, math in fp32, output in ``x.dtype``), differentiable.
 
     ``approximate="tanh"`` (default, GPT-2's form) or ``"none"`` (exact, erf), as ``torch.nn.GELU``.
+    Any strides (the kernel reads a contiguous copy of a non-contiguous ``x``). float64 runs the
+    PyTorch reference in float64 (as ``torch.nn.GELU`` accepts it); other dtypes raise ``TypeError``.
     """
     _check_gelu_args(x, approximate)
+    if x.dtype == torch.float64:
+        return ref.gelu_ref(x, approximate)
     return torch.ops.gpt_kernels.gelu_fwd(x, approximate)
 
 
@@ -205,4 +209,5 @@ class GELU(nn.GELU):
         super().__init__(approximate=approximate)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        check_tensor("input", input, dtypes=FLOAT_DTYPES)
         return gelu(input, self.approximate)

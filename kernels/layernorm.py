@@ -34,7 +34,16 @@ from torch import nn
 from torch.library import triton_op, wrap_triton
 
 from . import reference as ref
-from ._utils import check_same_device, check_tensor, interpret_mode, next_power_of_2, tl, triton, use_triton
+from ._utils import (
+    FLOAT_DTYPES,
+    check_same_device,
+    check_tensor,
+    interpret_mode,
+    next_power_of_2,
+    tl,
+    triton,
+    use_triton,
+)
 
 # Kernels were decorated under the interpreter (TRITON_INTERPRET is read by @triton.jit at import time).
 _INTERPRETED = interpret_mode()
@@ -51,6 +60,7 @@ MAX_WIDTH = 16384
 def _layer_norm_fwd_kernel(
     X, RES, S, Y, W, B, MEAN, RSTD,  # pointers; RES/S (residual in, sum out) only when HAS_RES
     stride_x, stride_res, stride_s, stride_y,  # row strides (elements); the last dim is unit-stride
+    stride_w, stride_b,  # element strides of W and B (any: a strided or an expanded stride-0 vector)
     M, N, eps,
     HAS_RES: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -78,10 +88,10 @@ def _layer_norm_fwd_kernel(
     rstd = 1.0 / tl.sqrt(var + eps)
     y = xc * rstd[:, None]
     if HAS_W:
-        w = tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)
+        w = tl.load(W + cols * stride_w, mask=col_mask, other=0.0).to(tl.float32)
         y = y * w[None, :]
     if HAS_B:
-        b = tl.load(B + cols, mask=col_mask, other=0.0).to(tl.float32)
+        b = tl.load(B + cols * stride_b, mask=col_mask, other=0.0).to(tl.float32)
         y = y + b[None, :]
     tl.store(Y + rows64 * stride_y + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
     tl.store(MEAN + rows, mean, mask=row_mask)
@@ -100,7 +110,7 @@ def _layer_norm_fwd_kernel(
 @triton.jit
 def _layer_norm_bwd_kernel(
     DY, X, W, MEAN, RSTD, DS, DX, DW, DB,  # DS only when HAS_DS; DW/DB: (programs, N) fp32 partials
-    stride_dy, stride_x, stride_ds, stride_dx,
+    stride_dy, stride_x, stride_ds, stride_dx, stride_w,
     M, N,
     HAS_W: tl.constexpr, HAS_DS: tl.constexpr, COMPUTE_DW: tl.constexpr, COMPUTE_DB: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -110,7 +120,7 @@ def _layer_norm_bwd_kernel(
     cols = tl.arange(0, BLOCK_N)
     col_mask = cols < N
     if HAS_W:
-        w = tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)
+        w = tl.load(W + cols * stride_w, mask=col_mask, other=0.0).to(tl.float32)
     dw_acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     db_acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for row_start in range(pid * BLOCK_M, M, num_programs * BLOCK_M):
@@ -185,6 +195,7 @@ def _layer_norm_fwd_launch(x, residual, weight, bias, eps, sum_dtype):
     kernel[(triton.cdiv(M, BLOCK_M),)](
         x, residual, s, y, weight, bias, mean, rstd,
         x.stride(0), residual.stride(0) if has_res else 0, N, N,
+        weight.stride(0) if weight is not None else 0, bias.stride(0) if bias is not None else 0,
         M, N, eps,
         HAS_RES=has_res, HAS_W=weight is not None, HAS_B=bias is not None,
         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, num_warps=num_warps,
@@ -213,6 +224,7 @@ def _layer_norm_bwd_launch(dy, x, weight, mean, rstd, ds, compute_dw, compute_db
         kernel[(grid,)](
             dy, x, weight, mean, rstd, ds, dx, dw_partial, db_partial,
             dy.stride(0), x.stride(0), ds.stride(0) if ds is not None else 0, N,
+            weight.stride(0) if weight is not None else 0,
             M, N,
             HAS_W=weight is not None, HAS_DS=ds is not None, COMPUTE_DW=compute_dw, COMPUTE_DB=compute_db,
             BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, num_warps=num_warps,
@@ -231,7 +243,7 @@ def _rows(t: torch.Tensor | None) -> torch.Tensor | None:
 
 
 def _check_layer_norm_args(x, weight, bias, eps, *, name="x"):
-    check_tensor(name, x, min_ndim=1)
+    check_tensor(name, x, min_ndim=1, dtypes=FLOAT_DTYPES)
     n = x.shape[-1]
     if n == 0:
         raise ValueError(f"{name} must have a non-empty last dim, got shape {tuple(x.shape)}")
@@ -240,7 +252,7 @@ def _check_layer_norm_args(x, weight, bias, eps, *, name="x"):
     for pname, p in (("weight", weight), ("bias", bias)):
         if p is None:
             continue
-        check_tensor(pname, p)
+        check_tensor(pname, p, dtypes=FLOAT_DTYPES)
         if tuple(p.shape) != (n,):
             raise ValueError(f"{pname} must have shape ({n},) to match the last dim of {name}, "
                              f"got {tuple(p.shape)}")
@@ -323,15 +335,25 @@ _layer_norm_fwd.register_autograd(_layer_norm_backward, setup_context=_layer_nor
 # Functional API
 # ---------------------------------------------------------------------------------------------------
 
+def _any_float64(*tensors: torch.Tensor | None) -> bool:
+    """float64 runs the differentiable PyTorch reference (the kernels compute in fp32)."""
+    return any(t is not None and t.dtype == torch.float64 for t in tensors)
+
+
 def layer_norm(x: torch.Tensor, weight: torch.Tensor | None = None, bias: torch.Tensor | None = None,
                eps: float = 1e-5) -> torch.Tensor:
     """LayerNorm over the last dim of ``x`` (any leading dims, width up to ``MAX_WIDTH``).
 
     Statistics in fp32; the output has ``x``'s dtype (``weight``/``bias`` may be another float dtype,
     e.g. fp32 parameters with bf16 activations). Differentiable in ``x``, ``weight`` and ``bias``.
+    ``weight``/``bias`` may have any stride (a strided view, an expanded stride-0 vector). float64
+    anywhere runs the PyTorch reference in float64 (as ``torch.nn.LayerNorm`` accepts it); other
+    dtypes (integers, float8) raise ``TypeError``.
     """
     _check_layer_norm_args(x, weight, bias, eps)
     check_same_device(x=x, weight=weight, bias=bias)
+    if _any_float64(x, weight, bias):
+        return ref.layer_norm_ref(x, weight, bias, eps)
     y, _s, _mean, _rstd = torch.ops.gpt_kernels.layer_norm_fwd(_rows(x), None, weight, bias, float(eps), x.dtype)
     return y.view(x.shape)
 
@@ -345,10 +367,12 @@ def add_layer_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor
     in all inputs; the gradient of the returned sum flows into both ``x`` and ``residual``.
     """
     _check_layer_norm_args(x, weight, bias, eps)
-    check_tensor("residual", residual)
+    check_tensor("residual", residual, dtypes=FLOAT_DTYPES)
     if residual.shape != x.shape:
         raise ValueError(f"residual must have the shape of x {tuple(x.shape)}, got {tuple(residual.shape)}")
     check_same_device(x=x, residual=residual, weight=weight, bias=bias)
+    if _any_float64(x, residual, weight, bias):
+        return ref.add_layer_norm_ref(x, residual, weight, bias, eps)
     sum_dtype = torch.promote_types(x.dtype, residual.dtype)
     y, s, _mean, _rstd = torch.ops.gpt_kernels.layer_norm_fwd(
         _rows(x), _rows(residual), weight, bias, float(eps), sum_dtype)
@@ -367,7 +391,7 @@ class LayerNorm(nn.LayerNorm):
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         k = len(self.normalized_shape)
-        check_tensor("input", input, min_ndim=k)
+        check_tensor("input", input, min_ndim=k, dtypes=FLOAT_DTYPES)
         if tuple(input.shape[input.dim() - k:]) != self.normalized_shape:
             raise ValueError(f"input must end with normalized_shape {self.normalized_shape}, "
                              f"got shape {tuple(input.shape)}")

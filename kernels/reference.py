@@ -208,17 +208,111 @@ def decode_attention_ref(q, k_cache, v_cache, cache_seqlens, softmax_scale: floa
     """Attention of the ``Tq`` new queries over each row's valid cache prefix.
 
     Row b's cache holds ``L = cache_seqlens[b]`` valid positions, the last ``Tq`` of them the new tokens;
-    query t sits at position ``L - Tq + t`` and sees keys ``j <= L - Tq + t`` (and ``j < L``).
+    query t sits at position ``L - Tq + t`` and sees keys ``j <= L - Tq + t`` (and ``j < L``). ``L`` is
+    clamped to ``[0, Tmax]`` (as the kernel does, without a host sync); slots ``j >= L`` never reach the
+    output, even when they hold NaN/inf (values there are replaced, not multiplied by a zero weight).
     """
     B, H, Tq, D = q.shape
     Tmax = k_cache.shape[-2]
     scale = D ** -0.5 if softmax_scale is None else softmax_scale
     dt = _stat_dtype(q.dtype)
     s = (q.to(dt) @ k_cache.to(dt).transpose(-2, -1)) * scale  # (B, H, Tq, Tmax)
-    L = cache_seqlens.to(torch.long).view(B, 1, 1, 1)
+    L = cache_seqlens.to(torch.long).clamp(0, Tmax).reshape(B, 1, 1, 1)
     j = torch.arange(Tmax, device=q.device).view(1, 1, 1, Tmax)
     t = torch.arange(Tq, device=q.device).view(1, 1, Tq, 1)
     allowed = (j < L) & (j <= L - Tq + t)
     s = s.masked_fill(~allowed, float("-inf"))
     p = torch.softmax(s, dim=-1).nan_to_num(0.0)
-    return (p @ v_cache.to(dt)).to(q.dtype)
+    v = torch.where((j < L).transpose(-2, -1), v_cache.to(dt), 0.0)  # (B, H, Tmax, D); unused slots -> 0
+    return (p @ v).to(q.dtype)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Fused linear + cross-entropy (kernels/cross_entropy.py)
+#
+# ``linear_cross_entropy_ref`` is the differentiable oracle (materializes the logits; pass fp64 tensors
+# for an fp64 oracle). The op-level fallbacks below never hold more than ``LCE_CHUNK_ELEMENTS`` logits:
+# the forward walks row chunks keeping only the log-sum-exp, the backward recomputes each chunk's
+# logits. Math in fp32 (fp64 for fp64 inputs); same outputs as the Triton launchers.
+# ---------------------------------------------------------------------------------------------------
+
+#: Logits held at once by the CPU fallback (fp32: 16 MiB), whatever N and V.
+LCE_CHUNK_ELEMENTS = 1 << 22
+
+
+def linear_cross_entropy_ref(x: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
+                             bias: torch.Tensor | None = None, *, ignore_index: int = -100,
+                             reduction: str = "mean") -> torch.Tensor:
+    """``cross_entropy(x @ weight.T + bias, target)`` in at least fp32, with the kernels' conventions:
+    ``"mean"`` over non-ignored targets is 0 (not NaN) when every target is ignored."""
+    dt = _stat_dtype(x.dtype)
+    logits = torch.nn.functional.linear(x.to(dt), weight.to(dt), None if bias is None else bias.to(dt))
+    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
+                                             ignore_index=ignore_index, reduction="none")
+    if reduction == "none":
+        return loss.view(target.shape)
+    if reduction == "sum":
+        return loss.sum()
+    return loss.sum() / (target != ignore_index).sum().clamp(min=1).to(dt)
+
+
+def _lce_chunks(N: int, V: int):
+    step = max(1, LCE_CHUNK_ELEMENTS // V)
+    return [(r0, min(N, r0 + step)) for r0 in range(0, N, step)]
+
+
+def _lce_logits(x, w, b, r0, r1, dt):
+    """fp32 (or fp64) logits of rows [r0, r1): ``(r1 - r0, V)``."""
+    z = x[r0:r1].to(dt) @ w.t()
+    return z + b if b is not None else z
+
+
+def linear_cross_entropy_fwd_ref(x, weight, target, bias, ignore_index: int):
+    """Fallback of the fused forward on 2-D x: ``(loss, lse)`` per row, fp32 (fp64 for fp64 inputs);
+    loss 0 on ignored rows and NaN for a target outside ``[0, V)``. Holds one chunk of logits at a time."""
+    N, V = x.shape[0], weight.shape[0]
+    dt = _stat_dtype(x.dtype)
+    w = weight.to(dt)  # no copy for fp32/fp64
+    b = bias.to(dt) if bias is not None else None
+    lse_parts, tlogit_parts = [], []
+    for r0, r1 in _lce_chunks(N, V):
+        z = _lce_logits(x, w, b, r0, r1, dt)
+        lse_parts.append(torch.logsumexp(z, dim=1))
+        t = target[r0:r1].clamp(0, V - 1)
+        tlogit_parts.append(z.gather(1, t[:, None]).squeeze(1))
+    if N == 0:
+        empty = x.new_empty((0,), dtype=dt)
+        return empty, empty.clone()
+    lse, tlogit = torch.cat(lse_parts), torch.cat(tlogit_parts)
+    valid = target != ignore_index
+    in_range = (target >= 0) & (target < V)
+    loss = torch.where(in_range, lse - tlogit, torch.full_like(lse, float("nan")))
+    return torch.where(valid, loss, torch.zeros_like(lse)), lse
+
+
+def linear_cross_entropy_bwd_ref(g, x, weight, target, bias, lse, ignore_index: int, need_dx: bool,
+                                 need_dw: bool, need_db: bool):
+    """Fallback of the fused backward: ``(dx, dweight, dbias)`` (empty when not needed), recomputing one
+    chunk of logits at a time: dz = g · (softmax(z) - onehot(target)), dx = dz W, dW = dzᵀ x, db = Σ dz."""
+    N, d = x.shape
+    V = weight.shape[0]
+    dt = _stat_dtype(x.dtype)
+    w = weight.to(dt)
+    b = bias.to(dt) if bias is not None else None
+    dx = torch.empty((N, d), dtype=x.dtype, device=x.device) if need_dx else x.new_empty(0)
+    dw = torch.zeros((V, d), dtype=dt, device=x.device) if need_dw else x.new_empty(0)
+    db = torch.zeros((V,), dtype=dt, device=x.device) if need_db else x.new_empty(0)
+    gv = torch.where(target != ignore_index, g.to(dt), torch.zeros((), dtype=dt, device=x.device))
+    in_range = ((target >= 0) & (target < V)).to(dt)
+    for r0, r1 in _lce_chunks(N, V):
+        dz = _lce_logits(x, w, b, r0, r1, dt).sub_(lse[r0:r1, None].to(dt)).exp_()  # softmax, in place
+        t = target[r0:r1].clamp(0, V - 1)
+        dz.scatter_add_(1, t[:, None], -in_range[r0:r1, None])  # - onehot
+        dz.mul_(gv[r0:r1, None])
+        if need_dx:
+            dx[r0:r1] = (dz @ w).to(x.dtype)
+        if need_dw:
+            dw.addmm_(dz.t(), x[r0:r1].to(dt))
+        if need_db:
+            db += dz.sum(dim=0)
+    return dx, dw.to(weight.dtype) if need_dw else dw, db.to(x.dtype) if need_db else db

@@ -255,7 +255,7 @@ def _bad_cases():
     return [
         ("not a tensor", lambda: layer_norm([1.0, 2.0]), TypeError, "x must be a torch.Tensor"),
         ("int dtype", lambda: layer_norm(torch.ones(4, 8, dtype=torch.int64)), TypeError, "x must have dtype"),
-        ("fp64", lambda: layer_norm(x.double()), TypeError, "x must have dtype"),
+        ("fp8", lambda: layer_norm(x.to(torch.float8_e4m3fn)), TypeError, "x must have dtype"),
         ("0-d", lambda: layer_norm(torch.tensor(1.0)), ValueError, "x must have at least 1 dims"),
         ("empty last dim", lambda: layer_norm(torch.randn(4, 0)), ValueError, "non-empty last dim"),
         ("too wide", lambda: layer_norm(torch.empty(1, ln_mod.MAX_WIDTH + 1)), ValueError, "too large"),

@@ -176,8 +176,66 @@ def read_shard(path: str | os.PathLike, mmap: bool = True) -> np.ndarray:
     return np.fromfile(path, dtype="<u2", offset=SHARD_HEADER_INTS * 4, count=n)
 
 
-def load_tokens(paths: str | os.PathLike | Iterable[str | os.PathLike], tokenizer=None) -> np.ndarray:
-    """Tokens of the given data: ``.bin`` shards are read as is, text files/folders are tokenized."""
+class ShardWindowDataset(Dataset):
+    """Sliding ``(input, target)`` windows over memory-mapped llm.c shards: nothing is copied into RAM
+    but the windows asked for. Windows stay inside one shard (as llm.c's loader reads shards)."""
+
+    def __init__(self, shards: Sequence[str | os.PathLike], max_length: int, stride: int):
+        if max_length <= 0 or stride <= 0:
+            raise ValueError(f"max_length and stride must be positive, got {max_length} and {stride}")
+        self.shards = [read_shard(p) for p in shards]  # np.memmap each
+        self.max_length, self.stride = max_length, stride
+        counts = [len(range(0, len(s) - max_length, stride)) if len(s) > max_length else 0 for s in self.shards]
+        self._ends = np.cumsum(counts)  # window index -> shard by binary search
+        self.n_tokens = sum(len(s) for s in self.shards)
+        if not len(self):
+            raise DataError(f"the shards ({', '.join(Path(p).name for p in shards)}) hold no window of "
+                            f"{max_length} + 1 tokens")
+
+    def __len__(self) -> int:
+        return int(self._ends[-1]) if len(self._ends) else 0
+
+    def __getitem__(self, idx: int):
+        if not 0 <= idx < len(self):
+            raise IndexError(idx)
+        k = int(np.searchsorted(self._ends, idx, side="right"))
+        i = (idx - (int(self._ends[k - 1]) if k else 0)) * self.stride
+        window = torch.from_numpy(self.shards[k][i:i + self.max_length + 1].astype(np.int64))  # (T + 1,)
+        return window[:-1], window[1:]  # (T,), (T,)
+
+
+def split_shards(paths) -> tuple[list[Path], list[Path]] | None:
+    """``(train, val)`` shard lists when ``paths`` is one folder of prepared shards (names holding
+    ``train`` / ``val``, as ``python -m gpt.data prepare`` writes them); else None."""
+    paths = [paths] if isinstance(paths, str | os.PathLike) else list(paths)
+    if len(paths) != 1 or not Path(paths[0]).is_dir():
+        return None
+    bins = sorted(Path(paths[0]).glob("*.bin"))
+    train = [p for p in bins if "train" in p.name]
+    val = [p for p in bins if "val" in p.name]
+    if not train and not val:
+        return None
+    if not train or not val:
+        raise DataError(f"{paths[0]} holds {'val' if val else 'train'} shards but no "
+                        f"{'train' if val else 'val'} shards")
+    return train, val
+
+
+def max_text_bytes() -> int:
+    """Text that ``load_tokens`` tokenizes in memory at most: a sixteenth of the available RAM (the
+    text, tiktoken's list of Python ints and the int64 array take about 12 bytes per text byte)."""
+    try:
+        with open("/proc/meminfo") as f:
+            avail = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        avail = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else 8 << 30
+    return avail // 16
+
+
+def load_tokens(paths: str | os.PathLike | Iterable[str | os.PathLike], tokenizer=None,
+                max_bytes: int | None = None) -> np.ndarray:
+    """Tokens of the given data: ``.bin`` shards are read as is, text files/folders are tokenized (up to
+    ``max_bytes`` of text, default ``max_text_bytes()``; more gets a DataError pointing to prepare)."""
     if isinstance(paths, str | os.PathLike):
         paths = [paths]
     expanded: list[Path] = []
@@ -191,6 +249,20 @@ def load_tokens(paths: str | os.PathLike | Iterable[str | os.PathLike], tokenize
     if shards:
         arrays = [np.asarray(read_shard(p)) for p in shards]
         return np.concatenate(arrays).astype(np.int64)
+    limit = max_text_bytes() if max_bytes is None else max_bytes
+    size = sum(f.stat().st_size for f in list_text_files(paths))
+    if size > limit:
+        raise DataError(f"{size / 1e6:,.0f} MB of text is too large to tokenize in memory here (limit "
+                        f"{limit / 1e6:,.0f} MB): prepare shards once with `python -m gpt.data prepare "
+                        f"{' '.join(map(str, paths))} --out DIR` and pass --data DIR")
     text = read_text(paths)
     tokenizer = tokenizer or get_tokenizer()
     return np.asarray(tokenizer.encode(text, allowed_special={ENDOFTEXT}), dtype=np.int64)
+
+
+if __name__ == "__main__":  # python -m gpt.data prepare ... (the code lives in gpt/prepare.py)
+    import sys
+
+    from gpt.prepare import main
+
+    sys.exit(main())

@@ -1,5 +1,7 @@
 """Tokenizer ids, the book's dataloader windows, text readers, llm.c shards and splits."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -44,20 +46,57 @@ def test_missing_bpe_folder_is_a_clear_error(tmp_path):
         get_tokenizer(str(tmp_path))
 
 
-def test_offline_without_cache_is_a_clear_error(tmp_path):
-    """A child process with an empty tiktoken cache and no network gets TokenizerError, not a traceback
-    from requests (run in a subprocess: tiktoken caches encodings per process)."""
+UNICODE_SAMPLE = ("Ünïcödé café — naïve 你好，世界 🙂👍🏽 \u00a0nbsp\ttab\r\nCRLF  spaces   "
+                  "don't it's 3.14159 <|endoftext|> ok\n\n\n")
+
+
+def test_offline_with_no_setup_uses_the_shipped_bpe_files(tmp_path, tok):
+    """A child process with an empty tiktoken cache, no network and no GPT2_BPE_DIR still gets the
+    encoding (the files shipped in the package) and its tokens equal tiktoken's (run in a subprocess:
+    tiktoken caches encodings per process)."""
     import os
     import subprocess
     import sys
 
-    env = {**os.environ, "TIKTOKEN_CACHE_DIR": str(tmp_path), "GPT2_BPE_DIR": "",
-           "HTTPS_PROXY": "http://127.0.0.1:9", "HTTP_PROXY": "http://127.0.0.1:9"}
-    code = ("from gpt.tokenizer import get_tokenizer, TokenizerError\n"
-            "try:\n    get_tokenizer()\nexcept TokenizerError as e:\n    print('CLEAR', e)\n")
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
-    assert "CLEAR cannot load the GPT-2 tokenizer" in out.stdout, out.stderr[-2000:]
-    assert "TIKTOKEN_CACHE_DIR" in out.stdout
+    env = {k: v for k, v in os.environ.items() if k not in ("GPT2_BPE_DIR", "DATA_GYM_CACHE_DIR")}
+    env.update(TIKTOKEN_CACHE_DIR=str(tmp_path), HTTPS_PROXY="http://127.0.0.1:9", HTTP_PROXY="http://127.0.0.1:9")
+    code = ("import json, sys; from gpt.tokenizer import get_tokenizer\n"
+            "print(json.dumps(get_tokenizer().encode(sys.argv[1], allowed_special='all')))\n")
+    out = subprocess.run([sys.executable, "-c", code, UNICODE_SAMPLE], env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert json.loads(out.stdout) == tok.encode(UNICODE_SAMPLE, allowed_special="all")
+    assert list(tmp_path.iterdir()) == []  # nothing downloaded or written into the cache
+
+
+def test_shipped_bpe_files_are_gpt2s(tmp_path, monkeypatch):
+    """The shipped files carry the sha256 tiktoken pins for gpt2, and tiktoken's own loader (with its
+    vocab.bpe <-> encoder.json consistency check) builds exactly our ranks from them."""
+    import hashlib
+    import inspect
+
+    import tiktoken.load
+    import tiktoken_ext.openai_public as op
+
+    from gpt import tokenizer as T
+
+    src = inspect.getsource(op.gpt2)
+    for name in ("encoder.json", "vocab.bpe"):
+        assert hashlib.sha256((T.ASSETS / name).read_bytes()).hexdigest() in src
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", "")  # tiktoken: read the local paths, cache nothing
+    ranks = tiktoken.load.data_gym_to_mergeable_bpe_ranks(str(T.ASSETS / "vocab.bpe"), str(T.ASSETS / "encoder.json"))
+    own = T._from_bpe_files(T.ASSETS, check_hash=True)
+    assert own._mergeable_ranks == ranks and own.n_vocab == 50257
+    assert own.encode(UNICODE_SAMPLE, allowed_special="all") == get_tokenizer().encode(UNICODE_SAMPLE,
+                                                                                      allowed_special="all")
+    damaged = tmp_path / "gpt2"
+    damaged.mkdir()
+    (damaged / "vocab.bpe").write_bytes((T.ASSETS / "vocab.bpe").read_bytes())
+    (damaged / "encoder.json").write_text(json.dumps({"a": 0}))
+    with pytest.raises(TokenizerError, match="damaged"):
+        T._from_bpe_files(damaged, check_hash=True)
+    with pytest.raises(TokenizerError, match="byte-pair ranks"):
+        get_tokenizer(str(damaged))
 
 
 def test_verdict_windows_match_tiktoken(tok, verdict):

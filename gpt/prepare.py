@@ -1,0 +1,461 @@
+"""``python -m gpt.data prepare``: text corpora -> llm.c token shards, streaming and in parallel.
+
+    python -m gpt.data prepare INPUT... --out DIR [--val-tokens N] [--shard-tokens N] [--workers N]
+                                        [--text-field NAME] [--prefix NAME] [--overwrite]
+
+INPUT: text files (any other suffix in a folder is ignored: ``.txt .md .rst .text``), folders (walked
+recursively, files in sorted path order), ``.jsonl`` / ``.jsonl.gz`` (one JSON object per line, the
+document in ``--text-field``, default ``text``) and ``.parquet`` (a ``--text-field`` column; needs
+``pyarrow``, the ``parquet`` extra).
+
+Documents. A jsonl record or parquet row is one document, encoded as ordinary text (a literal
+``<|endoftext|>`` in web text stays text). A text file is one document, or several where it holds the
+literal ``<|endoftext|>`` (TinyStories-style files; ``train.py --data FILE`` reads them the same way).
+As in llm.c, every document is preceded by ``<|endoftext|>`` (id 50256), so every shard stream starts
+with it and the model learns to begin a document after it. Whitespace-only documents (and null text
+values) are skipped and counted.
+
+Output. ``<prefix>_val_000000.bin ...`` then ``<prefix>_train_000000.bin ...`` in llm.c's format
+(``gpt.data.write_shard``): the token stream is cut at exact counts, the first ``--val-tokens`` tokens
+into the validation split, then the training split, ``--shard-tokens`` per shard (the last one of each
+split shorter), plus ``prepare.json`` (counts, inputs, arguments). Shards are written under
+``DIR/.partial/`` and moved into ``DIR`` only when the whole run succeeded, ``prepare.json`` last: a
+killed run leaves no shard in ``DIR`` looking complete (``train.py`` reads only ``DIR/*.bin``). A
+non-empty ``DIR`` is refused unless ``--overwrite``, which replaces a previous prepare output (its
+``.bin`` shards, ``prepare.json``, ``.partial/``) once the new one is complete, and still refuses a
+folder holding anything else.
+
+Streaming and determinism. The main process reads documents (large ones in pieces of about 1 MiB,
+cut only where tokenization provably does not cross: after a newline between two non-space
+characters) into batches; ``--workers`` processes encode batches with tiktoken's
+``encode_ordinary_batch``; at most two batches per worker are in flight and results are taken in
+submission order (``Pool.imap`` would read the whole corpus ahead), so memory stays bounded and the
+shards are byte-identical whatever ``--workers`` is.
+
+Bad input, one line on stderr and exit 2: no input path, a folder with no readable files, a corpus
+with no text or with no token left for training after ``--val-tokens``, a file that is not UTF-8, a
+malformed JSON line, a record without ``--text-field`` (usually a wrong field name: failing beats
+silently dropping the corpus), parquet without ``pyarrow``. Skipped and counted: empty documents.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import os
+import re
+import shutil
+import sys
+import time
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .data import TEXT_SUFFIXES, DataError, write_shard
+from .tokenizer import ENDOFTEXT, EOT_ID, get_tokenizer
+
+PIECE_CHARS = 1 << 20  # a long document is encoded in pieces of about this many characters
+BATCH_CHARS = 1 << 20  # characters per worker task
+READ_CHARS = 1 << 20
+IN_FLIGHT_PER_WORKER = 2
+MANIFEST = "prepare.json"
+STAGING = ".partial"
+_SAFE_CUT = re.compile(r"\S\n(?=\S)")
+
+
+def kind_of(path: Path) -> str:
+    name = path.name.lower()
+    if name.endswith((".jsonl", ".jsonl.gz")):
+        return "jsonl"
+    if name.endswith(".parquet"):
+        return "parquet"
+    return "text"
+
+
+def list_inputs(inputs) -> list[Path]:
+    """Expand files and folders (recursively, sorted; text, jsonl(.gz), parquet files) into a file list."""
+    files: list[Path] = []
+    for p in map(Path, inputs):
+        if p.is_dir():
+            found = sorted(f for f in p.rglob("*") if f.is_file() and not f.name.startswith(".")
+                           and (kind_of(f) != "text" or f.suffix.lower() in TEXT_SUFFIXES))
+            if not found:
+                raise DataError(f"folder {p} holds no readable files ({', '.join(TEXT_SUFFIXES)}, .jsonl, "
+                                ".jsonl.gz, .parquet)")
+            files.extend(found)
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise DataError(f"input not found: {p}")
+    if not files:
+        raise DataError("no input given")
+    return files
+
+
+# ------------------------------------------------------------------------------------------- reading
+@dataclass
+class Stats:
+    files: int = 0
+    docs: int = 0
+    skipped_empty: int = 0
+    bytes: int = 0
+    tokens: int = 0
+    started: float = field(default_factory=time.perf_counter)
+
+
+def safe_cut(text: str, limit: int) -> int:
+    """Largest cut ``c <= limit`` with ``text[c-2:c+1]`` = non-space, newline, non-space (0: none).
+
+    GPT-2's pre-tokenizer never joins a newline with a following non-space character nor a non-space
+    character with a following newline, so ``encode(text) == encode(text[:c]) + encode(text[c:])``."""
+    last = 0
+    for m in _SAFE_CUT.finditer(text, 0, limit + 1):
+        last = m.end()
+    return last
+
+
+def _text_docs(path: Path, stats: Stats) -> Iterator[tuple[str, bool]]:
+    """Yield ``(piece, starts_document)`` from a text file: documents split at the literal <|endoftext|>,
+    long documents in safe pieces. Whitespace-only documents are skipped (counted); an empty tail
+    after a final <|endoftext|> is no document."""
+    buf, started, at_marker = "", False, False  # started: the current document already yielded a piece
+    with open(path, encoding="utf-8", newline=None) as f:
+        while True:
+            try:
+                block = f.read(READ_CHARS)
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path} is not UTF-8 text (byte 0x{e.object[e.start]:02x}); convert or "
+                                "remove it") from None
+            buf += block
+            while (i := buf.find(ENDOFTEXT)) >= 0 or not block:
+                if i < 0 and not buf and at_marker:  # end of file right after a marker
+                    return
+                doc, buf = (buf[:i], buf[i + len(ENDOFTEXT):]) if i >= 0 else (buf, "")
+                if started or doc.strip():
+                    stats.docs += not started
+                    yield doc, not started
+                else:
+                    stats.skipped_empty += 1
+                started, at_marker = False, i >= 0
+                if i < 0:
+                    return
+            while len(buf) > 2 * PIECE_CHARS and (cut := safe_cut(buf, PIECE_CHARS)):
+                stats.docs += not started
+                yield buf[:cut], not started
+                buf, started = buf[cut:], True
+
+
+def _jsonl_docs(path: Path, text_field: str, stats: Stats) -> Iterator[tuple[str, bool]]:
+    opener = gzip.open if path.name.lower().endswith(".gz") else open
+    try:
+        with opener(path, "rb") as f:
+            for n, raw in enumerate(f, 1):
+                if not raw.strip():
+                    continue
+                try:
+                    record = json.loads(raw.decode("utf-8"))
+                except UnicodeDecodeError:
+                    raise DataError(f"{path}:{n}: not UTF-8 text") from None
+                except ValueError as e:
+                    raise DataError(f"{path}:{n}: not a JSON line ({e})") from None
+                if not isinstance(record, dict) or text_field not in record:
+                    keys = ", ".join(map(str, record)) if isinstance(record, dict) else type(record).__name__
+                    raise DataError(f"{path}:{n}: no field {text_field!r} (found: {keys}); choose the "
+                                    "field with --text-field")
+                yield from _record(record[text_field], f"{path}:{n}", text_field, stats)
+    except (OSError, EOFError) as e:  # gzip.BadGzipFile is an OSError; EOFError: truncated .gz
+        raise DataError(f"{path}: cannot read ({type(e).__name__}: {e})") from None
+
+
+def _parquet_docs(path: Path, text_field: str, stats: Stats) -> Iterator[tuple[str, bool]]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise DataError(f"{path}: reading .parquet needs pyarrow: pip install 'gpt-triton[parquet]' "
+                        "(or pip install pyarrow)") from None
+    try:
+        pf = pq.ParquetFile(path)
+    except Exception as e:  # noqa: BLE001 - pyarrow raises its own error types
+        raise DataError(f"{path}: not a parquet file ({type(e).__name__})") from None
+    names = pf.schema_arrow.names
+    if text_field not in names:
+        raise DataError(f"{path}: no column {text_field!r} (found: {', '.join(names)}); choose it with "
+                        "--text-field")
+    for batch in pf.iter_batches(batch_size=1024, columns=[text_field]):
+        for n, value in enumerate(batch.column(0).to_pylist()):
+            yield from _record(value, f"{path}: row {n}", text_field, stats)
+
+
+def _record(value, where: str, text_field: str, stats: Stats) -> Iterator[tuple[str, bool]]:
+    if value is None or (isinstance(value, str) and not value.strip()):
+        stats.skipped_empty += 1
+        return
+    if not isinstance(value, str):
+        raise DataError(f"{where}: field {text_field!r} is {type(value).__name__}, not text")
+    stats.docs += 1
+    yield from _pieces(value)
+
+
+def _pieces(doc: str) -> Iterator[tuple[str, bool]]:
+    first = True
+    while len(doc) > 2 * PIECE_CHARS and (cut := safe_cut(doc, PIECE_CHARS)):
+        yield doc[:cut], first
+        doc, first = doc[cut:], False
+    yield doc, first
+
+
+def iter_pieces(files: list[Path], text_field: str, stats: Stats) -> Iterator[tuple[str, bool]]:
+    """Every document of every file, in order, as ``(piece, starts_document)``."""
+    for path in files:
+        kind = kind_of(path)
+        if kind == "jsonl":
+            yield from _jsonl_docs(path, text_field, stats)
+        elif kind == "parquet":
+            yield from _parquet_docs(path, text_field, stats)
+        else:
+            yield from _text_docs(path, stats)
+        stats.files += 1
+
+
+def iter_batches(pieces: Iterator[tuple[str, bool]], batch_chars: int = BATCH_CHARS):
+    batch, size = [], 0
+    for piece in pieces:
+        batch.append(piece)
+        size += len(piece[0])
+        if size >= batch_chars:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch
+
+
+# ---------------------------------------------------------------------------------------- tokenizing
+def encode_batch(batch: list[tuple[str, bool]]) -> tuple[np.ndarray, int]:
+    """Tokens of a batch of pieces, ``<|endoftext|>`` before each document start; and its UTF-8 bytes."""
+    enc = get_tokenizer()
+    texts = [t for t, _ in batch]
+    parts = []
+    for (_, starts), ids in zip(batch, enc.encode_ordinary_batch(texts, num_threads=1)):
+        if starts:
+            parts.append(np.array([EOT_ID], dtype=np.uint16))
+        parts.append(np.asarray(ids, dtype=np.uint16))
+    n_bytes = sum(len(t.encode("utf-8")) for t in texts)
+    return (np.concatenate(parts) if parts else np.zeros(0, np.uint16)), n_bytes
+
+
+def _init_worker():
+    get_tokenizer()
+
+
+def encoded(batches, workers: int) -> Iterator[tuple[np.ndarray, int]]:
+    """``encode_batch`` over ``batches`` in order, in ``workers`` processes, a bounded number in flight."""
+    if workers == 1:
+        yield from map(encode_batch, batches)
+        return
+    import multiprocessing as mp
+
+    with mp.get_context().Pool(workers, initializer=_init_worker) as pool:
+        pending: deque = deque()
+        for batch in batches:
+            pending.append(pool.apply_async(encode_batch, (batch,)))
+            if len(pending) >= IN_FLIGHT_PER_WORKER * workers:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
+
+
+# ------------------------------------------------------------------------------------------- writing
+class ShardWriter:
+    """Cut a token stream into ``<prefix>_val_*`` then ``<prefix>_train_*`` shards at exact counts."""
+
+    def __init__(self, folder: Path, prefix: str, val_tokens: int, shard_tokens: int):
+        self.folder, self.prefix, self.val_tokens, self.shard_tokens = folder, prefix, val_tokens, shard_tokens
+        self.buf = np.empty(min(shard_tokens, 1 << 27), dtype=np.uint16)  # grows up to shard_tokens
+        self.fill = 0
+        self.fill_split = "val"
+        self.total = 0
+        self.shards: dict[str, list[str]] = {"val": [], "train": []}
+        self.counts = {"val": 0, "train": 0}
+
+    def _split(self) -> str:
+        return "val" if self.total < self.val_tokens else "train"
+
+    def _room(self) -> int:  # tokens until the current shard is full (or the val split ends)
+        room = self.shard_tokens - self.fill
+        if self.total < self.val_tokens:
+            room = min(room, self.val_tokens - self.total)
+        return room
+
+    def add(self, tokens: np.ndarray) -> None:
+        while tokens.size:
+            take = min(self._room(), tokens.size)
+            if self.fill + take > self.buf.size:
+                self.buf = np.resize(self.buf, min(self.shard_tokens, max(2 * self.buf.size, self.fill + take)))
+            split = self.fill_split = self._split()
+            self.buf[self.fill:self.fill + take] = tokens[:take]
+            self.fill += take
+            self.total += take
+            tokens = tokens[take:]
+            if self.fill == self.shard_tokens or self._split() != split:
+                self._flush(split)
+
+    def _flush(self, split: str) -> None:
+        if not self.fill:
+            return
+        name = f"{self.prefix}_{split}_{len(self.shards[split]):06d}.bin"
+        write_shard(self.folder / name, self.buf[:self.fill])
+        self.shards[split].append(name)
+        self.counts[split] += self.fill
+        self.fill = 0
+
+    def close(self) -> None:
+        self._flush(self.fill_split)
+
+
+# ------------------------------------------------------------------------------------------- the run
+def _check_out(out: Path, overwrite: bool) -> list[Path]:
+    """The previous prepare output to replace (empty for a new folder); refuse anything else."""
+    if not out.exists():
+        return []
+    if not out.is_dir():
+        raise DataError(f"--out {out} is a file, not a folder")
+    present = sorted(out.iterdir())
+    if not present:
+        return []
+    if not overwrite:
+        raise DataError(f"--out {out} is not empty ({len(present)} entries); pass --overwrite to replace a "
+                        "previous prepare output, or choose an empty folder")
+    foreign = [p.name for p in present if not (p.name in (MANIFEST, STAGING) or p.suffix == ".bin")]
+    if foreign:
+        raise DataError(f"--out {out} holds files prepare did not write ({', '.join(foreign[:3])}); "
+                        "--overwrite replaces only .bin shards and prepare.json")
+    return present
+
+
+def prepare(inputs, out, *, val_tokens: int = 1_000_000, shard_tokens: int = 100_000_000, workers: int = 1,
+            text_field: str = "text", prefix: str = "data", overwrite: bool = False,
+            progress: bool | None = None) -> dict:
+    """Tokenize ``inputs`` into llm.c shards in ``out``; returns the manifest (also ``out/prepare.json``)."""
+    for name, value, low in (("val_tokens", val_tokens, 0), ("shard_tokens", shard_tokens, 1), ("workers", workers, 1)):
+        if not isinstance(value, int) or value < low:
+            raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+    if not prefix or not re.fullmatch(r"[\w.-]+", prefix):
+        raise ValueError(f"prefix must be a plain file-name part, got {prefix!r}")
+    files = list_inputs(inputs)
+    out = Path(out)
+    old = _check_out(out, overwrite)
+    staging = out / STAGING
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    stats = Stats()
+    try:
+        writer = _run(files, staging, stats, val_tokens=val_tokens, shard_tokens=shard_tokens,
+                      workers=workers, text_field=text_field, prefix=prefix, progress=progress)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        if not old:
+            _rmdir_if_empty(out)
+        raise
+    for p in old:  # the new output is complete: replace the previous one
+        if p.name != STAGING:
+            p.unlink()
+    for split in ("val", "train"):
+        for name in writer.shards[split]:
+            os.replace(staging / name, out / name)
+    seconds = time.perf_counter() - stats.started
+    manifest = {
+        "format": "llm.c shards: 256 int32 header (20240520, 1, count), uint16 tokens",
+        "tokenizer": "gpt2", "eot_id": EOT_ID, "eot": "before each document",
+        "inputs": [str(p) for p in inputs], "files": stats.files, "documents": stats.docs,
+        "skipped_empty_documents": stats.skipped_empty, "bytes": stats.bytes, "tokens": writer.total,
+        "val_tokens": writer.counts["val"], "train_tokens": writer.counts["train"],
+        "val_shards": writer.shards["val"], "train_shards": writer.shards["train"],
+        "args": {"val_tokens": val_tokens, "shard_tokens": shard_tokens, "text_field": text_field,
+                 "prefix": prefix, "workers": workers},
+        "seconds": round(seconds, 3),
+    }
+    tmp = staging / MANIFEST
+    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
+    os.replace(tmp, out / MANIFEST)
+    staging.rmdir()
+    return manifest
+
+
+def _rmdir_if_empty(path: Path) -> None:
+    try:
+        path.rmdir()
+    except OSError:
+        pass
+
+
+def _run(files, staging, stats, *, val_tokens, shard_tokens, workers, text_field, prefix, progress):
+    from tqdm import tqdm
+
+    writer = ShardWriter(staging, prefix, val_tokens, shard_tokens)
+    bar = tqdm(unit=" docs", disable=(None if progress is None else not progress), file=sys.stderr,
+               desc="prepare", dynamic_ncols=True)
+    with bar:
+        batches = iter_batches(iter_pieces(files, text_field, stats))
+        for tokens, n_bytes in encoded(batches, workers):
+            writer.add(tokens)
+            stats.bytes += n_bytes
+            bar.n = stats.docs
+            elapsed = max(time.perf_counter() - stats.started, 1e-9)
+            bar.set_postfix_str(f"{writer.total:,} tokens, {stats.bytes / elapsed / 1e6:.1f} MB/s", refresh=True)
+    writer.close()
+    if writer.total == 0:
+        raise DataError(f"no text found in {len(files)} input file(s) "
+                        f"({stats.skipped_empty} empty documents skipped)")
+    if writer.counts["train"] == 0:
+        raise DataError(f"the corpus has {writer.total:,} tokens, all taken by the validation split "
+                        f"(--val-tokens {val_tokens:,}): lower --val-tokens")
+    return writer
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m gpt.data prepare", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="text files, folders, .jsonl(.gz), .parquet")
+    p.add_argument("--out", required=True, help="output folder (empty or new, unless --overwrite)")
+    p.add_argument("--val-tokens", type=int, default=1_000_000,
+                   help="tokens in the validation split, taken first (default: 1,000,000)")
+    p.add_argument("--shard-tokens", type=int, default=100_000_000,
+                   help="tokens per shard (default: 100,000,000 as llm.c; 200 MB)")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                   help="tokenizer processes (default: the CPU count)")
+    p.add_argument("--text-field", default="text", help="jsonl field / parquet column of the text (default: text)")
+    p.add_argument("--prefix", default="data", help="shard name prefix (default: data)")
+    p.add_argument("--overwrite", action="store_true", help="replace a previous prepare output in --out")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0] != "prepare":
+        print("usage: python -m gpt.data prepare INPUT... --out DIR [--val-tokens N] [--shard-tokens N] "
+              "[--workers N] (see python -m gpt.data prepare --help)", file=sys.stderr)
+        return 2
+    args = parse_args(argv[1:])
+    try:
+        m = prepare(args.inputs, args.out, val_tokens=args.val_tokens, shard_tokens=args.shard_tokens,
+                    workers=args.workers, text_field=args.text_field, prefix=args.prefix,
+                    overwrite=args.overwrite, progress=False if args.quiet else None)
+    except (DataError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: nothing written", file=sys.stderr)
+        return 130
+    mb = m["bytes"] / 1e6
+    print(f"{m['documents']:,} documents ({m['skipped_empty_documents']:,} empty skipped) from {m['files']} "
+          f"files, {mb:,.1f} MB -> {m['tokens']:,} tokens in {m['seconds']:.1f} s "
+          f"({mb / max(m['seconds'], 1e-9):,.1f} MB/s, {m['tokens'] / max(m['seconds'], 1e-9):,.0f} tokens/s)")
+    print(f"{args.out}: {len(m['val_shards'])} val shard(s), {m['val_tokens']:,} tokens; "
+          f"{len(m['train_shards'])} train shard(s), {m['train_tokens']:,} tokens")
+    return 0

@@ -5,9 +5,26 @@ from pathlib import Path
 
 import torch  # (does not import triton)
 
+
+def _triton_version() -> tuple[int, ...] | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return tuple(int(x) for x in version("triton").split("+")[0].split(".")[:2])
+    except (PackageNotFoundError, ValueError):
+        return None
+
+
+# The Triton interpreter runs these kernels from triton 3.7 (the runtime floor, for compiled kernels on
+# CUDA, is 3.6). With an older triton on CPU the interpreter cases skip, saying so, and the kernels are
+# tested on their PyTorch fallback only.
+INTERPRETER_TRITON = (3, 7)
+TRITON_VERSION = _triton_version()
+INTERPRETER_OK = TRITON_VERSION is not None and TRITON_VERSION >= INTERPRETER_TRITON
+
 # Must happen before anything imports triton (the interpreter is chosen at decoration time). On a CUDA
 # machine the kernels must run compiled: the gpu tests are about the real kernels.
-if not torch.cuda.is_available():
+if not torch.cuda.is_available() and INTERPRETER_OK:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,6 +66,9 @@ def kernel_path(request, monkeypatch):
             pytest.skip("on CUDA the kernels run compiled, once (the 'interpreter' case)")
     elif request.param == "fallback":
         monkeypatch.setenv("TRITON_INTERPRET", "0")
+    elif not INTERPRETER_OK:
+        pytest.skip(f"the Triton interpreter needs triton >= 3.7 (found {TRITON_VERSION}): "
+                    "pip install -U 'triton>=3.7' for the CPU kernel tests")
     elif not interpret_mode():
         pytest.skip("TRITON_INTERPRET is off in this session")
     return request.param

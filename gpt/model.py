@@ -22,7 +22,13 @@ import torch
 from torch import nn
 
 from kernels import (
-    GELU, CausalSelfAttention, add_layer_norm, decode_attention, flash_attention, layer_norm, linear_cross_entropy,
+    GELU,
+    CausalSelfAttention,
+    add_layer_norm,
+    decode_attention,
+    flash_attention,
+    layer_norm,
+    linear_cross_entropy,
 )
 
 from .config import GPTConfig

@@ -95,7 +95,9 @@ class GPTModel(PretrainedMixin, nn.Module):
         self.final_norm = LayerNorm(cfg.emb_dim)
         self.out_head = nn.Linear(cfg.emb_dim, cfg.vocab_size, bias=False)
 
-    def forward(self, in_idx: torch.Tensor) -> torch.Tensor:
+    def forward(self, in_idx: torch.Tensor, *, targets: torch.Tensor | None = None,
+                ignore_index: int = -100) -> torch.Tensor:
+        """Logits ``(b, T, vocab_size)``; with ``targets`` the mean token loss instead (see ``loss``)."""
         batch_size, seq_len = in_idx.shape
         if seq_len > self.cfg.context_length:
             raise ValueError(f"sequence length {seq_len} exceeds context_length {self.cfg.context_length}")
@@ -105,4 +107,19 @@ class GPTModel(PretrainedMixin, nn.Module):
         x = self.drop_emb(x)
         x = self.trf_blocks(x)
         x = self.final_norm(x)
-        return self.out_head(x)  # (b, T, vocab_size)
+        logits = self.out_head(x)  # (b, T, vocab_size)
+        if targets is not None:
+            return self._mean_loss(logits, targets, ignore_index)
+        return logits
+
+    @staticmethod
+    def _mean_loss(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int) -> torch.Tensor:
+        """The book's ``cross_entropy`` (in fp32) over the non-ignored positions; 0 if there are none."""
+        loss = nn.functional.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(),
+                                           ignore_index=ignore_index, reduction="sum")
+        return loss / (targets != ignore_index).sum().clamp(min=1)
+
+    def loss(self, idx: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+        """Mean next-token cross-entropy of ``targets (b, T)`` over the positions not equal to
+        ``ignore_index``: plain ``cross_entropy`` on the logits. Same as ``model(idx, targets=targets)``."""
+        return self(idx, targets=targets, ignore_index=ignore_index)

@@ -1,6 +1,6 @@
 """Training: the book's loss helpers (chapter 5) and one training loop shared by pretraining and the
 finetuning recipes: AdamW, warm-up + cosine schedule, gradient accumulation and clipping, autocast,
-periodic evaluation, atomic checkpoints, exact resume, Ctrl-C and NaN handling, DDP.
+periodic evaluation, atomic checkpoints, exact resume, Ctrl-C/SIGTERM and NaN handling, DDP.
 
 Exact resume: the data order is a pure function of (seed, epoch) and the learning rate a pure function of
 the step, so a checkpoint needs only the step, model, optimizer, grad scaler and RNG states; a resumed run
@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import first_non_finite, load_checkpoint, save_checkpoint
 from .generate import context_length_of, generate
 from .tokenizer import text_to_token_ids, token_ids_to_text
 
@@ -32,10 +32,22 @@ from .tokenizer import text_to_token_ids, token_ids_to_text
 # ------------------------------------------------------------------------------ the book's helpers
 def calc_loss_batch(input_batch: torch.Tensor, target_batch: torch.Tensor, model: nn.Module,
                     device) -> torch.Tensor:
-    """Mean next-token cross-entropy of one batch: logits (b, T, V) vs targets (b, T); -100 is ignored."""
+    """Mean next-token cross-entropy of one batch: logits (b, T, V) vs targets (b, T); -100 is ignored.
+
+    Models with a ``loss`` method (both GPTModels, also inside DDP / torch.compile wrappers) compute it
+    as ``model(idx, targets=...)``: the fused model then never materializes the logits."""
     input_batch, target_batch = input_batch.to(device), target_batch.to(device)
+    if _has_loss(model):
+        return model(input_batch, targets=target_batch)
     logits = model(input_batch)
     return nn.functional.cross_entropy(logits.flatten(0, 1).float(), target_batch.flatten())
+
+
+def _has_loss(model: nn.Module) -> bool:
+    """Whether the model under any DDP (``.module``) / torch.compile (``._orig_mod``) wrappers has ``loss``."""
+    for _ in range(4):
+        model = getattr(model, "module", None) or getattr(model, "_orig_mod", None) or model
+    return callable(getattr(model, "loss", None))
 
 
 @torch.no_grad()
@@ -156,7 +168,15 @@ def _mean_across_ranks(value: float, d: Dist, device) -> float:
 
 # ----------------------------------------------------------------------------------- training loop
 class TrainingDiverged(RuntimeError):
-    """The loss became NaN or infinite."""
+    """The loss, the gradient norm or the weights became NaN or infinite."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM stopped the run after saving; ``exit_code`` is 128 + the signal number."""
+
+    def __init__(self, message: str, exit_code: int = 130):
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 @dataclass
@@ -183,31 +203,40 @@ class LoopConfig:
     dtype: str = "fp32"
     eval_every: int = 100
     save_every: int = 100
+    save_every_minutes: float | None = None  # also save when this much time passed since the last save
     seed: int = 123
     desc: str = "train"
 
 
 class _StopFlag:
-    """First Ctrl-C: finish the current step, save, stop. Second Ctrl-C: stop at once."""
+    """First Ctrl-C or SIGTERM (what SLURM and Kubernetes send before killing a job): finish the current
+    step, save, stop. A second one: stop at once."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self):
-        self.requested = False
-        self._old = None
+        self.signum: int | None = None
+        self._old: dict = {}
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
 
     def __enter__(self):
         if threading_main():
-            self._old = signal.signal(signal.SIGINT, self._handle)
+            self._old = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
         return self
 
-    def _handle(self, *_):
+    def _handle(self, signum, _frame):
         if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-        print("\nCtrl-C: stopping after this step (press again to abort at once)", file=sys.stderr)
+            raise Interrupted("interrupted twice: stopped at once", 128 + signum)
+        self.signum = signum
+        name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+        print(f"\n{name}: stopping after this step (send it again to abort at once)", file=sys.stderr)
 
     def __exit__(self, *exc):
-        if self._old is not None:
-            signal.signal(signal.SIGINT, self._old)
+        for s, old in self._old.items():
+            signal.signal(s, old)
 
 
 def threading_main() -> bool:
@@ -257,11 +286,17 @@ def plot_losses(out: Path) -> None:
     os.replace(tmp, out / "loss.png")
 
 
+def last_good(out: Path) -> str:
+    path = out / "ckpt-last.pt"
+    return f"the last good checkpoint is {path}" if path.is_file() else "no checkpoint was written yet"
+
+
 def train(model: nn.Module, spec: TrainSpec, cfg: LoopConfig, out: Path, device: torch.device, *,
           resume: bool = False, d: Dist | None = None, compile: bool = False, log=print) -> dict:
     """Run the loop up to ``cfg.steps`` optimizer steps; returns the last evaluation's metrics.
 
-    ``out`` receives ``ckpt-last.pt`` (every ``save_every`` steps, at the end and on Ctrl-C),
+    ``out`` receives ``ckpt-last.pt`` (every ``save_every`` steps or ``save_every_minutes``, at the end and
+    on Ctrl-C/SIGTERM, never with non-finite values: the run stops instead),
     ``ckpt-best.pt`` (best ``val_loss``), ``metrics.jsonl`` and ``loss.png`` (rank 0 only).
     """
     from tqdm import tqdm
@@ -292,11 +327,26 @@ def train(model: nn.Module, spec: TrainSpec, cfg: LoopConfig, out: Path, device:
                          f"batch of {sampler.global_batch}: use more data or a smaller --batch-size")
     amp = autocast_context(cfg.dtype, device)
 
+    last_save = time.monotonic()
+
     def checkpoint(step: int, name: str = "ckpt-last.pt", with_optimizer: bool = True):
+        nonlocal last_save
+        bad = first_non_finite(model, optimizer if with_optimizer else None)  # every rank: they stop alike
+        if bad is not None:
+            raise TrainingDiverged(f"{bad} became non-finite by step {step}; not saved ({last_good(out)})")
         if d.main:
             extra = {**spec.extra, "best_val": best_val, "scaler": scaler.state_dict() if scaler.is_enabled() else None}
             save_checkpoint(out / name, model, optimizer=optimizer if with_optimizer else None, step=step,
                             extra=extra)
+        if name == "ckpt-last.pt":
+            last_save = time.monotonic()
+
+    def stopping() -> bool:  # under DDP a signal on any rank stops every rank at the same step
+        if d.world == 1:
+            return stop.requested
+        flag = torch.tensor([float(stop.requested)], device=device)
+        dist.all_reduce(flag)
+        return flag.item() > 0
 
     metrics = open(metrics_path, "a") if d.main else None
     last_eval: dict = {}
@@ -307,7 +357,11 @@ def train(model: nn.Module, spec: TrainSpec, cfg: LoopConfig, out: Path, device:
     model.train()
     try:
         with _StopFlag() as stop:
-            while step < cfg.steps and not stop.requested:
+            interrupted = False
+            while step < cfg.steps:
+                if stopping():
+                    interrupted = True
+                    break
                 lr = lr_at(step, cfg.steps, cfg.lr, cfg.warmup)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
@@ -324,16 +378,20 @@ def train(model: nn.Module, spec: TrainSpec, cfg: LoopConfig, out: Path, device:
                 loss_val = _mean_across_ranks(loss_sum, d, device)
                 if not math.isfinite(loss_val):
                     raise TrainingDiverged(f"loss is {loss_val} at step {step + 1}; stopped without saving it "
-                                           f"(the last good checkpoint is {out / 'ckpt-last.pt'})")
-                if cfg.clip > 0:
-                    scaler.unscale_(optimizer)
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
+                                           f"({last_good(out)})")
+                scaler.unscale_(optimizer)  # (a no-op without fp16's grad scaler)
+                grad_norm = torch.nn.utils.clip_grad_norm_(
+                    model.parameters(), cfg.clip if cfg.clip > 0 else float("inf")).item()
+                if not math.isfinite(grad_norm) and not scaler.is_enabled():  # fp16: the scaler skips the step
+                    raise TrainingDiverged(f"gradient norm is {grad_norm} at step {step + 1} (loss {loss_val:.4g}); "
+                                           f"stopped before applying it ({last_good(out)})")
                 scaler.step(optimizer)
                 scaler.update()
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
                 now = time.perf_counter()
                 row = {"step": step, "train_loss": round(loss_val, 6), "lr": lr,
+                       "grad_norm": round(grad_norm, 4) if math.isfinite(grad_norm) else None,
                        "tokens_per_s": round(tokens / max(now - t_last, 1e-9), 1)}
                 t_last, tokens = now, 0
                 bar.update(1)
@@ -355,13 +413,17 @@ def train(model: nn.Module, spec: TrainSpec, cfg: LoopConfig, out: Path, device:
                 if metrics is not None:
                     metrics.write(json.dumps(row) + "\n")
                     metrics.flush()
-                if step % cfg.save_every == 0 or step == cfg.steps:
+                due = step % cfg.save_every == 0 or step == cfg.steps
+                if cfg.save_every_minutes is not None and d.main:  # only rank 0 writes: no need to agree
+                    due = due or time.monotonic() - last_save >= cfg.save_every_minutes * 60
+                if due:
                     checkpoint(step)
                     if d.main:
                         plot_losses(out)
-            if stop.requested and step < cfg.steps:
+            if interrupted:
                 checkpoint(step)
-                raise KeyboardInterrupt(f"interrupted at step {step}; continue with --resume")
+                raise Interrupted(f"interrupted at step {step}; saved {out / 'ckpt-last.pt'}, continue with "
+                                  "--resume", 128 + (stop.signum or signal.SIGINT))
     finally:
         bar.close()
         if metrics is not None:

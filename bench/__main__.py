@@ -2,13 +2,14 @@
 
     python -m bench                        # every benchmark (CUDA: the full sweep, bf16)
     python -m bench --quick                # fewer shapes, steps and configurations
-    python -m bench --only kernels         # kernels | layernorm_gelu | attention | train | generate;
+    python -m bench --only kernels         # kernels | layernorm_gelu | attention | train | generate | prepare | hf;
     python -m bench --only train,generate  #   repeatable or a comma list ("kernels" = the two kernel benches)
     python -m bench --out DIR              # where to write (see below); --no-save prints only
 
 Benchmarks: ``bench.layernorm_gelu`` (LayerNorm, add+LayerNorm, GELU; GB/s), ``bench.attention``
 (causal flash attention fwd/bwd vs every SDPA backend and the book's attention, TFLOP/s; decode
-attention vs SDPA, µs and GB/s), ``bench.model`` (GPT-2 training step and generation, tokens/s).
+attention vs SDPA, µs and GB/s), ``bench.model`` (GPT-2 training step and generation, tokens/s), ``bench.prepare`` (corpus preparation
+tokens/s and MB/s vs a plain tiktoken loop; a CPU benchmark, real on any machine).
 Every row records ours, each baseline, the speed-ups, the achieved TFLOP/s or GB/s and its fraction of
 the ceiling measured at the start of the same run (copy bandwidth, bf16 matmul); the header records
 device, driver, torch and triton versions. The DESIGN.md targets are checked at the end.
@@ -33,12 +34,13 @@ import torch
 
 from bench.common import RESULTS_DIR, device_slug, env_info, measure_ceilings
 
-PARTS = ["layernorm_gelu", "attention", "train", "generate"]
+PARTS = ["layernorm_gelu", "attention", "train", "generate", "prepare", "hf"]
 ALIASES = {"kernels": ["layernorm_gelu", "attention"]}
 CPU_OUT = Path(__file__).resolve().parents[1] / "out" / "bench"
 CPU_NOTE = ("CPU smoke run: no CUDA device, so every benchmark ran tiny shapes on the PyTorch fallback "
             "path (the Triton interpreter when TRITON_INTERPRET=1), without torch.compile or the CUDA-only "
-            "SDPA backends. These numbers check that the suite runs; they are not performance results.")
+            "SDPA backends. These numbers check that the suite runs; they are not performance results (except "
+            "`prepare`, a CPU benchmark of corpus preparation).")
 
 
 def parse_only(values: list[str] | None) -> list[str]:
@@ -65,6 +67,14 @@ def run_part(part: str, *, quick: bool, device: str, ceilings: dict, use_compile
         from bench import attention
 
         return attention.run(quick, device=device, ceilings=ceilings, use_compile=use_compile)
+    if part == "prepare":
+        from bench import prepare
+
+        return prepare.run(quick)
+    if part == "hf":
+        from bench import hf
+
+        return hf.run(quick, device=device, ceilings=ceilings, use_compile=use_compile)
     from bench import model
 
     if part == "train":
@@ -79,7 +89,7 @@ def main(argv=None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer shapes, steps and configurations")
     parser.add_argument("--only", action="append", metavar="NAMES",
-                        help="kernels, layernorm_gelu, attention, train, generate (repeatable or comma list)")
+                        help="kernels, layernorm_gelu, attention, train, generate, prepare, hf (repeatable or comma list)")
     parser.add_argument("--out", type=Path, default=None,
                         help="output folder (default: bench/results on CUDA, out/bench on CPU)")
     parser.add_argument("--no-save", action="store_true", help="print the tables, write nothing")

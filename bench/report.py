@@ -81,6 +81,12 @@ BENCH_NOTES = {
     "train": "tokens/s of a full optimizer step (forward, backward, AdamW); TFLOP/s = 6·N + 12·L·d·T "
              "FLOPs per token (the nanoGPT/PaLM estimate); % ceiling is MFU against the bf16 matmul "
              "TFLOP/s measured in this run.",
+    "prepare": "tokens/s of `python -m gpt.data prepare` end to end (read jsonl, tokenize in N worker "
+               "processes, write shards; process start-up included) vs a plain single-process tiktoken loop; "
+               "`per worker` rows divide by N; MB/s of input text. A CPU benchmark: real on any machine.",
+    "hf": "transformers GPT2LMHeadModel (random weights): tokens/s of a training step and of greedy generate "
+          "(batch 1, prefill included); ours = our attention as attn_implementation + replace_modules "
+          "(LayerNorm, GELU); baselines: our attention alone, transformers' sdpa and eager.",
     "generate": "tokens/s including the prefill (batch × new tokens / wall time); GB/s counts reading "
                 "the weights plus the average KV cache once per decode step; % ceiling is over the copy "
                 "bandwidth measured in this run.",

@@ -29,8 +29,10 @@ reproducible for the same model (weights, dtype, device, kernel path), prompts (
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator, Sequence
 from numbers import Integral
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -161,7 +163,8 @@ class _RecomputedLogits:
 
 def iter_batch(model, prompts, max_new_tokens: int, *, temperature: float = 0.0, top_k: int | None = None,
                top_p: float | None = None, eos_id: int | None = None, generator: torch.Generator | None = None,
-               batch_size: int | None = None, cuda_graph: bool | None = None) -> Iterator[tuple[int, list[int]]]:
+               batch_size: int | None = None, use_cache: bool = True,
+               cuda_graph: bool | None = None) -> Iterator[tuple[int, list[int]]]:
     """``generate_batch`` one prompt at a time: yields ``(prompt index, new token ids)`` as each row
     finishes (finishing order). Bad arguments raise here, before any generation."""
     vocab = _vocab_size(model)
@@ -179,12 +182,12 @@ def iter_batch(model, prompts, max_new_tokens: int, *, temperature: float = 0.0,
         raise ValueError(f"cuda_graph=True needs a CUDA model, got a model on {device}")
     B = max(1, min(len(prompts), batch_size or DEFAULT_BATCH_SIZE))
     return _iter_batch(model, prompts, int(max_new_tokens), B, device, temperature, top_k, top_p, eos_id,
-                       generator, cuda_graph)
+                       generator, use_cache, cuda_graph)
 
 
 @torch.no_grad()
 def _iter_batch(model, prompts, max_new_tokens, B, device, temperature, top_k, top_p, eos_id, generator,
-                cuda_graph):
+                use_cache, cuda_graph):
     if max_new_tokens == 0:
         yield from ((i, []) for i in range(len(prompts)))
         return
@@ -192,7 +195,7 @@ def _iter_batch(model, prompts, max_new_tokens, B, device, temperature, top_k, t
     if was_training is not None:
         model.eval()
     try:
-        if supports_kv_cache(model):
+        if use_cache and supports_kv_cache(model):
             ctx = model.cfg.context_length
             max_len = min(ctx, max(len(p) for p in prompts) + max_new_tokens)  # longest position + 1
             graph = device.type == "cuda" if cuda_graph is None else cuda_graph
@@ -227,7 +230,8 @@ def _iter_batch(model, prompts, max_new_tokens, B, device, temperature, top_k, t
 
 def generate_batch(model, prompts, max_new_tokens: int, *, temperature: float = 0.0, top_k: int | None = None,
                    top_p: float | None = None, eos_id: int | None = None, generator: torch.Generator | None = None,
-                   batch_size: int | None = None, cuda_graph: bool | None = None) -> list[list[int]]:
+                   batch_size: int | None = None, use_cache: bool = True,
+                   cuda_graph: bool | None = None) -> list[list[int]]:
     """New token ids for every prompt in ``prompts`` (lists of ints or 1-D tensors, any lengths), in
     prompt order. Each row stops at its own ``eos_id`` (not included) or after ``max_new_tokens``.
 
@@ -235,11 +239,92 @@ def generate_batch(model, prompts, max_new_tokens: int, *, temperature: float = 
     next prompt. Temperature 0 is greedy: every row equals ``generate`` on that prompt alone. Sampled
     tokens are reproducible for the same model, prompts, settings, ``batch_size`` and generator state
     (the module docstring lists what they depend on). ``cuda_graph``: replay the fused model's decode
-    step from a CUDA graph (default: on for CUDA models).
+    step from a CUDA graph (default: on for CUDA models). ``use_cache=False`` takes the recompute path
+    on every model.
     """
     it = iter_batch(model, prompts, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                    eos_id=eos_id, generator=generator, batch_size=batch_size, cuda_graph=cuda_graph)
+                    eos_id=eos_id, generator=generator, batch_size=batch_size, use_cache=use_cache,
+                    cuda_graph=cuda_graph)
     out: list[list[int] | None] = [None] * len(prompts)  # (validated: a sequence or a 2-D tensor)
     for i, ids in it:
         out[i] = ids
     return out
+
+
+# ------------------------------------------------------------------------- CLI (python -m gpt.generate)
+def read_prompts(path: Path, out: Path) -> list[dict]:
+    """Records ``{"prompt": text, ...}`` from ``path``: ``.jsonl`` objects with a string ``prompt`` field
+    (other fields are kept), or one prompt per line (blank lines skipped). ValueError on anything else,
+    and when ``out`` would overwrite ``path`` or cannot be written."""
+    if not path.is_file():
+        raise ValueError(f"--prompts-file {path}: no such file")
+    if out.resolve() == path.resolve():
+        raise ValueError("--out must not be the --prompts-file (it would be overwritten)")
+    if not out.parent.is_dir():
+        raise ValueError(f"--out {out}: folder {out.parent} does not exist")
+    if out.is_dir():
+        raise ValueError(f"--out {out} is a folder")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"--prompts-file {path}: cannot read it as UTF-8 text ({e})") from None
+    records = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        if path.suffix != ".jsonl":
+            records.append({"prompt": line})
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+        if not isinstance(rec, dict) or not isinstance(rec.get("prompt"), str) or not rec["prompt"].strip():
+            raise ValueError(f"{path}:{n}: expected a JSON object with a non-empty string 'prompt' field")
+        records.append(rec)
+    if not records:
+        raise ValueError(f"--prompts-file {path} holds no prompts")
+    return records
+
+
+def cli_batch(model, tok, records: list[dict], args, generator, device) -> int:
+    """Generate for every record with a progress bar, write ``args.out`` (jsonl: the record plus
+    ``completion``) atomically, report tokens/s on stderr."""
+    import os
+    import sys
+    import time
+
+    from tqdm import tqdm
+
+    from .tokenizer import ENDOFTEXT
+
+    ids = [tok.encode(r["prompt"], allowed_special={ENDOFTEXT}) for r in records]
+    it = iter_batch(model, ids, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                    top_p=args.top_p, eos_id=50256, generator=generator, batch_size=args.batch_size,
+                    use_cache=not args.no_cache)
+    news: list[list[int] | None] = [None] * len(ids)
+    n_tokens, start = 0, time.perf_counter()
+    with tqdm(total=len(ids), unit="prompt", file=sys.stderr, dynamic_ncols=True) as bar:
+        for i, new in it:
+            news[i] = new
+            n_tokens += len(new)
+            bar.set_postfix_str(f"{n_tokens / max(time.perf_counter() - start, 1e-9):.1f} tokens/s", refresh=False)
+            bar.update(1)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    elapsed = time.perf_counter() - start
+    tmp = args.out.with_name(f".{args.out.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            for rec, new in zip(records, news):
+                f.write(json.dumps({**rec, "completion": tok.decode(new)}, ensure_ascii=False) + "\n")
+        os.replace(tmp, args.out)
+    except OSError as e:
+        raise ValueError(f"--out {args.out}: cannot write it ({e})") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+    cache = "KV cache" if supports_kv_cache(model) and not args.no_cache else "no cache"
+    B = min(len(ids), args.batch_size or DEFAULT_BATCH_SIZE)
+    print(f"[{len(ids)} prompts, {n_tokens} tokens in {elapsed:.2f} s: {n_tokens / max(elapsed, 1e-9):.1f} "
+          f"tokens/s, batch {B}, {cache}, {device}] wrote {args.out}", file=sys.stderr)
+    return 0

@@ -243,14 +243,39 @@ def _load_model(source: str, backend: str | None, device):
     return GPTModel.from_pretrained(source, device=device)
 
 
+def _check_cli_args(args) -> None:
+    """The numeric flags, before anything is loaded: ValueError naming the flag."""
+    if args.max_new_tokens < 0:
+        raise ValueError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
+    t = args.temperature
+    if not (t == 0.0 or MIN_TEMPERATURE <= t < float("inf")):
+        raise ValueError(f"--temperature must be 0 (greedy) or a finite number >= {MIN_TEMPERATURE:.3g}, got {t}")
+    if args.top_k is not None and args.top_k <= 0:
+        raise ValueError(f"--top-k must be a positive int, got {args.top_k}")
+    if args.top_p is not None and not 0.0 < args.top_p <= 1.0:
+        raise ValueError(f"--top-p must be in (0, 1], got {args.top_p}")
+    if args.batch_size is not None and args.batch_size <= 0:
+        raise ValueError(f"--batch-size must be a positive int, got {args.batch_size}")
+    if args.prompts_file is None and (args.out is not None or args.batch_size is not None):
+        raise ValueError("--out and --batch-size go with --prompts-file")
+    if args.prompts_file is not None and args.out is None:
+        raise ValueError("--prompts-file needs --out FILE.jsonl")
+
+
 def main(argv=None) -> int:
     import argparse
     import sys
     import time
+    from pathlib import Path
 
     p = argparse.ArgumentParser(prog="python -m gpt.generate", description="Generate text with a GPT-2.")
     p.add_argument("--init", required=True, help="weights: HF folder, .safetensors, checkpoint, run folder, model name")
-    p.add_argument("--prompt", required=True)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="one prompt: the text streams to stdout")
+    src.add_argument("--prompts-file", type=Path, default=None,
+                     help="many prompts: one per line (blank lines skipped), or .jsonl with a 'prompt' field")
+    p.add_argument("--out", type=Path, default=None, help="with --prompts-file: the output .jsonl (prompt, completion)")
+    p.add_argument("--batch-size", type=int, default=None, help="with --prompts-file: rows generated at once (default 32)")
     p.add_argument("--max-new-tokens", type=int, default=100)
     p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
     p.add_argument("--top-k", type=int, default=None)
@@ -266,13 +291,20 @@ def main(argv=None) -> int:
     from .weights import WeightsError
 
     try:
-        if not args.prompt.strip():
+        _check_cli_args(args)
+        if args.prompts_file is not None:
+            from .batch_generate import cli_batch, read_prompts
+
+            records = read_prompts(args.prompts_file, args.out)
+        elif not args.prompt.strip():
             raise ValueError("--prompt is empty")
         device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         tok = get_tokenizer()
         model = _load_model(args.init, args.backend, device)
-        idx = text_to_token_ids(args.prompt, tok).to(device)
         gen = torch.Generator(device=device).manual_seed(args.seed) if args.seed is not None else None
+        if args.prompts_file is not None:
+            return cli_batch(model, tok, records, args, gen, device)
+        idx = text_to_token_ids(args.prompt, tok).to(device)
         tokens = stream(model, idx, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                         top_p=args.top_p, eos_id=50256, use_cache=not args.no_cache, generator=gen)
         sys.stdout.write(args.prompt)
@@ -287,6 +319,8 @@ def main(argv=None) -> int:
                 sys.stdout.write(text[printed:])
                 sys.stdout.flush()
                 printed = len(text)
+        sys.stdout.write(tok.decode(new_ids)[printed:] + "\n")  # what was held back, and end the line
+        sys.stdout.flush()
         if device.type == "cuda":
             torch.cuda.synchronize()
         elapsed = time.perf_counter() - start
@@ -294,7 +328,7 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     n = len(new_ids)
-    print(f"\n\n[{n} tokens in {elapsed:.2f} s: {n / max(elapsed, 1e-9):.1f} tokens/s, "
+    print(f"\n[{n} tokens in {elapsed:.2f} s: {n / max(elapsed, 1e-9):.1f} tokens/s, "
           f"{'KV cache' if supports_kv_cache(model) and not args.no_cache else 'no cache'}, {device}]", file=sys.stderr)
     return 0
 

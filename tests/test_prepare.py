@@ -286,3 +286,15 @@ def test_cli_entry_point(tmp_path):
     assert "1 documents" in r.stdout and "1 val shard(s), 10 tokens" in r.stdout
     assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["data_train_000000.bin",
                                                                   "data_val_000000.bin", "prepare.json"]
+
+
+def test_bench_prepare_rows():
+    """bench/prepare.py runs (tiny corpus): rows for all workers and per worker, the streams checked equal."""
+    from bench import prepare as B
+
+    rows = B.run(True, mb=0.1, workers=[1, 2])
+    assert [r["name"] for r in rows] == ["prepare --workers 1", "prepare --workers 1, per worker",
+                                         "prepare --workers 2", "prepare --workers 2, per worker"]
+    assert all(r["unit"] == "tokens/s" and r["ours"] > 0 and r["achieved"] > 0 for r in rows)
+    assert rows[3]["ours"] == pytest.approx(rows[2]["ours"] / 2)
+    assert rows[0]["params"]["tokens"] > 20_000 and rows[0]["baselines"]["tiktoken loop"] > 0

@@ -149,22 +149,35 @@ def steps_for(args, n_items: int, world: int, default_epochs: float | None) -> i
 
 # ---------------------------------------------------------------------------------------- recipes
 def pretrain_spec(args, model, cfg, tokenizer, device):
-    from gpt.data import TokenWindowDataset, default_corpus, load_tokens, train_val_split
+    from gpt.data import (
+        ShardWindowDataset,
+        TokenWindowDataset,
+        default_corpus,
+        load_tokens,
+        split_shards,
+        train_val_split,
+    )
     from gpt.training import TrainSpec, calc_loss_batch, generate_sample, perplexity
 
-    if args.data:
-        tokens, source = load_tokens(args.data, tokenizer), " ".join(args.data)
-    else:
-        import numpy as np
-
-        tokens = np.asarray(tokenizer.encode(default_corpus(), allowed_special={"<|endoftext|>"}), dtype=np.int64)
-        source = "embedded corpus (CPython pydoc topics)"
     ctx = args.context_length or cfg.context_length
     if ctx > cfg.context_length:
         raise ValueError(f"--context-length {ctx} exceeds the model's context_length {cfg.context_length}")
-    train_tokens, val_tokens = train_val_split(tokens, 0.9)
-    train_ds = TokenWindowDataset(train_tokens, ctx, ctx)
-    val_ds = TokenWindowDataset(val_tokens, ctx, ctx)
+    shards = split_shards(args.data) if args.data else None
+    if shards:  # a `python -m gpt.data prepare` folder: memory-mapped *train* / *val* shards
+        train_ds, val_ds = (ShardWindowDataset(files, ctx, ctx) for files in shards)
+        n_train, n_val, source = train_ds.n_tokens, val_ds.n_tokens, f"{args.data[0]} (prepared shards)"
+    else:
+        if args.data:
+            tokens, source = load_tokens(args.data, tokenizer), " ".join(args.data)
+        else:
+            import numpy as np
+
+            tokens = np.asarray(tokenizer.encode(default_corpus(), allowed_special={"<|endoftext|>"}), dtype=np.int64)
+            source = "embedded corpus (CPython pydoc topics)"
+        train_tokens, val_tokens = train_val_split(tokens, 0.9)
+        train_ds = TokenWindowDataset(train_tokens, ctx, ctx)
+        val_ds = TokenWindowDataset(val_tokens, ctx, ctx)
+        n_train, n_val = len(train_tokens), len(val_tokens)
     prompt = args.prompt or ("The function" if not args.data else "Every effort moves you")
 
     def evaluate(m):
@@ -186,7 +199,7 @@ def pretrain_spec(args, model, cfg, tokenizer, device):
                                          top_k=40, generator=torch.Generator(device).manual_seed(args.seed)),
         extra={"task": "pretrain"},
     )
-    info = f"data: {source}: {len(train_tokens):,} train / {len(val_tokens):,} val tokens, context {ctx}"
+    info = f"data: {source}: {n_train:,} train / {n_val:,} val tokens, context {ctx}"
     return spec, info, None
 
 

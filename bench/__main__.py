@@ -12,7 +12,7 @@ attention vs SDPA, µs and GB/s), ``bench.model`` (GPT-2 training step and gener
 tokens/s and MB/s vs a plain tiktoken loop; a CPU benchmark, real on any machine).
 Every row records ours, each baseline, the speed-ups, the achieved TFLOP/s or GB/s and its fraction of
 the ceiling measured at the start of the same run (copy bandwidth, bf16 matmul); the header records
-device, driver, torch and triton versions. The DESIGN.md targets are checked at the end.
+device, driver, torch and triton versions. The docs/design.md targets are checked at the end.
 
 Output: ``<date>-<device-slug>[-quick][-<parts>].json`` with all rows, a Markdown ``.md`` with the
 tables and the target check, and PNG plots (attention speed-up vs T, decode latency vs context,

@@ -8,7 +8,7 @@ Training (``run_train``): tokens/s of a whole optimizer step (bf16 autocast forw
 AdamW; dropout 0) of ``gpt.GPTModel`` (ours, eager and ``torch.compile``d) vs the book reference
 ``gpt.reference.GPTModel`` eager, its ``torch.compile`` and the ``torch.compile`` of the reference with
 its attention core replaced by ``F.scaled_dot_product_attention`` (the "compiled reference with SDPA"
-baseline of DESIGN.md). Steps are timed one by one with a device sync, warm-up (compilation,
+baseline of docs/design.md). Steps are timed one by one with a device sync, warm-up (compilation,
 autotuning) excluded, rotating three random batches; median with p20/p80. TFLOP/s uses the
 nanoGPT/PaLM estimate 6·N + 12·L·d·T FLOPs per token (N = parameters without the embeddings);
 ``% ceiling`` is that over the bf16 matmul throughput measured in the same run (an MFU against the

@@ -116,7 +116,7 @@ def markdown(payload: dict) -> str:
             lines += [BENCH_NOTES[bench], ""]
         lines.append(format_table(flat, columns))
     if payload.get("targets"):
-        lines += ["", "## DESIGN.md targets", "",
+        lines += ["", "## docs/design.md targets", "",
                   "The binding (worst, or best available for the end-to-end ones) measured value per target.",
                   "", targets_markdown(payload["targets"])]
     errors = payload.get("errors", {})
@@ -250,7 +250,7 @@ def write(payload: dict, out_dir: Path, stem: str, *, with_plots: bool = True) -
 
 
 # ---------------------------------------------------------------------------------------------------
-# DESIGN.md performance targets, checked on the rows of one run
+# docs/design.md performance targets, checked on the rows of one run
 # ---------------------------------------------------------------------------------------------------
 
 GPT2_WIDTHS = (768, 1024, 1280, 1600)
@@ -274,7 +274,7 @@ def _best(rows: list[dict], value) -> tuple[float | None, str]:
 
 
 def check_targets(rows: list[dict], *, cuda: bool) -> list[dict]:
-    """Each DESIGN.md target with the measured binding value and whether it is met (None: not measured).
+    """Each docs/design.md target with the measured binding value and whether it is met (None: not measured).
 
     GPU targets are reported as not applicable on a CPU run; the CPU target only on a CPU run.
     """

@@ -1,6 +1,6 @@
 """Hand-written Triton kernels for GPT-2, importable on their own (no import of ``gpt``).
 
-Public API (DESIGN.md): ``flash_attention``, ``decode_attention``, ``layer_norm``, ``add_layer_norm``,
+Public API (docs/design.md): ``flash_attention``, ``decode_attention``, ``layer_norm``, ``add_layer_norm``,
 ``gelu``, ``linear_cross_entropy`` and the drop-in modules ``LayerNorm``, ``GELU``, ``CausalSelfAttention``;
 ``register_hf_attention`` and ``replace_modules`` put them into other models (transformers imported lazily).
 """

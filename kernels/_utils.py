@@ -1,6 +1,6 @@
 """Launch settings, dispatch helpers and input validation shared by every kernel family.
 
-Dispatch rule (DESIGN.md): CUDA tensors run the Triton kernel; CPU tensors run the Triton kernel under
+Dispatch rule (docs/design.md): CUDA tensors run the Triton kernel; CPU tensors run the Triton kernel under
 the interpreter when ``TRITON_INTERPRET=1`` (set before ``import triton``; that is how CI tests the
 kernels), otherwise the pure-PyTorch fallback in ``kernels/reference.py``.
 """

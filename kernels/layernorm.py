@@ -8,7 +8,7 @@ differentiable in every tensor input; dW/dB are reduced deterministically (no at
 File order: ``@triton.jit`` kernels -> launchers -> op registration / autograd -> functional API ->
 ``nn.Module``.
 
-Dispatch and registration (DESIGN.md). Each op is a ``torch.library.triton_op`` in the ``gpt_kernels``
+Dispatch and registration (docs/design.md). Each op is a ``torch.library.triton_op`` in the ``gpt_kernels``
 namespace, so ``torch.compile(fullgraph=True)`` sees through it to the Triton kernels on CUDA:
 
 * the triton_op body (also its fake kernel and the body torch.compile decomposes into) launches the

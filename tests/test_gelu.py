@@ -16,7 +16,7 @@ from tests.utils import assert_verbose_allclose
 gelu_mod = importlib.import_module("kernels.gelu")
 
 SHAPES = [(3, 7, 1000), (1, 768), (37, 129), (1,)]
-DTYPES = [(torch.float32, 1e-5, 1e-5), (torch.float16, 1e-3, 2e-3)]  # fp32: DESIGN.md's 1e-5
+DTYPES = [(torch.float32, 1e-5, 1e-5), (torch.float16, 1e-3, 2e-3)]  # fp32: docs/design.md's 1e-5
 APPROX = ["tanh", "none"]
 
 

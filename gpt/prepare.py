@@ -406,7 +406,7 @@ def _run(files, staging, stats, *, val_tokens, shard_tokens, workers, text_field
             stats.bytes += n_bytes
             bar.n = stats.docs
             elapsed = max(time.perf_counter() - stats.started, 1e-9)
-            bar.set_postfix_str(f"{writer.total:,} tokens, {stats.bytes / elapsed / 1e6:.1f} MB/s", refresh=True)
+            bar.set_postfix_str(f"{writer.total:,} tokens, {stats.bytes / elapsed / 1e6:.2f} MB/s", refresh=True)
     writer.close()
     if writer.total == 0:
         raise DataError(f"no text found in {len(files)} input file(s) "

@@ -298,3 +298,50 @@ def test_bench_prepare_rows():
     assert all(r["unit"] == "tokens/s" and r["ours"] > 0 and r["achieved"] > 0 for r in rows)
     assert rows[3]["ours"] == pytest.approx(rows[2]["ours"] / 2)
     assert rows[0]["params"]["tokens"] > 20_000 and rows[0]["baselines"]["tiktoken loop"] > 0
+
+
+def test_reading_stays_bounded_ahead_of_tokenizing():
+    """Workers never pull the whole corpus: over an endless stream of batches, results come back in
+    order while at most two batches per worker are read ahead (Pool.imap would read forever)."""
+    import itertools
+
+    pulled = []
+
+    def endless():
+        for i in itertools.count():
+            pulled.append(i)
+            yield [(f"document {i}", True)]
+
+    out = itertools.islice(P.encoded(endless(), workers=2), 6)
+    enc = get_tokenizer()
+    for i, (tokens, n_bytes) in enumerate(out):
+        assert tokens.tolist() == [EOT, *enc.encode_ordinary(f"document {i}")] and n_bytes == len(f"document {i}")
+        assert len(pulled) <= i + 1 + P.IN_FLIGHT_PER_WORKER * 2
+
+
+@pytest.mark.slow
+def test_killed_prepare_leaves_no_shard_looking_complete(tmp_path):
+    """SIGKILL in the middle of a run: DIR holds no .bin and no prepare.json (only .partial/), train.py
+    refuses it, and --overwrite then succeeds."""
+    import signal
+    import time
+
+    src = tmp_path / "big.txt"
+    src.write_text(long_doc(5, 200_000))
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "gpt.data", "prepare", str(src), "--out", str(out), "--val-tokens", "1000",
+           "--shard-tokens", "20000", "--workers", "2"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and len(list((out / ".partial").glob("*.bin"))) < 3:
+            time.sleep(0.05)
+        assert len(list((out / ".partial").glob("*.bin"))) >= 3, "prepare wrote no shard in time"
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert not list(out.glob("*.bin")) and not (out / "prepare.json").exists()
+    assert D.split_shards([out]) is None
+    r = subprocess.run([*cmd, "--overwrite"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert D.split_shards([out]) and not (out / ".partial").exists()

@@ -2,13 +2,14 @@
 
     python -m bench                        # every benchmark (CUDA: the full sweep, bf16)
     python -m bench --quick                # fewer shapes, steps and configurations
-    python -m bench --only kernels         # kernels | layernorm_gelu | attention | train | generate | prepare | hf;
+    python -m bench --only kernels         # kernels | layernorm_gelu | attention | loss | train | generate | prepare | hf;
     python -m bench --only train,generate  #   repeatable or a comma list ("kernels" = the two kernel benches)
     python -m bench --out DIR              # where to write (see below); --no-save prints only
 
 Benchmarks: ``bench.layernorm_gelu`` (LayerNorm, add+LayerNorm, GELU; GB/s), ``bench.attention``
 (causal flash attention fwd/bwd vs every SDPA backend and the book's attention, TFLOP/s; decode
-attention vs SDPA, µs and GB/s), ``bench.model`` (GPT-2 training step and generation, tokens/s), ``bench.prepare`` (corpus preparation
+attention vs SDPA, µs and GB/s), ``bench.loss`` (fused linear + cross-entropy vs the eager/compiled/Liger
+head + loss, ms and peak MiB; GPT-2 training step with and without it at the largest batch that fits), ``bench.model`` (GPT-2 training step and generation, tokens/s), ``bench.prepare`` (corpus preparation
 tokens/s and MB/s vs a plain tiktoken loop; a CPU benchmark, real on any machine).
 Every row records ours, each baseline, the speed-ups, the achieved TFLOP/s or GB/s and its fraction of
 the ceiling measured at the start of the same run (copy bandwidth, bf16 matmul); the header records
@@ -34,7 +35,7 @@ import torch
 
 from bench.common import RESULTS_DIR, device_slug, env_info, measure_ceilings
 
-PARTS = ["layernorm_gelu", "attention", "train", "generate", "prepare", "hf"]
+PARTS = ["layernorm_gelu", "attention", "loss", "train", "generate", "prepare", "hf"]
 ALIASES = {"kernels": ["layernorm_gelu", "attention"]}
 CPU_OUT = Path(__file__).resolve().parents[1] / "out" / "bench"
 CPU_NOTE = ("CPU smoke run: no CUDA device, so every benchmark ran tiny shapes on the PyTorch fallback "
@@ -67,6 +68,11 @@ def run_part(part: str, *, quick: bool, device: str, ceilings: dict, use_compile
         from bench import attention
 
         return attention.run(quick, device=device, ceilings=ceilings, use_compile=use_compile)
+    if part == "loss":
+        from bench import loss
+
+        return (loss.run(quick, device=device, ceilings=ceilings, use_compile=use_compile)
+                + loss.run_train(quick, device=device, ceilings=ceilings))
     if part == "prepare":
         from bench import prepare
 
@@ -89,7 +95,7 @@ def main(argv=None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer shapes, steps and configurations")
     parser.add_argument("--only", action="append", metavar="NAMES",
-                        help="kernels, layernorm_gelu, attention, train, generate, prepare, hf (repeatable or comma list)")
+                        help="kernels, layernorm_gelu, attention, loss, train, generate, prepare, hf (repeatable or comma list)")
     parser.add_argument("--out", type=Path, default=None,
                         help="output folder (default: bench/results on CUDA, out/bench on CPU)")
     parser.add_argument("--no-save", action="store_true", help="print the tables, write nothing")

@@ -78,6 +78,12 @@ BENCH_NOTES = {
               "cache once (2·B·H·ctx·D·bytes); % ceiling is over the copy bandwidth measured in this run.",
     "layernorm_gelu": "ms per call; GB/s counts the minimal bytes each pass must read and write; % ceiling "
                       "is over the device-to-device copy bandwidth measured in this run.",
+    "loss": "ms per call of head + loss (x @ Wᵀ, cross-entropy; fwd+bwd gives dx and dW); TFLOP/s counts "
+            "2·N·V·d per GEMM (1 fwd, 3 fwd+bwd); % ceiling is over the bf16 matmul TFLOP/s of this run.",
+    "loss_memory": "peak MiB of one head + loss fwd+bwd above the inputs (gradients included); the `vs` "
+                   "columns are memory reductions (baseline / ours).",
+    "loss_train": "tokens/s of a GPT-2 optimizer step with the fused loss (model.loss) vs the logits path, "
+                  "at the largest batch each fits (B searched by doubling) and at the same batch.",
     "train": "tokens/s of a full optimizer step (forward, backward, AdamW); TFLOP/s = 6·N + 12·L·d·T "
              "FLOPs per token (the nanoGPT/PaLM estimate); % ceiling is MFU against the bf16 matmul "
              "TFLOP/s measured in this run.",
@@ -311,6 +317,18 @@ def check_targets(rows: list[dict], *, cuda: bool) -> list[dict]:
     add("GPT-2 124M training T=1024: tokens/s vs torch.compile(reference+SDPA)", 1.1, v, where, cuda)
     v, where = _best(train, lambda r: r["speedup"].get("reference"))
     add("GPT-2 124M training T=1024: tokens/s vs the book reference (eager)", 10.0, v, where, cuda)
+
+    lce = [r for r in rows if r["bench"] == "loss" and r["params"].get("pass") == "fwd+bwd"]
+    v, where = _worst(lce, lambda r: r["speedup"].get("compiled"))
+    add("fused linear+cross-entropy fwd+bwd at GPT-2 shapes: speed-up vs compiled cross_entropy(linear)", 1.0,
+        v, where, cuda)
+    lce_mem = [r for r in rows if r["bench"] == "loss_memory"]
+    v, where = _worst(lce_mem, lambda r: r["speedup"].get("compiled"))
+    add("fused linear+cross-entropy: peak memory reduction vs compiled cross_entropy(linear)", 4.0, v, where, cuda)
+    lce_train = [r for r in rows if r["bench"] == "loss_train" and "largest" in r["name"]]
+    v, where = _best(lce_train, lambda r: r["speedup"].get("logits path"))
+    add("GPT-2 124M training T=1024: tokens/s with the fused loss vs without (each at its largest batch)",
+        1.0 + 1e-9, v, where, cuda)
 
     gen = [r for r in rows if r["bench"] == "generate" and r["params"].get("B") == 1
            and r["params"].get("new", 0) >= 512]

@@ -46,7 +46,6 @@ _INTERPRETED = interpret_mode()
 #: The dtypes accepted; float64 runs the PyTorch fallback (the kernels compute in fp32).
 DTYPES = (*SUPPORTED_DTYPES, torch.float64)
 REDUCTIONS = ("mean", "sum", "none")
-LOG2E = 1.4426950408889634
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -108,8 +107,8 @@ def _lce_fwd_kernel(
                          stride_wd, D, HAS_BIAS, IEEE, BLOCK_N, BLOCK_V, BLOCK_K)
         z = tl.where(col_mask[None, :], z, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(z, 1))  # finite: every tile holds at least one column
-        p = tl.math.exp2((z - m_new[:, None]) * LOG2E)
-        l_i = l_i * tl.math.exp2((m_i - m_new) * LOG2E) + tl.sum(p, 1)
+        p = tl.math.exp2((z - m_new[:, None]) * 1.4426950408889634)
+        l_i = l_i * tl.math.exp2((m_i - m_new) * 1.4426950408889634) + tl.sum(p, 1)
         m_i = m_new
         t_i += tl.sum(tl.where((cols[None, :] == tgt[:, None]) & col_mask[None, :], z, 0.0), 1)
     part_lse = tl.where(l_i > 0.0, m_i + tl.log(tl.where(l_i > 0.0, l_i, 1.0)), float("-inf"))
@@ -148,7 +147,7 @@ def _lce_dlogits_kernel(
     lse = tl.load(LSE + rows, mask=row_mask, other=0.0)
     g = tl.load(G + rows, mask=row_mask, other=0.0)
     g = tl.where(tgt == ignore_index, 0.0, g)
-    p = tl.math.exp2((z - lse[:, None]) * LOG2E)
+    p = tl.math.exp2((z - lse[:, None]) * 1.4426950408889634)
     dz = (p - tl.where(cols[None, :] == tgt[:, None], 1.0, 0.0)) * g[:, None]
     tl.store(DZ + local.to(tl.int64)[:, None] * stride_dz + cols[None, :], dz.to(DZ.dtype.element_ty),
              mask=row_mask[:, None] & col_mask[None, :])

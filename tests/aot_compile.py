@@ -1,4 +1,4 @@
-"""Compile the attention, decode, LayerNorm and GELU kernels ahead of time for an H100 (sm_90) on a machine without a GPU.
+"""Compile the attention, decode, LayerNorm, GELU and linear+cross-entropy kernels ahead of time for an H100 (sm_90) on a machine without a GPU.
 
 The interpreter runs the kernels' semantics but not Triton's compiler: layouts, ``tl.dot`` shape and dtype
 rules, shared-memory use. This compiles them to cubin with the ptxas bundled in the triton wheel and
@@ -131,6 +131,23 @@ for dtn in (("bf16",) if QUICK else ("bf16", "fp16", "fp32")):
             types = {n: (DT[dtn] if n.isupper() else "i64") for n in fn.arg_names}
             attempt(f"gelu {name} {dtn} tanh={approx}", fn, types, dict(APPROX_TANH=approx, BLOCK=1024, INT64=True),
                     4, 1)
+
+# Fused linear + cross-entropy: the forward (online LSE) and the dlogits kernel, every autotune config at
+# bf16 d=768 (GPT-2) with and without bias; fp16/fp32 (IEEE dot) and d=1600 with one config each.
+import kernels.cross_entropy as CE  # noqa: E402
+
+for kname, kern, cfgs in (("lce fwd", CE._lce_fwd_kernel, CE._FWD_CONFIGS),
+                          ("lce dlogits", CE._lce_dlogits_kernel, CE._DLOGITS_CONFIGS)):
+    fn = unwrap(kern)
+    variants = [("bf16", 768, True, None), ("bf16", 768, False, None), ("fp16", 1600, False, 0), ("fp32", 768, True, 0)]
+    if QUICK:
+        variants = [("bf16", 768, True, 0), ("fp16", 80, False, 1)]
+    for dtn, D, has_bias, cfg_idx in variants:
+        types = {n: (DT[dtn] if n in ("X", "W", "B", "DZ") else "*i64" if n == "T"
+                     else "*fp32" if n in ("PART_LSE", "PART_T", "LSE", "G") else "i32") for n in fn.arg_names}
+        for c in (cfgs if cfg_idx is None else [cfgs[cfg_idx]]):
+            attempt(f"{kname} {dtn} d={D} bias={has_bias} {c.kwargs} w{c.num_warps}s{c.num_stages}", fn, types,
+                    dict(HAS_BIAS=has_bias, IEEE=dtn == "fp32", LARGE=False, **c.kwargs), c.num_warps, c.num_stages)
 
 fails = [r for r in results if r[1] != "ok"]
 print(f"\n{len(results) - len(fails)} ok, {len(fails)} failed; triton {triton.__version__}, sm_90")

@@ -1,5 +1,9 @@
 """Data: the book's sliding-window dataset, text readers, llm.c token shards, an embedded corpus.
 
+``python -m gpt.data prepare INPUT... --out DIR`` turns corpora too large for memory into llm.c shards
+(streaming, in parallel; the code is in ``gpt/prepare.py``); ``ShardWindowDataset`` reads them
+memory-mapped.
+
 Windows follow the book (chapter 2): input ``tokens[i : i+max_length]``, target shifted by one, for
 ``i`` in ``range(0, len(tokens) - max_length, stride)``.
 """

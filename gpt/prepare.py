@@ -418,6 +418,10 @@ def _run(files, staging, stats, *, val_tokens, shard_tokens, workers, text_field
 
 
 # ---------------------------------------------------------------------------------------------- CLI
+def _usable_cpus() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m gpt.data prepare", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -427,8 +431,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="tokens in the validation split, taken first (default: 1,000,000)")
     p.add_argument("--shard-tokens", type=int, default=100_000_000,
                    help="tokens per shard (default: 100,000,000 as llm.c; 200 MB)")
-    p.add_argument("--workers", type=int, default=os.cpu_count() or 1,
-                   help="tokenizer processes (default: the CPU count)")
+    p.add_argument("--workers", type=int, default=_usable_cpus(),
+                   help="tokenizer processes (default: the CPUs this process may use)")
     p.add_argument("--text-field", default="text", help="jsonl field / parquet column of the text (default: text)")
     p.add_argument("--prefix", default="data", help="shard name prefix (default: data)")
     p.add_argument("--overwrite", action="store_true", help="replace a previous prepare output in --out")

@@ -33,6 +33,7 @@ import torch
 from torch import nn
 from torch.library import triton_op, wrap_triton
 
+from . import _eager_cpu
 from . import reference as ref
 from ._utils import check_same_device, check_tensor, interpret_mode, next_power_of_2, tl, triton, use_triton
 
@@ -684,6 +685,8 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
     """
     _check_attention_args(q, k, v, causal, softmax_scale, dropout_p, deterministic)
     scale = float(q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale)
+    if _eager_cpu.attention_applies(q, k, v, causal, scale, dropout_p):  # fp32 eager CPU: torch's flash kernel
+        return _eager_cpu.attention(q, k, v, causal, scale)
     seed = None
     if dropout_p > 0.0:
         seed = torch.randint(0, 2**62, (1,), dtype=torch.int64, device=q.device)

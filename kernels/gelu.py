@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from torch.library import triton_op, wrap_triton
 
+from . import _eager_cpu
 from . import reference as ref
 from ._utils import FLOAT_DTYPES, check_tensor, interpret_mode, needs_int64, tl, triton, use_triton
 
@@ -192,6 +193,8 @@ def gelu(x: torch.Tensor, approximate: str = "tanh") -> torch.Tensor:
     _check_gelu_args(x, approximate)
     if x.dtype == torch.float64:
         return ref.gelu_ref(x, approximate)
+    if _eager_cpu.applies(x):  # fp32 eager CPU fallback: torch's native op (see kernels/_eager_cpu.py)
+        return _eager_cpu.gelu(x, approximate)
     return torch.ops.gpt_kernels.gelu_fwd(x, approximate)
 
 

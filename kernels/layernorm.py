@@ -33,6 +33,7 @@ import torch
 from torch import nn
 from torch.library import triton_op, wrap_triton
 
+from . import _eager_cpu
 from . import reference as ref
 from ._utils import (
     FLOAT_DTYPES,
@@ -354,6 +355,8 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor | None = None, bias: torch.
     check_same_device(x=x, weight=weight, bias=bias)
     if _any_float64(x, weight, bias):
         return ref.layer_norm_ref(x, weight, bias, eps)
+    if _eager_cpu.applies(x, weight, bias):  # fp32 eager CPU fallback: torch's native op, no dispatch cost
+        return _eager_cpu.layer_norm(x, weight, bias, float(eps))
     y, _s, _mean, _rstd = torch.ops.gpt_kernels.layer_norm_fwd(_rows(x), None, weight, bias, float(eps), x.dtype)
     return y.view(x.shape)
 
@@ -373,6 +376,8 @@ def add_layer_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor
     check_same_device(x=x, residual=residual, weight=weight, bias=bias)
     if _any_float64(x, residual, weight, bias):
         return ref.add_layer_norm_ref(x, residual, weight, bias, eps)
+    if _eager_cpu.applies(x, residual, weight, bias):  # fp32 eager CPU fallback (see kernels/_eager_cpu.py)
+        return _eager_cpu.add_layer_norm(x, residual, weight, bias, float(eps))
     sum_dtype = torch.promote_types(x.dtype, residual.dtype)
     y, s, _mean, _rstd = torch.ops.gpt_kernels.layer_norm_fwd(
         _rows(x), _rows(residual), weight, bias, float(eps), sum_dtype)

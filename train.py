@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import sys
 from pathlib import Path
 
@@ -22,7 +24,30 @@ import torch
 DEFAULT_STEPS = 300
 
 
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+COMMANDS = ("pretrain", "classify", "instruct")
+COMMAND_HELP = {
+    "pretrain": "Pretrain a GPT-2 on text files, folders or llm.c .bin shards (default: the embedded corpus).",
+    "classify": "Finetune a classifier on a label<TAB>text file (the book's spam classifier).",
+    "instruct": "Finetune on Alpaca-format instruction JSON and write the test split's responses.",
+}
+# Flags a resumed run may change; every other flag is part of the run and fixed by its first launch.
+RESUMABLE = {"steps", "epochs", "eval_every", "eval_batches", "save_every", "save_every_minutes", "device",
+             "compile", "prompt", "max_new_tokens"}
+RUN_NOTES = """\
+run folder: config.json (the model and the run's arguments), metrics.jsonl, ckpt-last.pt (atomic),
+ckpt-best.pt, loss.png and a .lock held while a process trains in it (a second run on the folder exits 2).
+--resume continues the run in --out exactly, with the arguments stored in its config.json; on --resume
+only --steps/--epochs (to extend the run), --eval-every, --eval-batches, --save-every,
+--save-every-minutes, --device, --compile, --prompt and --max-new-tokens may be given with a new value;
+any other flag that differs from the stored one is an error. A folder whose run crashed before its first
+checkpoint resumes from step 0 with its stored arguments.
+Ctrl-C or SIGTERM: finish the step, save ckpt-last.pt, exit 130 / 143. A non-finite loss or gradient
+norm stops the run (exit 1) before the bad step is applied; no checkpoint with non-finite weights or
+optimizer state is ever written. Bad input, a folder in use, a failed checkpoint write (disk full):
+one line on stderr, exit 2, earlier files kept."""
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
     """Show a default only where it says something: not ``None``/``False``, not when the help text
     already describes it."""
 
@@ -33,49 +58,110 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description="Pretrain or finetune a GPT-2.",
-                                formatter_class=_HelpFormatter)
-    p.add_argument("command", nargs="?", default="pretrain", choices=["pretrain", "classify", "instruct"])
-    p.add_argument("--data", nargs="+", default=None,
-                   help="pretrain: text files/folders or llm.c .bin shards (default: the embedded corpus); "
-                        "classify: a label<TAB>text file; instruct: an Alpaca JSON file")
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line on stderr, exit 2 (no usage block)
+        self.exit(2, f"error: {message} (see `{self.prog} --help`)\n")
+
+
+def _number(kind, low: float, strict: bool):
+    """argparse type: a finite ``kind`` > ``low`` (``strict``) or >= ``low``."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid {kind.__name__} value: {text!r}") from None
+        if not math.isfinite(value) or value < low or (strict and value == low):
+            raise argparse.ArgumentTypeError(f"must be {'>' if strict else '>='} {low:g}, got {text}")
+        return value
+    return parse
+
+
+POSITIVE_INT, NONNEG_INT = _number(int, 0, True), _number(int, 0, False)
+POSITIVE, NONNEG = _number(float, 0, True), _number(float, 0, False)
+
+
+def build_parser(command: str | None) -> argparse.ArgumentParser:
+    """The flags of ``command`` (``None``: the top-level help, which lists the subcommands)."""
+    cmd = command or "pretrain"
+    top = ("Pretrain or finetune a GPT-2: train.py [pretrain|classify|instruct] [flags]; "
+           "`train.py COMMAND --help` lists a command's flags. With no command: pretrain.")
+    p = _Parser(prog="train.py" if command is None else f"train.py {command}",
+                description=top if command is None else COMMAND_HELP[command],
+                epilog=RUN_NOTES, formatter_class=_HelpFormatter)
+    data_help = {"pretrain": "text files/folders, llm.c .bin shards, or a `python -m gpt.data prepare` folder "
+                             "(its *train* shards, validated on its *val* shards; default: the embedded corpus)",
+                 "classify": "a label<TAB>text file", "instruct": "an Alpaca JSON file"}[cmd]
+    p.add_argument("--data", nargs="+", default=None, help=data_help)
     p.add_argument("--preset", default=None, help="tiny, gpt2-small, gpt2-medium, gpt2-large, gpt2-xl "
                                                    "(default: tiny on CPU, gpt2-small on CUDA)")
     p.add_argument("--init", default=None, help="start from weights: HF folder, .safetensors, checkpoint, "
                                                  "run folder or model name (gpt2, gpt2-medium, ...)")
-    p.add_argument("--steps", type=int, default=None, help="total optimizer steps of the run "
-                                                           f"(pretrain default {DEFAULT_STEPS})")
-    p.add_argument("--epochs", type=float, default=None, help="finetuning length in epochs (classify 5, instruct 2)")
-    p.add_argument("--batch-size", type=int, default=8, help="examples per process per micro-batch")
-    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
-    p.add_argument("--context-length", type=int, default=None, help="pretraining window (default: the model's)")
-    p.add_argument("--lr", type=float, default=None, help="peak learning rate (pretrain 1e-3 tiny / 6e-4, finetune 5e-5)")
-    p.add_argument("--warmup", type=int, default=None, help="linear warm-up steps (default: 5%% of the steps)")
-    p.add_argument("--weight-decay", type=float, default=0.1)
-    p.add_argument("--clip", type=float, default=1.0, help="gradient-norm clip (0 disables)")
+    p.add_argument("--steps", type=POSITIVE_INT, default=None,
+                   help="total optimizer steps of the run; on --resume, a larger value extends it"
+                        + (f" (default {DEFAULT_STEPS})" if cmd == "pretrain" else ""))
+    p.add_argument("--epochs", type=POSITIVE, default=None,
+                   help="run length in epochs of the training split, instead of --steps"
+                        + {"pretrain": "", "classify": " (default 5)", "instruct": " (default 2)"}[cmd])
+    p.add_argument("--batch-size", type=POSITIVE_INT, default=8, help="examples per process per micro-batch")
+    p.add_argument("--grad-accum", type=POSITIVE_INT, default=1, help="micro-batches per optimizer step")
+    if cmd == "pretrain":
+        p.add_argument("--context-length", type=POSITIVE_INT, default=None,
+                       help="training window in tokens (default: the model's context length)")
+    p.add_argument("--lr", type=POSITIVE, default=None,
+                   help="peak learning rate (default: " + ("1e-3 for tiny, 6e-4 otherwise)" if cmd == "pretrain"
+                                                           else "5e-5)"))
+    p.add_argument("--warmup", type=NONNEG_INT, default=None, help="linear warm-up steps, 0 for none "
+                                                                    "(default: 5%% of the steps, at least 1)")
+    p.add_argument("--weight-decay", type=NONNEG, default=0.1)
+    p.add_argument("--clip", type=NONNEG, default=1.0, help="gradient-norm clip (0 disables)")
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None,
                    help="autocast dtype (default: bf16 on CUDA, fp32 on CPU; fp16 uses a grad scaler)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--backend", choices=["fused", "reference"], default=None,
                    help="model: fused Triton kernels or the book's PyTorch reference (default: fused if available)")
     p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available)")
-    p.add_argument("--eval-every", type=int, default=100, help="evaluate every N steps (and at the end)")
-    p.add_argument("--eval-batches", type=int, default=10, help="batches per evaluation")
-    p.add_argument("--save-every", type=int, default=None, help="write ckpt-last.pt every N steps (default: eval-every)")
+    p.add_argument("--eval-every", type=POSITIVE_INT, default=100, help="evaluate every N steps (and at the end)")
+    p.add_argument("--eval-batches", type=POSITIVE_INT, default=10, help="batches per evaluation")
+    p.add_argument("--save-every", type=POSITIVE_INT, default=None,
+                   help="write ckpt-last.pt every N steps (default: eval-every)")
+    p.add_argument("--save-every-minutes", type=POSITIVE, default=None,
+                   help="also write ckpt-last.pt when this many minutes passed since the last save")
     p.add_argument("--out", default=None, help="run folder (default: runs/<command>, numbered if taken)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its ckpt-last.pt")
-    p.add_argument("--seed", type=int, default=123)
-    p.add_argument("--prompt", default=None, help="pretrain: start of the sample printed at each evaluation")
-    p.add_argument("--train-all", action="store_true", help="classify: train every layer, not only the last block")
-    p.add_argument("--predict", default=None, metavar="TEXT", help="classify: print the label of TEXT with --init")
-    p.add_argument("--mask-prompt", action="store_true", help="instruct: loss on the response tokens only")
-    p.add_argument("--max-new-tokens", type=int, default=256, help="instruct: response length for the test split")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out (default runs/<command>) with its stored arguments")
+    p.add_argument("--seed", type=NONNEG_INT, default=123)
+    if cmd == "pretrain":
+        p.add_argument("--prompt", default=None, help="start of the sample printed at each evaluation")
+    if cmd == "classify":
+        p.add_argument("--train-all", action="store_true", help="train every layer, not only the last block")
+        p.add_argument("--predict", default=None, metavar="TEXT", help="print the label of TEXT with --init "
+                                                                        "(a classify run folder); no training")
+    if cmd == "instruct":
+        p.add_argument("--mask-prompt", action="store_true", help="loss on the response tokens only")
+        p.add_argument("--max-new-tokens", type=NONNEG_INT, default=256,
+                       help="response length for the test split")
+    return p
+
+
+OTHER_COMMANDS_FLAGS = {"context_length": None, "prompt": None, "train_all": False, "predict": None,
+                        "mask_prompt": False, "max_new_tokens": 256}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """Flags of ``train.py [COMMAND] [flags]``; ``args.given`` holds the flags given explicitly."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = argv.pop(0) if argv and argv[0] in COMMANDS else None
+    if command is None and argv and not argv[0].startswith("-"):
+        build_parser(None).error(f"unknown command {argv[0]!r} (choose from {', '.join(COMMANDS)})")
+    p = build_parser(command)
     args = p.parse_args(argv)
-    for name in ("steps", "batch_size", "grad_accum", "eval_every", "eval_batches", "save_every"):
-        value = getattr(args, name)
-        if value is not None and value <= 0:
-            p.error(f"--{name.replace('_', '-')} must be positive")
+    bare = build_parser(command)  # the same flags with no defaults: which ones the user typed
+    for action in bare._actions:
+        action.default = argparse.SUPPRESS
+    args.given = set(vars(bare.parse_args(argv)))
+    args.command = command or "pretrain"
+    for name, value in OTHER_COMMANDS_FLAGS.items():  # flags of the other commands: their neutral value
+        vars(args).setdefault(name, value)
     return args
 
 
@@ -94,37 +180,157 @@ def model_class(backend: str | None):
     return GPTModel, "reference"
 
 
-def choose_run_folder(out: str | None, command: str, resume: bool) -> Path:
-    """The run folder; never overwrites an earlier run (an explicit --out holding one is an error)."""
-    def holds_run(p: Path) -> bool:
-        return (p / "ckpt-last.pt").exists() or (p / "metrics.jsonl").exists()
+# ------------------------------------------------------------------------------------- run folders
+LOCK_NAME = ".lock"
+NOT_STORED = {"given", "out_path", "out", "resume", "predict"}
 
-    if resume:
-        path = Path(out or f"runs/{command}")
-        if not (path / "ckpt-last.pt").is_file():
-            raise ValueError(f"nothing to resume: {path / 'ckpt-last.pt'} does not exist")
-        return path
+
+def check_device(arg: str | None) -> None:
+    if arg is None:
+        return
+    try:
+        device = torch.device(arg)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"--device {arg!r} is not a device (cpu, cuda, cuda:N)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {arg}: CUDA is not available on this machine")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {arg}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif device.type != "cpu":
+        raise ValueError(f"--device {arg}: only cpu and cuda devices are supported")
+
+
+def holds_run(p: Path) -> bool:
+    """A folder holds a run once it has a checkpoint or logged a step (config.json alone does not)."""
+    return (p / "ckpt-last.pt").exists() or (p / "metrics.jsonl").exists()
+
+
+def check_folder(path: Path) -> None:
+    """``path`` can be a run folder: not a file, not locked by a running process (checked again under
+    the lock before anything is written)."""
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"--out {path} is a file, not a folder")
+    if (path / LOCK_NAME).is_file():
+        lock_run_folder(path, create=False).close()
+
+
+def in_use_error(path: Path, f) -> ValueError:
+    f.seek(0)
+    holder = f.read().strip() or "unknown"
+    f.close()
+    return ValueError(f"run folder {path} is in use by process {holder} (it holds {path / LOCK_NAME}); "
+                      "wait for it to finish or choose another --out")
+
+
+def choose_run_folder(out: str | None, command: str) -> Path:
+    """A new run's folder; never one holding a run (an explicit --out holding one is an error)."""
     if out is not None:
-        if holds_run(Path(out)):
+        path = Path(out)
+        check_folder(path)
+        if holds_run(path):
             raise ValueError(f"run folder {out} already holds a run; pass --resume or choose another --out")
-        return Path(out)
+        return path
     base = candidate = Path(f"runs/{command}")
     n = 1
-    while holds_run(candidate):
+    while holds_run(candidate) or (candidate / "config.json").exists() or candidate.is_file():
         n += 1
         candidate = base.with_name(f"{base.name}-{n}")
     return candidate
 
 
+def stored_form(name: str, value):
+    """An argument as config.json stores it: data and local --init paths absolute."""
+    if name == "data" and value is not None:
+        return [os.path.abspath(v) for v in value]
+    if name == "init" and value is not None and os.path.exists(value):
+        return os.path.abspath(value)
+    return value
+
+
+def resume_args(args: argparse.Namespace, path: Path) -> argparse.Namespace:
+    """The run's stored arguments, with the flags a resumed run may change taken from the command line."""
+    check_folder(path)
+    config_path = path / "config.json"
+    if not config_path.is_file():
+        if not (path / "ckpt-last.pt").is_file():
+            raise ValueError(f"nothing to resume: {path} holds no run (no config.json or ckpt-last.pt)")
+        return args  # a run folder without config.json: the command line's arguments
+    try:
+        stored = json.loads(config_path.read_text())
+        saved = stored["args"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"cannot resume: {config_path} is unreadable or holds no 'args' ({e})") from None
+    if stored.get("command") != args.command:
+        raise ValueError(f"{path} holds a {stored.get('command')} run, not {args.command}; resume it with "
+                         f"`train.py {stored.get('command')} --resume --out {path}`")
+    for name in sorted(args.given - RESUMABLE - NOT_STORED):
+        new, old = stored_form(name, getattr(args, name)), saved.get(name)
+        if new != old:
+            flag = "--" + name.replace("_", "-")
+            raise ValueError(f"{flag} cannot change on --resume (the run in {path} has {old}, got {new}); "
+                             f"only {', '.join('--' + n.replace('_', '-') for n in sorted(RESUMABLE))} may")
+    merged = {**vars(args), **{k: v for k, v in saved.items() if k in vars(args) and k not in NOT_STORED}}
+    merged.update({k: getattr(args, k) for k in args.given & RESUMABLE})
+    if args.given & {"steps", "epochs"}:  # a new length replaces the stored one
+        merged["epochs" if "steps" in args.given else "steps"] = None
+    return argparse.Namespace(**merged)
+
+
+def lock_run_folder(path: Path, create: bool = True):
+    """Create ``path`` and hold an exclusive lock on ``path/.lock`` (released by the OS when the process
+    dies); an open file to keep for the run's lifetime. A folder locked by another process is an error."""
+    import fcntl
+
+    try:
+        if create:
+            path.mkdir(parents=True, exist_ok=True)
+        f = open(path / LOCK_NAME, "a+" if create else "r")
+    except OSError as e:
+        raise ValueError(f"cannot use {path} as the run folder: {e.strerror or e}") from None
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise in_use_error(path, f) from None
+    if not create:
+        return f
+    f.truncate(0)
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+    return f
+
+
+def remove_stale_temp_files(path: Path) -> None:
+    """Temp files of writes killed mid-way (``.ckpt-last.pt.*.tmp``, a full checkpoint each)."""
+    for p in path.iterdir():
+        if p.name.startswith(".") and ".tmp" in p.name and p.is_file():
+            p.unlink()
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, allow_nan=False))
+    os.replace(tmp, path)
+
+
 def build_model(args, device, extra_cfg=None):
-    """(model, cfg, backend): from --resume's checkpoint config, --init weights, or a preset."""
-    from gpt.checkpoint import load_checkpoint
+    """(model, cfg, backend, checkpoint): from --resume's checkpoint config, --init weights, or a preset."""
+    from gpt.checkpoint import CheckpointError, load_checkpoint
     from gpt.config import GPTConfig
 
     cls, backend = model_class(args.backend)
-    if args.resume:
-        ckpt = load_checkpoint(args.out_path / "ckpt-last.pt")  # validates the file before anything runs
-        cfg = GPTConfig.from_dict(ckpt["config"])
+    if args.resume and (args.out_path / "ckpt-last.pt").is_file():
+        path = args.out_path / "ckpt-last.pt"
+        ckpt = load_checkpoint(path)  # validates the file before anything runs
+        if not isinstance(ckpt.get("config"), dict):
+            raise CheckpointError(f"{path} holds no model config; it cannot be resumed")
+        task = ckpt["extra"].get("task")
+        if task not in (None, args.command):
+            raise CheckpointError(f"{path} is a checkpoint of a {task} run, not {args.command}")
+        try:
+            cfg = GPTConfig.from_dict(ckpt["config"])
+        except (TypeError, ValueError) as e:
+            raise CheckpointError(f"{path} holds an invalid model config ({e})") from None
         return cls(cfg), cfg, backend, ckpt
     if args.init:
         model = cls.from_pretrained(args.init, **(extra_cfg or {}))
@@ -148,6 +354,15 @@ def steps_for(args, n_items: int, world: int, default_epochs: float | None) -> i
 
 
 # ---------------------------------------------------------------------------------------- recipes
+def check_token_ids(arrays, vocab_size: int, source: str) -> None:
+    """Token ids the model cannot embed (llm.c shards of another tokenizer) fail before training."""
+    from gpt.data import DataError
+
+    top = max((int(a.max()) for a in arrays if len(a)), default=-1)  # streams through memory-mapped shards
+    if top >= vocab_size:
+        raise DataError(f"{source} holds token id {top}, outside the model's vocabulary of {vocab_size}")
+
+
 def pretrain_spec(args, model, cfg, tokenizer, device):
     from gpt.data import (
         ShardWindowDataset,
@@ -159,7 +374,7 @@ def pretrain_spec(args, model, cfg, tokenizer, device):
     )
     from gpt.training import TrainSpec, calc_loss_batch, generate_sample, perplexity
 
-    ctx = args.context_length or cfg.context_length
+    ctx = cfg.context_length if args.context_length is None else args.context_length
     if ctx > cfg.context_length:
         raise ValueError(f"--context-length {ctx} exceeds the model's context_length {cfg.context_length}")
     shards = split_shards(args.data) if args.data else None
@@ -178,6 +393,7 @@ def pretrain_spec(args, model, cfg, tokenizer, device):
         train_ds = TokenWindowDataset(train_tokens, ctx, ctx)
         val_ds = TokenWindowDataset(val_tokens, ctx, ctx)
         n_train, n_val = len(train_tokens), len(val_tokens)
+    check_token_ids([*train_ds.shards, *val_ds.shards] if shards else [tokens], cfg.vocab_size, source)
     prompt = args.prompt or ("The function" if not args.data else "Every effort moves you")
 
     def evaluate(m):
@@ -195,8 +411,9 @@ def pretrain_spec(args, model, cfg, tokenizer, device):
         collate=lambda items: tuple(torch.stack(t) for t in zip(*items)),  # (b, T), (b, T)
         loss_fn=lambda m, batch, dev: calc_loss_batch(batch[0], batch[1], m, dev),
         evaluate=evaluate,
-        sample=lambda m: generate_sample(m, tokenizer, device, prompt, max_new_tokens=30, temperature=0.8,
-                                         top_k=40, generator=torch.Generator(device).manual_seed(args.seed)),
+        sample=(lambda m: generate_sample(m, tokenizer, device, prompt, max_new_tokens=30, temperature=0.8,
+                                          top_k=40, generator=torch.Generator(device).manual_seed(args.seed)))
+        if cfg.vocab_size >= tokenizer.n_vocab else None,  # (a model of a smaller vocabulary: no text sample)
         extra={"task": "pretrain"},
     )
     info = f"data: {source}: {n_train:,} train / {n_val:,} val tokens, context {ctx}"
@@ -204,11 +421,18 @@ def pretrain_spec(args, model, cfg, tokenizer, device):
 
 
 def classify_spec(args, model, cfg, tokenizer, device, rows):
+    from gpt.data import DataError
     from gpt.finetune import classify as C
     from gpt.training import TrainSpec
 
     train_rows, val_rows, test_rows, labels = C.balance_and_split(rows, seed=args.seed)
-    train_ds = C.ClassificationDataset(train_rows, labels, tokenizer, max_length=cfg.context_length)
+    if not (train_rows and val_rows and test_rows):  # an empty split has no accuracy
+        n = len(train_rows) + len(val_rows) + len(test_rows)
+        raise DataError(f"{args.data[0]}: the {n} rows left after balancing the labels split 70/10/20 into "
+                        f"{len(train_rows)}/{len(val_rows)}/{len(test_rows)}; every split needs a row "
+                        "(at least 10 balanced rows)")
+    # The book pads every split to the training set's length (the last token's position changes the logits).
+    train_ds = C.ClassificationDataset(train_rows, labels, tokenizer, limit=cfg.context_length)
     val_ds = C.ClassificationDataset(val_rows, labels, tokenizer, max_length=train_ds.max_length)
     test_ds = C.ClassificationDataset(test_rows, labels, tokenizer, max_length=train_ds.max_length)
 
@@ -222,7 +446,7 @@ def classify_spec(args, model, cfg, tokenizer, device, rows):
         with torch.no_grad():
             acc = {name: C.accuracy_and_loss(m, ds, device, args.batch_size)[0]
                    for name, ds in (("train", train_ds), ("val", val_ds), ("test", test_ds))}
-        (out / "accuracy.json").write_text(json.dumps(acc, indent=2))
+        write_json_atomic(out / "accuracy.json", acc)
         print("accuracy: " + ", ".join(f"{k} {v * 100:.1f}%" for k, v in acc.items()))
 
     spec = TrainSpec(train_data=train_ds, collate=C.collate, loss_fn=C.loss_fn, evaluate=evaluate,
@@ -257,13 +481,15 @@ def instruct_spec(args, model, cfg, tokenizer, device, data):
         return I.extract_response(token_ids_to_text(ids, tokenizer), prompt)
 
     def finish(m, out: Path):
-        from tqdm import tqdm
+        import time
 
         m.eval()
-        results = [{**entry, "model_response": respond(m, entry)}
-                   for entry in tqdm(test_data, desc="responses", file=sys.stdout)]
+        start = time.perf_counter()
+        answers = I.generate_responses(m, test_data, tokenizer, args.max_new_tokens, progress=True)
+        results = [{**entry, "model_response": a} for entry, a in zip(test_data, answers)]
         (out / "responses.json").write_text(json.dumps(results, indent=4))
-        print(f"wrote {len(results)} test responses to {out / 'responses.json'}")
+        print(f"wrote {len(results)} test responses to {out / 'responses.json'} "
+              f"(generated together in {time.perf_counter() - start:.1f} s)")
 
     spec = TrainSpec(train_data=train_ds, collate=collate,
                      loss_fn=lambda m, batch, dev: calc_loss_batch(batch[0], batch[1], m, dev),
@@ -289,7 +515,10 @@ def predict(args, device, tokenizer) -> int:
         raise ValueError(f"{args.init} is not a checkpoint of a classify run")
     cls, _ = model_class(args.backend)
     model = C.make_classifier(cls(GPTConfig.from_dict(ckpt["config"])), len(ckpt["extra"]["labels"]))
-    model.load_state_dict(ckpt["model"])
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as e:
+        raise ValueError(f"{path} does not fit its own config: {str(e).strip().splitlines()[-1].strip()}") from None
     model.to(device)
     print(C.classify_text(model, args.predict, tokenizer, ckpt["extra"]["labels"], device, ckpt["extra"]["max_length"]))
     return 0
@@ -297,16 +526,28 @@ def predict(args, device, tokenizer) -> int:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    check_device(args.device)
     from gpt.tokenizer import get_tokenizer
     from gpt.training import LoopConfig, init_distributed, train
 
     d, device = init_distributed(args.device)
-    torch.manual_seed(args.seed)
     tokenizer = get_tokenizer()
     if args.command == "classify" and args.predict is not None:
         return predict(args, device, tokenizer)
 
-    # Read and check the data before touching the run folder (bad input must not leave files behind).
+    # Everything is read and checked before the run folder is touched: bad input leaves no files behind.
+    if args.resume:
+        out = Path(args.out or f"runs/{args.command}")
+        args = resume_args(args, out)
+    else:
+        out = choose_run_folder(args.out, args.command) if d.main else None
+        if d.world > 1:
+            holder = [out]
+            torch.distributed.broadcast_object_list(holder, src=0)
+            out = holder[0]
+    args.out_path = out
+    from_checkpoint = args.resume and (out / "ckpt-last.pt").is_file()
+    torch.manual_seed(args.seed)
     rows = data = None
     if args.command == "classify":
         from gpt.finetune.classify import read_tsv
@@ -321,13 +562,6 @@ def main(argv=None) -> int:
             raise ValueError("instruct needs --data FILE.json (Alpaca-format entries)")
         data = read_instructions(args.data[0])
 
-    out = choose_run_folder(args.out, args.command, args.resume) if d.main else None
-    if d.world > 1:
-        holder = [out]
-        torch.distributed.broadcast_object_list(holder, src=0)
-        out = holder[0]
-    args.out_path = out
-
     model, cfg, backend, resume_ckpt = build_model(args, device)
     finetune = args.command != "pretrain"
     if args.command == "classify":
@@ -340,29 +574,51 @@ def main(argv=None) -> int:
         spec, info, finish = instruct_spec(args, model, cfg, tokenizer, device, data)
     else:
         spec, info, finish = pretrain_spec(args, model, cfg, tokenizer, device)
+    if resume_ckpt is not None:  # a checkpoint that does not fit the model fails now, not mid-run
+        from gpt.checkpoint import CheckpointError
+
+        try:
+            model.load_state_dict(resume_ckpt["model"])
+        except RuntimeError as e:
+            raise CheckpointError(f"{out / 'ckpt-last.pt'} does not fit the model: "
+                                  f"{str(e).strip().splitlines()[-1].strip()}") from None
 
     steps = steps_for(args, len(spec.train_data), d.world, {"classify": 5, "instruct": 2}.get(args.command))
     dtype = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
-    lr = args.lr or (5e-5 if finetune else (1e-3 if cfg.emb_dim <= 256 else 6e-4))
+    lr = args.lr if args.lr is not None else (5e-5 if finetune else (1e-3 if cfg.emb_dim <= 256 else 6e-4))
     loop = LoopConfig(steps=steps, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=lr,
                       warmup=args.warmup if args.warmup is not None else max(1, steps // 20),
                       weight_decay=args.weight_decay, clip=args.clip, dtype=dtype, eval_every=args.eval_every,
-                      save_every=args.save_every or args.eval_every, seed=args.seed, desc=args.command)
-    if d.main:
-        out.mkdir(parents=True, exist_ok=True)
-        if not args.resume:
-            saved = {k: v for k, v in vars(args).items() if k != "out_path"}
-            (out / "config.json").write_text(json.dumps(
-                {"command": args.command, "backend": backend, "model": cfg.to_dict(), "args": saved,
-                 "steps": steps, "lr": lr, "dtype": dtype, "world_size": d.world}, indent=2))
-        n_params = sum(p.numel() for p in model.parameters())
-        print(f"model: {backend} ({n_params / 1e6:.1f}M parameters, context {cfg.context_length}) on {device}, "
-              f"{dtype}{', compiled' if args.compile else ''}{f', {d.world} processes' if d.world > 1 else ''}")
-        print(info)
-        print(f"run folder: {out}; {steps} steps of {args.batch_size * args.grad_accum * d.world} examples")
-    train(model, spec, loop, out, device, resume=args.resume, d=d, compile=args.compile)
-    if finish is not None and d.main:
-        finish(model, out)
+                      save_every=args.save_every if args.save_every is not None else args.eval_every,
+                      save_every_minutes=args.save_every_minutes, seed=args.seed, desc=args.command)
+    lock = None
+    try:
+        if d.main:
+            lock = lock_run_folder(out)  # held until this process exits; the checks below run under it
+            if not args.resume and holds_run(out):
+                raise ValueError(f"run folder {out} already holds a run; pass --resume or choose another --out")
+            remove_stale_temp_files(out)
+            if args.resume and not from_checkpoint:  # crashed before its first checkpoint: start over
+                (out / "metrics.jsonl").unlink(missing_ok=True)
+                print(f"{out} has no checkpoint yet: starting its run from step 0 with its stored arguments")
+            saved = {k: stored_form(k, v) for k, v in vars(args).items() if k not in NOT_STORED}
+            try:
+                write_json_atomic(out / "config.json", {
+                    "command": args.command, "backend": backend, "model": cfg.to_dict(), "args": saved,
+                    "steps": steps, "lr": lr, "dtype": dtype, "world_size": d.world})
+            except OSError as e:
+                raise ValueError(f"cannot write to the run folder {out}: {e.strerror or e}") from None
+            n_params = sum(p.numel() for p in model.parameters())
+            print(f"model: {backend} ({n_params / 1e6:.1f}M parameters, context {cfg.context_length}) on {device}, "
+                  f"{dtype}{', compiled' if args.compile else ''}{f', {d.world} processes' if d.world > 1 else ''}")
+            print(info)
+            print(f"run folder: {out}; {steps} steps of {args.batch_size * args.grad_accum * d.world} examples")
+        train(model, spec, loop, out, device, resume=from_checkpoint, d=d, compile=args.compile)
+        if finish is not None and d.main:
+            finish(model, out)
+    finally:
+        if lock is not None:
+            lock.close()
     if d.main:
         print(f"done: run folder {out}")
     return 0
@@ -383,9 +639,9 @@ def cli(argv=None) -> int:
     except TrainingDiverged as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt as e:
+    except KeyboardInterrupt as e:  # Ctrl-C 130, SIGTERM 143 (after saving ckpt-last.pt)
         print(f"{e or 'interrupted'}", file=sys.stderr)
-        return 130
+        return getattr(e, "exit_code", 130)
     finally:
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()

@@ -7,9 +7,11 @@ The file is a ``torch.save`` dict readable with ``weights_only=True`` (no pickle
 
 from __future__ import annotations
 
+import errno
 import os
 import random
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +20,9 @@ from torch import nn
 
 FORMAT = "gpt-triton-checkpoint"
 VERSION = 1
+# Fault-injection tests only: seconds to hold each written temp file before the rename, so a test can
+# kill the process in the middle of a checkpoint write.
+PAUSE_ENV = "GPT_TEST_CHECKPOINT_PAUSE"
 
 
 class CheckpointError(ValueError):
@@ -78,6 +83,8 @@ def atomic_torch_save(obj, path: str | os.PathLike) -> Path:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
+        if os.environ.get(PAUSE_ENV):
+            time.sleep(float(os.environ[PAUSE_ENV]))
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -86,10 +93,40 @@ def atomic_torch_save(obj, path: str | os.PathLike) -> Path:
     return path
 
 
+def _tensors(obj, prefix: str):
+    if isinstance(obj, torch.Tensor):
+        yield prefix, obj
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from _tensors(v, f"{prefix}.{k}" if prefix else str(k))
+    elif isinstance(obj, list | tuple):
+        for i, v in enumerate(obj):
+            yield from _tensors(v, f"{prefix}.{i}")
+
+
+def first_non_finite(model: nn.Module, optimizer=None) -> str | None:
+    """The name of the first weight (or optimizer state tensor) holding a NaN or infinity, else None."""
+    named = [(f"weight {n}", t) for n, t in unwrap_model(model).state_dict().items()]
+    if optimizer is not None:
+        named += [(f"optimizer state {n}", t) for n, t in _tensors(optimizer.state_dict()["state"], "")]
+    named = [(n, t) for n, t in named if t.is_floating_point() or t.is_complex()]
+    if not named:
+        return None
+    device = named[0][1].device  # (AdamW keeps its step counts on the CPU)
+    finite = torch.stack([torch.isfinite(t).all().to(device) for _, t in named]).cpu()  # one sync
+    return None if bool(finite.all()) else named[int((~finite).nonzero()[0])][0]
+
+
 def save_checkpoint(path: str | os.PathLike, model: nn.Module, *, optimizer=None, step: int = 0,
                     config=None, extra: dict | None = None, rng: bool = True) -> Path:
-    """Save model (unwrapped from DDP/compile), optimizer, step, RNG states and config atomically."""
+    """Save model (unwrapped from DDP/compile), optimizer, step, RNG states and config atomically.
+
+    Refuses (``ValueError``) weights or optimizer state holding NaN/inf, so a checkpoint on disk is always
+    one to go back to; a failed write (``CheckpointError``, "disk full" for ENOSPC) keeps the old file."""
     model = unwrap_model(model)
+    bad = first_non_finite(model, optimizer)
+    if bad is not None:
+        raise ValueError(f"refusing to write {path}: {bad} holds NaN or infinite values")
     if config is None:
         config = getattr(model, "cfg", None)
     if config is not None and hasattr(config, "to_dict"):
@@ -104,7 +141,12 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, *, optimizer=None
         "rng": get_rng_state() if rng else None,
         "extra": extra or {},
     }
-    return atomic_torch_save(payload, path)
+    try:
+        return atomic_torch_save(payload, path)
+    except OSError as e:
+        why = "disk full" if e.errno in (errno.ENOSPC, errno.EDQUOT) else (e.strerror or str(e))
+        raise CheckpointError(f"cannot write checkpoint {path}: {why}; the previous "
+                              f"{Path(path).name} (if any) is kept") from None
 
 
 def load_checkpoint(path: str | os.PathLike, model: nn.Module | None = None, *, optimizer=None,
@@ -123,12 +165,17 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module | None = None, *, 
         raise CheckpointError(f"{path} is not a checkpoint written by this project (no '{FORMAT}' header)")
     if ckpt.get("version", 0) > VERSION:
         raise CheckpointError(f"{path} has checkpoint version {ckpt['version']}; this code reads up to {VERSION}")
-    if model is not None:
-        unwrap_model(model).load_state_dict(ckpt["model"], strict=strict)
-    if optimizer is not None:
-        if ckpt.get("optimizer") is None:
-            raise CheckpointError(f"{path} holds no optimizer state")
-        optimizer.load_state_dict(ckpt["optimizer"])
+    try:
+        if model is not None:
+            unwrap_model(model).load_state_dict(ckpt["model"], strict=strict)
+        if optimizer is not None:
+            if ckpt.get("optimizer") is None:
+                raise CheckpointError(f"{path} holds no optimizer state")
+            optimizer.load_state_dict(ckpt["optimizer"])
+    except (RuntimeError, ValueError, KeyError) as e:
+        if isinstance(e, CheckpointError):
+            raise
+        raise CheckpointError(f"{path} does not fit the model: {str(e).strip().splitlines()[-1].strip()}") from None
     if restore_rng and ckpt.get("rng") is not None:
         set_rng_state(ckpt["rng"])
     return ckpt

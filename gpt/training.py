@@ -355,6 +355,7 @@ def train(model: nn.Module, spec: TrainSpec, cfg: LoopConfig, out: Path, device:
                file=sys.stdout, mininterval=1.0)
     t_last, tokens = time.perf_counter(), 0
     model.train()
+    model.zero_grad(set_to_none=True)  # (gradients left by an earlier, failed call must not leak in)
     try:
         with _StopFlag() as stop:
             interrupted = False
@@ -418,7 +419,7 @@ def train(model: nn.Module, spec: TrainSpec, cfg: LoopConfig, out: Path, device:
                     due = due or time.monotonic() - last_save >= cfg.save_every_minutes * 60
                 if due:
                     checkpoint(step)
-                    if d.main:
+                    if d.main and (step % cfg.eval_every == 0 or step == cfg.steps):  # (plotting takes a second)
                         plot_losses(out)
             if interrupted:
                 checkpoint(step)

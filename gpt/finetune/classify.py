@@ -58,13 +58,18 @@ def balance_and_split(rows: list[tuple[str, str]], seed: int = 123, fractions=(0
 
 
 class ClassificationDataset(Dataset):
-    """Token ids padded with ``<|endoftext|>`` to one length (the longest text, capped at ``max_length``)."""
+    """Token ids padded with ``<|endoftext|>`` to one length, as the book's ``SpamDataset``: ``max_length``
+    if given (truncating longer texts; validation and test use the training set's length, since the
+    last token's position changes the prediction), else the longest text, capped at ``limit``."""
 
-    def __init__(self, rows, labels: list[str], tokenizer, max_length: int | None = None, pad_id: int = PAD_ID):
+    def __init__(self, rows, labels: list[str], tokenizer, max_length: int | None = None, pad_id: int = PAD_ID,
+                 *, limit: int | None = None):
         index = {lab: i for i, lab in enumerate(labels)}
         encoded = [tokenizer.encode(text) for _, text in rows]
+        if max_length is not None and max_length <= 0:
+            raise ValueError(f"max_length must be positive, got {max_length}")
         longest = max((len(e) for e in encoded), default=1)
-        self.max_length = min(longest, max_length) if max_length else longest
+        self.max_length = max_length if max_length is not None else min(longest, limit or longest)
         self.inputs = torch.tensor([e[:self.max_length] + [pad_id] * (self.max_length - len(e[:self.max_length]))
                                     for e in encoded], dtype=torch.long)  # (N, max_length)
         self.targets = torch.tensor([index[label] for label, _ in rows], dtype=torch.long)  # (N,)
@@ -102,7 +107,8 @@ def loss_fn(model: nn.Module, batch, device) -> torch.Tensor:
 @torch.no_grad()
 def accuracy_and_loss(model: nn.Module, dataset: Dataset, device, batch_size: int = 8,
                       max_batches: int | None = None) -> tuple[float, float]:
-    """(accuracy, mean loss) of the last-token prediction over ``dataset`` (its first batches)."""
+    """(accuracy, mean loss) of the last-token prediction over ``dataset`` (its first batches); NaN for
+    an empty dataset."""
     correct = total = 0
     loss_sum, n_batches = 0.0, 0
     for start in range(0, len(dataset), batch_size):

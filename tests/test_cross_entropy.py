@@ -9,6 +9,7 @@ multiple of the vocabulary block); V = 50,257 runs on the fallback. bf16 and GPT
 from __future__ import annotations
 
 import math
+import os
 import subprocess
 import sys
 import textwrap
@@ -85,11 +86,10 @@ def test_fp32_loss_and_grads_match_fp64(kernel_path, lead, V, d, bias):
 
 def test_gpt2_vocab_50257_on_the_fallback(fallback_path):
     x, w, b, t = _inputs((2, 33), 50257, 64, bias=True, ignore_every=7)
-    for reduction in ("mean", "none"):
-        grad = None if reduction == "mean" else torch.rand(2, 33, generator=torch.Generator().manual_seed(2))
-        got = _run(linear_cross_entropy, x, w, b, t, grad=grad, reduction=reduction)
-        want = _ref64(x, w, b, t, grad=grad, reduction=reduction)
-        _compare(got, want, 1e-5, 1e-5, reduction)
+    grad = torch.rand(2, 33, generator=torch.Generator().manual_seed(2))
+    got = _run(linear_cross_entropy, x, w, b, t, grad=grad, reduction="none")
+    want = _ref64(x, w, b, t, grad=grad, reduction="none")
+    _compare(got, want, 1e-5, 1e-5, "V=50257")
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
@@ -154,7 +154,7 @@ def test_fp16_error_at_most_twice_pytorch_fp16(kernel_path):
 
 
 def test_gradients_are_bitwise_deterministic(kernel_path):
-    x, w, b, t = _inputs((129,), 300, 80, bias=True, ignore_every=4)
+    x, w, b, t = _inputs((37,), 300, 80, bias=True, ignore_every=4)
     first = _run(linear_cross_entropy, x, w, b, t)
     second = _run(linear_cross_entropy, x, w, b, t)
     for a, c in zip(first, second):
@@ -206,20 +206,23 @@ def test_bad_inputs_are_clear_errors():
 # ---------------------------------------------------------------------------------------------------
 # Registration: torch.library's checks, torch.compile(fullgraph=True)
 # ---------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("bias", [True, False])
-def test_opcheck(fallback_path, bias):
+def test_opcheck(fallback_path):
+    bias = True
     x, w, b, t = _inputs((19,), 53, 16, bias=bias, ignore_every=4)
     x.requires_grad_()
     w.requires_grad_()
-    torch.library.opcheck(torch.ops.gpt_kernels.linear_cross_entropy_fwd.default, (x, w, t, b, -100))
+    # (aot_dispatch is left to test_torch_compile_fullgraph_cpu: it costs ~10 s here)
+    utils = ("test_schema", "test_autograd_registration", "test_faketensor")
+    torch.library.opcheck(torch.ops.gpt_kernels.linear_cross_entropy_fwd.default, (x, w, t, b, -100),
+                          test_utils=utils)
     _loss, lse = torch.ops.gpt_kernels.linear_cross_entropy_fwd(x, w, t, b, -100)
     g = torch.rand(19)
     torch.library.opcheck(torch.ops.gpt_kernels.linear_cross_entropy_bwd.default,
-                          (g, x.detach(), w.detach(), t, b, lse, -100, True, True, bias))
+                          (g, x.detach(), w.detach(), t, b, lse, -100, True, True, bias), test_utils=utils)
 
 
 def test_torch_compile_fullgraph_cpu(kernel_path):
-    x, w, b, t = _inputs((2, 19), 300, 64, bias=True, ignore_every=5)
+    x, w, b, t = _inputs((2, 9), 300, 64, bias=True, ignore_every=5)
     fn = torch.compile(lambda x, w, t, b: linear_cross_entropy(x, w, t, b), fullgraph=True, backend="aot_eager")
     got = _run(fn, x, w, b, t)
     want = _run(linear_cross_entropy, x, w, b, t)
@@ -244,8 +247,8 @@ def test_fused_model_loss_equals_the_logits_path(kernel_path):
 
     torch.manual_seed(0)
     model = GPTModel(SMALL_CFG).to(DEVICE)
-    idx = torch.randint(0, 300, (2, 19), device=DEVICE)
-    targets = torch.randint(0, 300, (2, 19), device=DEVICE)
+    idx = torch.randint(0, 300, (2, 9), device=DEVICE)
+    targets = torch.randint(0, 300, (2, 9), device=DEVICE)
     targets[0, :4] = -100
     fused = model.loss(idx, targets)
     g_fused = _model_grads(model, fused)
@@ -322,8 +325,11 @@ _MEMORY_SCRIPT = textwrap.dedent("""
 def _fallback_peak_mib(tmp_path, d):
     script = tmp_path / "mem.py"
     script.write_text(_MEMORY_SCRIPT)
+    # Large blocks straight from mmap and back on free: the peak RSS then tracks live tensors (glibc
+    # would otherwise keep freed chunks cached below a moving threshold, adding tens of MiB of noise).
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
     r = subprocess.run([sys.executable, str(script), str(ROOT), str(d)], capture_output=True, text=True,
-                       timeout=600)
+                       timeout=600, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     slack, fwd, bwd, loss = (float(v) for v in r.stdout.split())
     assert slack < 16, f"{slack:.0f} MiB of freed memory below the peak would hide growth"
@@ -342,8 +348,8 @@ def test_fallback_peak_memory_stays_far_below_the_logits(tmp_path, d):
     ``-m slow``; the logits' size does not depend on d."""
     fwd, bwd = _fallback_peak_mib(tmp_path, d)
     grads_mib = (50257 + 2048) * d * 4 / 2**20
-    assert fwd < 0.2 * LOGITS_MIB, f"forward grew the peak RSS by {fwd:.0f} MiB"
-    assert bwd < grads_mib + 0.2 * LOGITS_MIB, f"fwd+bwd grew the peak RSS by {bwd:.0f} MiB (grads {grads_mib:.0f})"
+    assert fwd < 0.15 * LOGITS_MIB, f"forward grew the peak RSS by {fwd:.0f} MiB"
+    assert bwd < grads_mib + 0.15 * LOGITS_MIB, f"fwd+bwd grew the peak RSS by {bwd:.0f} MiB (grads {grads_mib:.0f})"
 
 
 # ---------------------------------------------------------------------------------------------------

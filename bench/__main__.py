@@ -9,7 +9,8 @@
 Benchmarks: ``bench.layernorm_gelu`` (LayerNorm, add+LayerNorm, GELU; GB/s), ``bench.attention``
 (causal flash attention fwd/bwd vs every SDPA backend and the book's attention, TFLOP/s; decode
 attention vs SDPA, µs and GB/s), ``bench.loss`` (fused linear + cross-entropy vs the eager/compiled/Liger
-head + loss, ms and peak MiB; GPT-2 training step with and without it at the largest batch that fits), ``bench.model`` (GPT-2 training step and generation, tokens/s), ``bench.prepare`` (corpus preparation
+head + loss, ms and peak MiB; GPT-2 training step with and without it at the largest batch that fits), ``bench.model`` (GPT-2 training step and generation, tokens/s), ``bench.batch_generate``
+(``generate_batch`` on 64 ragged prompts vs one at a time and HF ``generate``, tokens/s), ``bench.prepare`` (corpus preparation
 tokens/s and MB/s vs a plain tiktoken loop; a CPU benchmark, real on any machine).
 Every row records ours, each baseline, the speed-ups, the achieved TFLOP/s or GB/s and its fraction of
 the ceiling measured at the start of the same run (copy bandwidth, bf16 matmul); the header records
@@ -85,7 +86,10 @@ def run_part(part: str, *, quick: bool, device: str, ceilings: dict, use_compile
 
     if part == "train":
         return model.run_train(quick, device=device, ceilings=ceilings, use_compile=use_compile)
-    return model.run_generate(quick, device=device, ceilings=ceilings)
+    from bench import batch_generate
+
+    return (model.run_generate(quick, device=device, ceilings=ceilings)
+            + batch_generate.run(quick, device=device, ceilings=ceilings))
 
 
 def main(argv=None) -> int:

@@ -29,7 +29,8 @@ def test_python_m_bench_quick_writes_json_markdown_and_plots(tmp_path):
     payload = json.loads(js.read_text())
     assert {"device", "torch", "triton"} <= set(payload["env"]) and payload["ceilings"]["copy_gbs"] > 0
     names = {row["name"] for row in payload["rows"]}
-    assert {"attention fwd", "attention fwd+bwd", "decode_attention", "train step", "layer_norm fwd"} <= names
+    assert {"attention fwd", "attention fwd+bwd", "decode_attention", "train step", "layer_norm fwd",
+            "generate_batch"} <= names
     assert not payload["errors"]
     assert list(tmp_path.glob("*.md")) and list(tmp_path.glob("*.png"))
 

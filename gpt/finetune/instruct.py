@@ -98,3 +98,23 @@ def custom_collate_fn(batch, pad_token_id: int = PAD_ID, ignore_index: int = IGN
 def extract_response(generated_text: str, prompt: str) -> str:
     """The model's answer: what follows the prompt, without the ``### Response:`` header."""
     return generated_text[len(prompt):].replace("### Response:", "").strip()
+
+
+def generate_responses(model, entries: list[dict], tokenizer, max_new_tokens: int, *,
+                       batch_size: int | None = None, progress: bool = False) -> list[str]:
+    """The model's greedy answer to every entry (as ``extract_response`` cuts it), all generated together
+    with ``gpt.generate_batch`` (ragged prompts, each row stops at end-of-text); each answer equals
+    generating for that entry alone."""
+    import sys
+
+    from tqdm import tqdm
+
+    from ..batch_generate import iter_batch
+    from ..tokenizer import text_to_token_ids
+
+    prompts = [text_to_token_ids(format_input(e), tokenizer)[0] for e in entries]  # 1-D each
+    answers = [""] * len(entries)
+    rows = iter_batch(model, prompts, max_new_tokens, eos_id=PAD_ID, batch_size=batch_size)
+    for i, ids in tqdm(rows, total=len(entries), desc="responses", file=sys.stdout, disable=not progress):
+        answers[i] = tokenizer.decode(ids).replace("### Response:", "").strip()
+    return answers

@@ -6,8 +6,10 @@ validation loss and a text sample, into a run folder ``runs/pretrain``. On CUDA 
 ``gpt2-small`` in bf16. Subcommands: ``classify`` (TSV ``label<TAB>text``, the book's spam classifier)
 and ``instruct`` (Alpaca JSON). Under ``torchrun --nproc_per_node=N`` the same script trains with DDP.
 
-A run folder holds ``config.json``, ``metrics.jsonl``, ``ckpt-last.pt`` (atomic), ``ckpt-best.pt`` and
-``loss.png``; ``--resume`` continues a run exactly. Bad input prints one line on stderr, exit code 2.
+A run folder holds ``config.json`` (with the run's arguments), ``metrics.jsonl``, ``ckpt-last.pt``
+(atomic), ``ckpt-best.pt``, ``loss.png`` and ``.lock`` (one process per folder); ``--resume`` continues a
+run exactly with its stored arguments. Ctrl-C/SIGTERM save and exit 130/143; bad input prints one line on
+stderr, exit code 2. ``python train.py COMMAND --help`` lists a command's flags.
 """
 
 from __future__ import annotations

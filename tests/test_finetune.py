@@ -90,3 +90,75 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     with pytest.raises(TrainingDiverged, match="loss is nan at step 3"):
         train(model, spec, cfg, tmp_path, torch.device("cpu"), log=lambda *a: None)
     assert torch.load(tmp_path / "ckpt-last.pt", weights_only=True)["step"] == 2
+
+
+def test_classification_dataset_pads_to_the_given_length_as_the_book():
+    class Tok:
+        def encode(self, text):
+            return [ord(c) for c in text]
+
+    ds = C.ClassificationDataset([("a", "xy"), ("b", "x")], ["a", "b"], Tok(), max_length=4)
+    assert ds.max_length == 4 and ds[1][0].tolist() == [120, 50256, 50256, 50256]
+    assert C.ClassificationDataset([("a", "xyzw")], ["a"], Tok(), limit=3).max_length == 3
+    assert C.ClassificationDataset([("a", "xy")], ["a"], Tok(), limit=3).max_length == 2
+
+
+def load_train_module():
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("train_cli", Path(__file__).resolve().parents[1] / "train.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+class CharTok:
+    def encode(self, text):
+        return [ord(c) % 200 for c in text]
+
+
+class LengthSensitive(torch.nn.Module):
+    """Right (class 1 for texts starting with 's') only when the input has exactly ``length`` tokens: its
+    accuracy depends on the padding, as a real GPT's last-token logits do."""
+
+    def __init__(self, length: int):
+        super().__init__()
+        self.length = length
+
+    def forward(self, x):  # (b, T) -> (b, T, 2)
+        spam = (x[:, :1] == ord("s")).float().expand(-1, x.shape[1]) if x.shape[1] == self.length \
+            else torch.zeros(x.shape, dtype=torch.float32)
+        return torch.stack([1 - spam, spam], dim=-1)
+
+
+def test_classify_reports_accuracy_at_the_training_length(tmp_path):
+    import json
+
+    from gpt.config import GPTConfig
+
+    train_py = load_train_module()
+    g = torch.Generator().manual_seed(4)
+    rows = [(label, label[0] + "x" * int(torch.randint(1, 30, (1,), generator=g)))
+            for label in ("ham", "spam") for _ in range(30)]
+    args = train_py.parse_args(["classify", "--batch-size", "4"])
+    args.data = ["rows.tsv"]
+    spec, _, finish = train_py.classify_spec(args, None, GPTConfig.from_preset("tiny"), CharTok(), "cpu", rows)
+    train_rows, val_rows, test_rows, labels = C.balance_and_split(rows, seed=args.seed)
+    length = max(len(t) for _, t in train_rows)  # independently: the longest training text
+    assert spec.extra["max_length"] == length
+    assert max(len(t) for _, t in val_rows + test_rows) < length  # (the case that matters)
+    model = LengthSensitive(length)
+    finish(model, tmp_path)
+    assert json.loads((tmp_path / "accuracy.json").read_text()) == {"train": 1.0, "val": 1.0, "test": 1.0}
+    # The predict path agrees, one text at a time.
+    assert all(C.classify_text(model, t, CharTok(), labels, "cpu", length) == label for label, t in test_rows)
+
+
+def test_classify_refuses_an_empty_split(tmp_path):
+    train_py = load_train_module()
+    path = tmp_path / "few.tsv"
+    path.write_text("".join(f"{label}\t{label} text {i}\n" for label in ("ham", "spam") for i in range(4)))
+    args = train_py.parse_args(["classify", "--data", str(path)])
+    with pytest.raises(ValueError, match=r"split 70/10/20 into 5/0/3; every split needs a row"):
+        train_py.classify_spec(args, None, None, CharTok(), "cpu", C.read_tsv(path))

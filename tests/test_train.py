@@ -139,6 +139,19 @@ def test_classify_and_predict(tmp_path, spam_subset):
     assert "val_acc" in rows[2] and "train_acc" in rows[2]
     ckpt = torch.load(out / "ckpt-last.pt", weights_only=True)
     assert ckpt["extra"]["labels"] == ["ham", "spam"] and ckpt["model"]["out_head.weight"].shape[0] == 2
+    # The reported test accuracy, recomputed independently: the saved model on each test text alone, padded
+    # to the training length as the book does (val/test padded to their own longest text once gave 54% for 85%).
+    from gpt.config import GPTConfig
+    from gpt.finetune import classify as C
+    from gpt.model import GPTModel
+    from gpt.tokenizer import get_tokenizer
+
+    _, _, test_rows, labels = C.balance_and_split(C.read_tsv(spam_subset), seed=123)
+    model = C.make_classifier(GPTModel(GPTConfig.from_dict(ckpt["config"])), 2)
+    model.load_state_dict(ckpt["model"])
+    hits = sum(C.classify_text(model, text, get_tokenizer(), labels, "cpu", ckpt["extra"]["max_length"]) == label
+               for label, text in test_rows)
+    assert acc["test"] == hits / len(test_rows)
     r = run_train("classify", "--init", out, "--predict", "WINNER!! Claim your free prize now", timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.strip().splitlines()[-1] in {"ham", "spam"}

@@ -41,14 +41,22 @@ def _draw_arg(data, name, shape, dtype, grad, scale=1.0):
             (k_src, r_src))
 
 
-def _backward_and_compare(outs, ref_outs, dys, leaves, tol, label):
+def _backward_and_compare(outs, ref_outs, dys, leaves, tol, label, peer_grads=None):
+    """Outputs within ``tol``, gradients within ``2 tol``, or (ill-conditioned cases, e.g. LayerNorm
+    of 2 nearly equal values) within twice the error of PyTorch's own op in the same dtype
+    (``peer_grads``: name -> gradient)."""
     for i, (o, r) in enumerate(zip(outs, ref_outs)):
         assert o.dtype == outs[0].dtype and o.shape == r.shape
         assert_close_to_ref(o, r, tol, f"{label} out {i}")
     torch.autograd.backward(list(outs), [d[0] for d in dys])
     torch.autograd.backward(list(ref_outs), [d[1] for d in dys])
     for name, (k_src, r_src) in leaves.items():
-        assert_close_to_ref(k_src.grad, r_src.grad, 2 * tol, f"{label} grad {name}")
+        gtol = 2 * tol
+        if peer_grads is not None:
+            e = r_src.grad
+            peer_err = (peer_grads[name].double() - e).abs().max().item()
+            gtol = max(gtol, 2 * peer_err / max(1.0, e.abs().max().item()))
+        assert_close_to_ref(k_src.grad, r_src.grad, gtol, f"{label} grad {name}")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -86,7 +94,28 @@ def _layer_norm_case(data, path):
             refs = (ref.layer_norm_ref(args["x"][1], args["weight"][1], args["bias"][1], eps),)
         # the reference rounds like the op: the sum to the input dtype, the output to it
         refs = [r.to(o.dtype).double() if fused and i == 1 else r for i, (o, r) in enumerate(zip(outs, refs))]
-        _backward_and_compare(outs, refs, dys, leaves, TOL[dtype], label)
+        _backward_and_compare(outs, refs, dys, leaves, TOL[dtype], label,
+                              _layer_norm_peer_grads(args, leaves, dys, eps, fused, dtype))
+
+
+def _layer_norm_peer_grads(args, leaves, dys, eps, fused, dtype):
+    """Gradients of torch's own LayerNorm on the same values in the op's dtype (fp32 parameters cast)."""
+    p = {n: leaves[n][0].detach().clone().requires_grad_() for n in leaves}
+
+    def view(name):
+        if args[name][0] is None:
+            return None
+        lay_src = p[name]  # rebuild the logical tensor from the compact source (stride-0 expands)
+        return lay_src.expand(args[name][0].shape) if lay_src.shape != args[name][0].shape else lay_src
+
+    x = view("x")
+    s = x + view("residual") if fused else x
+    w, b = view("weight"), view("bias")
+    y = torch.nn.functional.layer_norm(s, (s.shape[-1],), None if w is None else w.to(dtype),
+                                       None if b is None else b.to(dtype), eps)
+    outs = [y, s] if fused else [y]
+    torch.autograd.backward(outs, [d[0].to(dtype) for d in dys])
+    return {n: t.grad for n, t in p.items()}
 
 
 @pytest.mark.parametrize("path", PATHS)
@@ -239,3 +268,19 @@ def test_regression_fallback_attention_last_dim_stride(causal, arg):
     assert_close_to_ref(out, want, 2e-5, f"{arg} strided: out")
     for n in ("q", "k", "v"):
         assert_close_to_ref(leaves[n].grad, r[n].grad, 1e-4, f"{arg} strided: grad {n}")
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_regression_layer_norm_two_nearly_equal_values(path):
+    """Found by test_fuzz_layer_norm_slow[fallback] (fp32, N=2, eps=1e-6): the gradient is a cancellation
+    scaled by rstd, ill-conditioned in fp32 for every implementation; within 2x torch's own fp32 error."""
+    x = torch.tensor([[0.30, 0.3004], [-1.0, -1.002]], requires_grad=True)
+    dy = torch.tensor([[0.7, -0.2], [0.1, 0.9]])
+    x64 = x.detach().double().requires_grad_()
+    x32 = x.detach().clone().requires_grad_()
+    with kernel_path_env(path):
+        layer_norm(x, eps=1e-6).backward(dy)
+    ref.layer_norm_ref(x64, eps=1e-6).backward(dy.double())
+    torch.nn.functional.layer_norm(x32, (2,), eps=1e-6).backward(dy)
+    peer = (x32.grad.double() - x64.grad).abs().max().item()
+    assert (x.grad.double() - x64.grad).abs().max().item() <= 2 * peer + 1e-6 * x64.grad.abs().max().item()

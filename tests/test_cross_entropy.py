@@ -298,7 +298,7 @@ def test_training_loss_helper_uses_model_loss_through_wrappers(fallback_path):
 # Memory: the fallback never holds the (N, V) logits
 # ---------------------------------------------------------------------------------------------------
 _MEMORY_SCRIPT = textwrap.dedent("""
-    import os, resource, sys
+    import os, sys
     os.environ["TRITON_INTERPRET"] = "0"
     sys.path.insert(0, sys.argv[1])
     import torch
@@ -310,15 +310,18 @@ _MEMORY_SCRIPT = textwrap.dedent("""
     t = torch.randint(0, V, (N,), generator=g)
     linear_cross_entropy(x[:4], w[:50], t[:4] % 50).backward()  # warm-up (library init), tiny
     w.grad = x.grad = None
-    page = os.sysconf("SC_PAGE_SIZE")
-    rss = lambda: int(open("/proc/self/statm").read().split()[1]) * page / 2**20  # current RSS, MiB
-    peak = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # peak RSS so far, MiB
+    def status(key):  # MiB
+        line = next(ln for ln in open("/proc/self/status") if ln.startswith(key + ":"))
+        return int(line.split()[1]) / 1024
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset the peak RSS (VmHWM) to the current RSS
+    peak = lambda: status("VmHWM")  # noqa: E731
     base = peak()
-    slack = base - rss()  # freed headroom below the peak, which would hide growth
+    slack = base - status("VmRSS")  # must be ~0 after the reset: nothing hides growth
     loss = linear_cross_entropy(x, w, t)
     fwd = peak()
     loss.backward()
-    print(slack, fwd - base, peak() - base, float(loss))
+    print(slack, fwd - base, peak() - base, float(loss.detach()))
 """)
 
 
@@ -344,7 +347,8 @@ LOGITS_MIB = 2048 * 50257 * 4 / 2**20  # fp32 logits of N=2048, V=50,257: 393 Mi
 def test_fallback_peak_memory_stays_far_below_the_logits(tmp_path, d):
     """N=2048, V=50,257 fp32 in a fresh process: the logits alone would be 412 MB, their gradient as much.
     The forward may grow the peak RSS by a few chunks at most; forward+backward by the gradients
-    themselves (dW, dx) plus a few chunks. d=768 (GPT-2) costs ~0.6 TFLOP on the CPU, so it runs under
+    themselves (dW, dx) plus a few chunks. Peak RSS is Linux's VmHWM, reset just before the call.
+    d=768 (GPT-2) costs ~0.6 TFLOP on the CPU, so it runs under
     ``-m slow``; the logits' size does not depend on d."""
     fwd, bwd = _fallback_peak_mib(tmp_path, d)
     grads_mib = (50257 + 2048) * d * 4 / 2**20

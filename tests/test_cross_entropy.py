@@ -85,8 +85,9 @@ def test_fp32_loss_and_grads_match_fp64(kernel_path, lead, V, d, bias):
 
 
 def test_gpt2_vocab_50257_on_the_fallback(fallback_path):
-    x, w, b, t = _inputs((2, 33), 50257, 64, bias=True, ignore_every=7)
-    grad = torch.rand(2, 33, generator=torch.Generator().manual_seed(2))
+    """100 rows: two chunks of the fallback (83 rows of 50,257 logits each)."""
+    x, w, b, t = _inputs((2, 50), 50257, 64, bias=True, ignore_every=7)
+    grad = torch.rand(2, 50, generator=torch.Generator().manual_seed(2))
     got = _run(linear_cross_entropy, x, w, b, t, grad=grad, reduction="none")
     want = _ref64(x, w, b, t, grad=grad, reduction="none")
     _compare(got, want, 1e-5, 1e-5, "V=50257")

@@ -130,6 +130,23 @@ def test_each_prompt_prefilled_once_then_batched_decode(fallback_path, monkeypat
     assert decodes == [[4 + i, 9 + i, 2 + i] for i in range(4)]  # every row at its own position
 
 
+@pytest.mark.gpu
+def test_cuda_graph_decode_equals_eager_and_single():
+    """On CUDA the ragged decode step is replayed from a CUDA graph: same tokens as eager and as alone."""
+    fused, _ = _models(n_layers=2)
+    fused = fused.cuda()
+    prompts = [p.cuda() for p in _prompts([1, 7, 30, 31, 45, 12, 3])]
+    want = _singles(fused, prompts, 10, cuda_graph=False)
+    eos = want[1][3]
+    want_eos = _singles(fused, prompts, 10, eos_id=eos, cuda_graph=False)
+    assert generate_batch(fused, prompts, 10, batch_size=3, cuda_graph=False) == want
+    assert generate_batch(fused, prompts, 10, batch_size=3, cuda_graph=True) == want
+    assert generate_batch(fused, prompts, 10, batch_size=16, eos_id=eos) == want_eos  # graph by default
+    g = [torch.Generator(device="cuda").manual_seed(3) for _ in range(2)]
+    a = generate_batch(fused, prompts, 10, temperature=1.0, generator=g[0], batch_size=3, cuda_graph=True)
+    assert a == generate_batch(fused, prompts, 10, temperature=1.0, generator=g[1], batch_size=3, cuda_graph=False)
+
+
 # ------------------------------------------------------------------------------------------- sampling
 def test_seeded_sampling_reproducible(fallback_path):
     fused, _ = _models()

@@ -79,7 +79,9 @@ def test_fp16_error_at_most_twice_pytorch_fp16(kernel_path, B, H, Tq, Tk, D, cau
         err = (a.double() - e).abs().max().item()
         err_torch = (t.double() - e).abs().max().item()
         # A tiny floor (1/8 fp16 ulp of the largest value) for cases where both are only rounding-limited.
-        floor = 2.0 ** -13 * e.abs().max().item()
+        # A gradient that is exactly zero in exact arithmetic (dq when each query sees one key: dS = P∘(dP
+        # − rowsum(dO∘O)) cancels) keeps a residue of O's fp16 rounding: take the floor at O's scale.
+        floor = 2.0 ** -13 * (e.abs().max().item() or want[0].abs().max().item())
         assert err <= 2 * err_torch + floor, (
             f"{name} [{kernel_path}]: max error {err:.3g} > 2 × PyTorch fp16's {err_torch:.3g} + {floor:.3g}")
 

@@ -530,7 +530,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     check_device(args.device)
     from gpt.tokenizer import get_tokenizer
-    from gpt.training import LoopConfig, init_distributed, train
+    from gpt.training import LoopConfig, autocast_context, init_distributed, train
 
     d, device = init_distributed(args.device)
     tokenizer = get_tokenizer()
@@ -593,6 +593,10 @@ def main(argv=None) -> int:
                       weight_decay=args.weight_decay, clip=args.clip, dtype=dtype, eval_every=args.eval_every,
                       save_every=args.save_every if args.save_every is not None else args.eval_every,
                       save_every_minutes=args.save_every_minutes, seed=args.seed, desc=args.command)
+    autocast_context(dtype, device)  # (fp16 without CUDA is an error now, not after the folder is written)
+    if len(spec.train_data) < args.batch_size * d.world:
+        raise ValueError(f"the training split holds {len(spec.train_data)} examples, fewer than one global batch "
+                         f"of {args.batch_size * d.world}: use more data or a smaller --batch-size")
     lock = None
     try:
         if d.main:

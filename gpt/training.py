@@ -273,7 +273,7 @@ def plot_losses(out: Path) -> None:
         return
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot([r["step"] for r in rows], [r["train_loss"] for r in rows], label="train", lw=1)
-    val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
+    val = [(r["step"], r["val_loss"]) for r in rows if r.get("val_loss") is not None]
     if val:
         ax.plot(*zip(*val), "o-", label="validation")
     ax.set_xlabel("step")
@@ -412,7 +412,8 @@ def train(model: nn.Module, spec: TrainSpec, cfg: LoopConfig, out: Path, device:
                         checkpoint(step, "ckpt-best.pt", with_optimizer=False)
                     t_last = time.perf_counter()  # evaluation is not training throughput
                 if metrics is not None:
-                    metrics.write(json.dumps(row) + "\n")
+                    metrics.write(json.dumps({k: None if isinstance(v, float) and not math.isfinite(v) else v
+                                              for k, v in row.items()}) + "\n")  # strict JSON: NaN -> null
                     metrics.flush()
                 due = step % cfg.save_every == 0 or step == cfg.steps
                 if cfg.save_every_minutes is not None and d.main:  # only rank 0 writes: no need to agree

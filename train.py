@@ -157,6 +157,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         build_parser(None).error(f"unknown command {argv[0]!r} (choose from {', '.join(COMMANDS)})")
     p = build_parser(command)
     args = p.parse_args(argv)
+    for name in ("out", "preset", "init", "device"):
+        if getattr(args, name) == "":
+            p.error(f"--{name} must not be empty")
     bare = build_parser(command)  # the same flags with no defaults: which ones the user typed
     for action in bare._actions:
         action.default = argparse.SUPPRESS
@@ -250,7 +253,7 @@ def stored_form(name: str, value):
     return value
 
 
-def resume_args(args: argparse.Namespace, path: Path) -> argparse.Namespace:
+def resume_args(args: argparse.Namespace, path: Path, world: int = 1) -> argparse.Namespace:
     """The run's stored arguments, with the flags a resumed run may change taken from the command line."""
     check_folder(path)
     config_path = path / "config.json"
@@ -266,6 +269,9 @@ def resume_args(args: argparse.Namespace, path: Path) -> argparse.Namespace:
     if stored.get("command") != args.command:
         raise ValueError(f"{path} holds a {stored.get('command')} run, not {args.command}; resume it with "
                          f"`train.py {stored.get('command')} --resume --out {path}`")
+    if stored.get("world_size", world) != world:  # the global batch and the data order depend on it
+        raise ValueError(f"the run in {path} used {stored['world_size']} processes, this is {world}; resume it "
+                         f"with {stored['world_size']}")
     for name in sorted(args.given - RESUMABLE - NOT_STORED):
         new, old = stored_form(name, getattr(args, name)), saved.get(name)
         if new != old:
@@ -337,7 +343,7 @@ def build_model(args, device, extra_cfg=None):
     if args.init:
         model = cls.from_pretrained(args.init, **(extra_cfg or {}))
         return model, model.cfg, backend, None
-    preset = args.preset or ("gpt2-small" if device.type == "cuda" else "tiny")
+    preset = args.preset if args.preset is not None else ("gpt2-small" if device.type == "cuda" else "tiny")
     cfg = GPTConfig.from_preset(preset, **(extra_cfg or {}))
     return cls(cfg), cfg, backend, None
 
@@ -540,7 +546,7 @@ def main(argv=None) -> int:
     # Everything is read and checked before the run folder is touched: bad input leaves no files behind.
     if args.resume:
         out = Path(args.out or f"runs/{args.command}")
-        args = resume_args(args, out)
+        args = resume_args(args, out, d.world)
     else:
         out = choose_run_folder(args.out, args.command) if d.main else None
         if d.world > 1:

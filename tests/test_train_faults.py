@@ -329,10 +329,12 @@ def test_resume_of_another_command_or_a_broken_checkpoint(micro, reference, tmp_
     cases = [(["classify", "--out", out, "--resume"], "holds a pretrain run"),
              (["--out", tmp_path / "nothing", "--resume"], "nothing to resume")]
     for args, match in cases:
-        assert cli(*args) == 2
+        assert cli(*args) == 2, args
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and match in err[0], err
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    with pytest.raises(ValueError, match="used 1 processes, this is 2"):
+        TRAIN.resume_args(TRAIN.parse_args(["--resume"]), out, world=2)
     ckpt = torch.load(out / "ckpt-last.pt", weights_only=True)
     for name, broken, match in [("shape", lambda c: c["model"].update(
             {"tok_emb.weight": torch.zeros(3, 16)}), "does not fit the model"),
@@ -389,7 +391,8 @@ def test_bad_input_exits_2_and_writes_nothing(micro, tmp_path, capsys):
     ["--lr", "0"], ["--lr", "nan"], ["--lr", "-1e-3"], ["--context-length", "0"], ["--warmup", "-1"],
     ["--clip", "-1"], ["--clip", "inf"], ["--weight-decay", "-0.1"], ["--epochs", "0"], ["--epochs", "-2"],
     ["--seed", "-1"], ["--steps", "0"], ["--save-every-minutes", "0"], ["--batch-size", "x"],
-    ["instruct", "--max-new-tokens", "-1"], ["classify", "--context-length", "64"], ["bogus"],
+    ["instruct", "--max-new-tokens", "-1"], ["classify", "--context-length", "64"], ["bogus"], ["--out", ""],
+    ["--preset", ""],
 ])
 def test_numeric_flags_are_validated_before_anything_runs(argv, capsys):
     with pytest.raises(SystemExit) as e:

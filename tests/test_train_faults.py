@@ -182,6 +182,36 @@ def test_signal_saves_and_resume_is_bit_exact_and_the_folder_is_locked(micro, re
     assert_same_weights(reference, out)
 
 
+@pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_one_signal_finishes_the_step_and_saves_a_second_aborts(tmp_path, sig, code):
+    from gpt.config import GPTConfig
+    from gpt.reference import GPTModel
+    from gpt.training import Interrupted, LoopConfig, TrainSpec, train
+
+    model = GPTModel(GPTConfig(vocab_size=32, context_length=8, emb_dim=16, n_heads=2, n_layers=1, drop_rate=0.0))
+    data = [(torch.randint(0, 32, (8,)), torch.randint(0, 32, (8,))) for _ in range(8)]
+    for times, saved in ((1, {"ckpt-last.pt": 3}), (2, {})):
+        calls = {"n": 0}
+
+        def loss_fn(m, batch, device, times=times, calls=calls):
+            calls["n"] += 1
+            if calls["n"] == 3:  # in the middle of step 3
+                for _ in range(times):
+                    os.kill(os.getpid(), sig)
+            return torch.nn.functional.cross_entropy(m(batch[0]).flatten(0, 1), batch[1].flatten())
+
+        spec = TrainSpec(train_data=data, collate=lambda items: tuple(torch.stack(t) for t in zip(*items)),
+                         loss_fn=loss_fn, evaluate=lambda m: {"val_loss": 1.0})
+        out = tmp_path / str(times)
+        out.mkdir()
+        handler = signal.getsignal(sig)
+        with pytest.raises(Interrupted) as e:
+            train(model, spec, LoopConfig(steps=6, batch_size=2, save_every=100, eval_every=100), out,
+                  torch.device("cpu"), log=lambda *a: None)
+        assert e.value.exit_code == code and signal.getsignal(sig) is handler  # the handler is restored
+        assert check_checkpoints(out) == saved
+
+
 # ------------------------------------------------------------------------------ NaN, disk full
 def test_exploding_run_never_saves_non_finite_weights(micro, tmp_path, capsys):
     out = tmp_path / "run"

@@ -75,6 +75,13 @@ def kernel_path(request, monkeypatch):
 
 
 @pytest.fixture
+def device(kernel_path):
+    """Where a ``kernel_path`` test builds its tensors: CUDA on a CUDA machine (so the "interpreter" case
+    runs the compiled kernels, not the CPU fallback), else CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() and kernel_path == "interpreter" else "cpu")
+
+
+@pytest.fixture
 def fallback_path(monkeypatch):
     """Run kernel ops on their pure-PyTorch fallback instead of the Triton interpreter."""
     monkeypatch.setenv("TRITON_INTERPRET", "0")

@@ -71,9 +71,22 @@ def source_shape(shape, layout: str, dim0: int = 0) -> tuple[int, ...]:
     return tuple(shape)
 
 
+CUDA = torch.cuda.is_available()
+
+
+def path_device(path: str) -> torch.device:
+    """Where a test of ``path`` builds its tensors: on a CUDA machine the ``"interpreter"`` case means the
+    compiled kernels (tests/conftest.py's ``kernel_path``), so CUDA; otherwise CPU."""
+    return torch.device("cuda" if CUDA and path == "interpreter" else "cpu")
+
+
 @contextmanager
 def kernel_path_env(path: str):
-    """Run ops on ``"interpreter"`` (TRITON_INTERPRET=1, kernels imported under it) or ``"fallback"``."""
+    """Run ops on ``"interpreter"`` (TRITON_INTERPRET=1, kernels imported under it) or ``"fallback"``.
+    On a CUDA machine ``"interpreter"`` leaves the environment alone: CUDA tensors run compiled."""
+    if CUDA and path == "interpreter":
+        yield
+        return
     old = os.environ.get("TRITON_INTERPRET")
     os.environ["TRITON_INTERPRET"] = "1" if path == "interpreter" else "0"
     try:

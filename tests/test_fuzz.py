@@ -1,13 +1,18 @@
 """Differential fuzzing with hypothesis: every op against its fp64 reference over shapes, strides
 (NaN-guarded contiguous / strided / transposed / stride-0 views, see tests/guard_utils.py), dtypes
 (fp32, fp16, bf16) and flags (causal, softmax_scale, approximate, eps, lengths), forward and backward,
-on the interpreter and on the fallback.
+on the interpreter and on the fallback; on a CUDA machine the "interpreter" case builds CUDA tensors
+(the compiled kernels) and the fallback case is skipped, as tests/conftest.py's ``kernel_path`` does.
 
-The default run is a small derandomized budget; ``pytest -m slow`` runs a larger random one. A failing
-example found here becomes a fixed regression case (``REGRESSIONS`` below, or an ``@example``).
+The default run is a small derandomized budget; ``pytest -m slow`` runs a larger random one
+(``FUZZ_MAX_EXAMPLES`` examples per test, 150 unless set: on a GPU every new shape and stride pattern
+compiles new kernels, so bench/gpu_session.sh sets a budget that fits its time). A failing example found
+here becomes a fixed regression case (``REGRESSIONS`` below, or an ``@example``).
 """
 
 from __future__ import annotations
+
+import os
 
 import pytest
 import torch
@@ -16,27 +21,38 @@ from hypothesis import strategies as st
 
 from kernels import add_layer_norm, decode_attention, flash_attention, gelu, layer_norm
 from kernels import reference as ref
-from tests.guard_utils import LAYOUTS, assert_close_to_ref, guarded, kernel_path_env, plain, source_shape
+from tests.guard_utils import (
+    CUDA,
+    LAYOUTS,
+    assert_close_to_ref,
+    guarded,
+    kernel_path_env,
+    path_device,
+    plain,
+    source_shape,
+)
 
-PATHS = ["interpreter", "fallback"]
+PATHS = ["interpreter", pytest.param("fallback", marks=pytest.mark.skipif(
+    CUDA, reason="on CUDA the kernels run compiled, once (the 'interpreter' case)"))]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # Tolerance (relative to max(1, |ref|max) + |ref|) per dtype; gradients get twice as much.
 TOL = {torch.float32: 5e-5, torch.float16: 5e-3, torch.bfloat16: 3e-2}
 
 FAST = settings(derandomize=True, max_examples=6, deadline=None, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-SLOW = settings(max_examples=150, deadline=None, database=None,
+SLOW = settings(max_examples=int(os.environ.get("FUZZ_MAX_EXAMPLES", "150")), deadline=None, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 
-def _draw_arg(data, name, shape, dtype, grad, scale=1.0):
-    """A random tensor of ``shape`` in a random NaN-guarded layout: (kernel view, fp64 view, leaves)."""
+def _draw_arg(data, name, shape, dtype, grad, device, scale=1.0):
+    """A random tensor of ``shape`` in a random NaN-guarded layout: (kernel view on ``device``, fp64 view
+    on the CPU, leaves)."""
     lay = data.draw(st.sampled_from(LAYOUTS), label=f"{name} layout")
     dim0 = data.draw(st.integers(0, len(shape) - 1), label=f"{name} stride-0 dim") if lay == "stride0" else 0
     seed = data.draw(st.integers(0, 2**16), label=f"{name} seed")
     src = (torch.randn(source_shape(shape, lay, dim0), generator=torch.Generator().manual_seed(seed)) * scale)
-    k_src = src.to(dtype).requires_grad_(grad)
-    r_src = k_src.detach().double().requires_grad_(grad)
+    k_src = src.to(device=device, dtype=dtype).requires_grad_(grad)
+    r_src = k_src.detach().cpu().double().requires_grad_(grad)
     return (guarded(k_src, lay, dim0=dim0, size0=shape[dim0]), plain(r_src, lay, dim0=dim0, size0=shape[dim0]),
             (k_src, r_src))
 
@@ -54,7 +70,7 @@ def _backward_and_compare(outs, ref_outs, dys, leaves, tol, label, peer_grads=No
         gtol = 2 * tol
         if peer_grads is not None:
             e = r_src.grad
-            peer_err = (peer_grads[name].double() - e).abs().max().item()
+            peer_err = (peer_grads[name].cpu().double() - e).abs().max().item()
             gtol = max(gtol, 2 * peer_err / max(1.0, e.abs().max().item()))
         assert_close_to_ref(k_src.grad, r_src.grad, gtol, f"{label} grad {name}")
 
@@ -64,6 +80,7 @@ def _backward_and_compare(outs, ref_outs, dys, leaves, tol, label, peer_grads=No
 # ---------------------------------------------------------------------------------------------------
 
 def _layer_norm_case(data, path):
+    device = path_device(path)
     dtype = data.draw(st.sampled_from(DTYPES), label="dtype")
     lead = data.draw(st.lists(st.integers(1, 4), min_size=1, max_size=2), label="lead dims")
     N = data.draw(st.sampled_from([1, 2, 7, 16, 33, 64, 100]), label="N")
@@ -74,16 +91,16 @@ def _layer_norm_case(data, path):
     args, leaves = {}, {}
     names = ["x", "residual"] if fused else ["x"]
     for name in names:
-        k, r, leaves[name] = _draw_arg(data, name, shape, dtype, True)
+        k, r, leaves[name] = _draw_arg(data, name, shape, dtype, True, device)
         args[name] = (k, r)
     for name, present in (("weight", has_w), ("bias", has_b)):
         pdtype = data.draw(st.sampled_from([dtype, torch.float32]), label=f"{name} dtype")
         if present:
-            k, r, leaves[name] = _draw_arg(data, name, (N,), pdtype, True)
+            k, r, leaves[name] = _draw_arg(data, name, (N,), pdtype, True, device)
             args[name] = (k, r)
         else:
             args[name] = (None, None)
-    dys = [_draw_arg(data, f"d{i}", shape, dtype, False)[:2] for i in range(2 if fused else 1)]
+    dys = [_draw_arg(data, f"d{i}", shape, dtype, False, device)[:2] for i in range(2 if fused else 1)]
     label = f"{'add_layer_norm' if fused else 'layer_norm'} {dtype} {shape} eps={eps} [{path}]"
     with kernel_path_env(path):
         if fused:
@@ -138,12 +155,13 @@ def test_fuzz_layer_norm_slow(path, data):
 # ---------------------------------------------------------------------------------------------------
 
 def _gelu_case(data, path):
+    device = path_device(path)
     dtype = data.draw(st.sampled_from(DTYPES), label="dtype")
     shape = tuple(data.draw(st.lists(st.integers(1, 40), min_size=1, max_size=3), label="shape"))
     approximate = data.draw(st.sampled_from(["tanh", "none"]), label="approximate")
     scale = data.draw(st.sampled_from([1.0, 4.0, 30.0]), label="scale")
-    k, r, leaf = _draw_arg(data, "x", shape, dtype, True, scale)
-    dy = _draw_arg(data, "dy", shape, dtype, False)[:2]
+    k, r, leaf = _draw_arg(data, "x", shape, dtype, True, device, scale)
+    dy = _draw_arg(data, "dy", shape, dtype, False, device)[:2]
     with kernel_path_env(path):
         out = gelu(k, approximate)
         _backward_and_compare([out], [ref.gelu_ref(r, approximate)], [dy], {"x": leaf}, TOL[dtype],
@@ -170,6 +188,7 @@ def test_fuzz_gelu_slow(path, data):
 # ---------------------------------------------------------------------------------------------------
 
 def _attention_case(data, path, max_t=40):
+    device = path_device(path)
     dtype = data.draw(st.sampled_from(DTYPES), label="dtype")
     B, H = data.draw(st.integers(1, 2), label="B"), data.draw(st.integers(1, 2), label="H")
     D = data.draw(st.sampled_from([16, 24, 32, 64, 80]), label="D")
@@ -177,8 +196,9 @@ def _attention_case(data, path, max_t=40):
     Tq = data.draw(st.integers(1, max_t), label="Tq")
     Tk = data.draw(st.integers(Tq if causal else 1, max(max_t, Tq)), label="Tk")
     scale = data.draw(st.one_of(st.none(), st.floats(0.02, 1.5)), label="softmax_scale")
-    q, k, v = (_draw_arg(data, n, (B, H, t, D), dtype, True) for n, t in (("q", Tq), ("k", Tk), ("v", Tk)))
-    do = _draw_arg(data, "do", (B, H, Tq, D), dtype, False)[:2]
+    q, k, v = (_draw_arg(data, n, (B, H, t, D), dtype, True, device)
+               for n, t in (("q", Tq), ("k", Tk), ("v", Tk)))
+    do = _draw_arg(data, "do", (B, H, Tq, D), dtype, False, device)[:2]
     with kernel_path_env(path):
         out = flash_attention(q[0], k[0], v[0], causal=causal, softmax_scale=scale)
         want = ref.attention_ref(q[1], k[1], v[1], causal=causal, softmax_scale=scale)
@@ -207,6 +227,7 @@ def test_fuzz_flash_attention_slow(path, data):
 # ---------------------------------------------------------------------------------------------------
 
 def _decode_case(data, path):
+    device = path_device(path)
     dtype = data.draw(st.sampled_from(DTYPES), label="dtype")
     B, H = data.draw(st.integers(1, 3), label="B"), data.draw(st.integers(1, 2), label="H")
     D = data.draw(st.sampled_from([16, 32, 80]), label="D")
@@ -215,8 +236,10 @@ def _decode_case(data, path):
     lens = data.draw(st.lists(st.integers(-2, Tmax + 3), min_size=B, max_size=B), label="cache_seqlens")
     sl_dtype = data.draw(st.sampled_from([torch.int32, torch.int64]), label="seqlens dtype")
     scale = data.draw(st.one_of(st.none(), st.floats(0.02, 1.5)), label="softmax_scale")
-    q, k, v = (_draw_arg(data, n, (B, H, t, D), dtype, False)[:2] for n, t in (("q", Tq), ("k", Tmax), ("v", Tmax)))
-    seqlens = guarded(torch.tensor(lens, dtype=sl_dtype), data.draw(st.sampled_from(LAYOUTS[:3]), label="sl layout"))
+    q, k, v = (_draw_arg(data, n, (B, H, t, D), dtype, False, device)[:2]
+               for n, t in (("q", Tq), ("k", Tmax), ("v", Tmax)))
+    seqlens = guarded(torch.tensor(lens, dtype=sl_dtype, device=device),
+                      data.draw(st.sampled_from(LAYOUTS[:3]), label="sl layout"))
     rows = []
     for b, L in enumerate(lens):  # fp64 oracle, row by row over the clamped valid prefix
         L = min(max(L, 0), Tmax)
@@ -274,13 +297,15 @@ def test_regression_fallback_attention_last_dim_stride(causal, arg):
 def test_regression_layer_norm_two_nearly_equal_values(path):
     """Found by test_fuzz_layer_norm_slow[fallback] (fp32, N=2, eps=1e-6): the gradient is a cancellation
     scaled by rstd, ill-conditioned in fp32 for every implementation; within 2x torch's own fp32 error."""
-    x = torch.tensor([[0.30, 0.3004], [-1.0, -1.002]], requires_grad=True)
-    dy = torch.tensor([[0.7, -0.2], [0.1, 0.9]])
-    x64 = x.detach().double().requires_grad_()
-    x32 = x.detach().clone().requires_grad_()
+    device = path_device(path)
+    x = torch.tensor([[0.30, 0.3004], [-1.0, -1.002]], device=device, requires_grad=True)
+    dy = torch.tensor([[0.7, -0.2], [0.1, 0.9]], device=device)
+    x64 = x.detach().cpu().double().requires_grad_()
+    x32 = x.detach().clone().requires_grad_()  # torch's own fp32 LayerNorm on the same device: the peer
     with kernel_path_env(path):
         layer_norm(x, eps=1e-6).backward(dy)
-    ref.layer_norm_ref(x64, eps=1e-6).backward(dy.double())
+    ref.layer_norm_ref(x64, eps=1e-6).backward(dy.cpu().double())
     torch.nn.functional.layer_norm(x32, (2,), eps=1e-6).backward(dy)
-    peer = (x32.grad.double() - x64.grad).abs().max().item()
-    assert (x.grad.double() - x64.grad).abs().max().item() <= 2 * peer + 1e-6 * x64.grad.abs().max().item()
+    peer = (x32.grad.cpu().double() - x64.grad).abs().max().item()
+    err = (x.grad.cpu().double() - x64.grad).abs().max().item()
+    assert err <= 2 * peer + 1e-6 * x64.grad.abs().max().item()

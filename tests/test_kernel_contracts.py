@@ -1,8 +1,10 @@
-"""Contracts the kernels document, on both CPU paths (interpreter and fallback), against fp64 oracles:
+"""Contracts the kernels document, on both CPU paths (interpreter and fallback; on a CUDA machine the
+compiled kernels, on CUDA tensors), against fp64 oracles:
 
 * decode_attention's out-of-range ``cache_seqlens`` (clamped to [0, Tmax], no host sync; a query at a
   negative position outputs zeros), int32 and int64 (past 2**31 too);
-* bf16 under the interpreter (whose bf16 ``tl.dot`` is wrong upstream) matches fp64 within bf16 error;
+* bf16 under the interpreter (whose bf16 ``tl.dot`` is wrong upstream) and compiled matches fp64 within
+  bf16 error;
 * every dtype on every path, for every op and module: it works (matches the fp64 reference, forward and
   backward) or raises a TypeError naming the argument and the dtype.
 """
@@ -23,7 +25,7 @@ from kernels import (
     layer_norm,
 )
 from kernels import reference as ref
-from tests.guard_utils import assert_close_to_ref
+from tests.guard_utils import CUDA, assert_close_to_ref
 
 
 def _decode_oracle(q, k, v, lens):
@@ -37,37 +39,41 @@ def _decode_oracle(q, k, v, lens):
 
 
 @pytest.mark.parametrize("dtype", [torch.int32, torch.int64])
-def test_decode_out_of_range_lengths_are_clamped(kernel_path, dtype):
+def test_decode_out_of_range_lengths_are_clamped(kernel_path, device, dtype):
     """Negative, zero, shorter than Tq, past the cache; the caches sit inside a larger buffer whose
     rest is NaN, so reading past Tmax (the old kernel did) shows up as NaN."""
     B, H, Tq, Tmax, D = 6, 2, 3, 20, 16
     big = 2**40 if dtype == torch.int64 else 2**31 - 1
     lens = [-big if dtype == torch.int64 else -3, 0, 1, Tmax + 5, big, 7]
     g = torch.Generator().manual_seed(0)
-    buf = torch.full((2, B, H, Tmax + 8, D), float("nan"))
-    buf[:, :, :, :Tmax] = torch.randn(2, B, H, Tmax, D, generator=g)
+    buf = torch.full((2, B, H, Tmax + 8, D), float("nan"), device=device)
+    buf[:, :, :, :Tmax] = torch.randn(2, B, H, Tmax, D, generator=g).to(device)
     k, v = buf[0, :, :, :Tmax], buf[1, :, :, :Tmax]  # the NaN rows Tmax.. follow each (b, h) slice
-    q = torch.randn(B, H, Tq, D, generator=g)
-    out = decode_attention(q, k, v, torch.tensor(lens, dtype=dtype))
+    q = torch.randn(B, H, Tq, D, generator=g).to(device)
+    out = decode_attention(q, k, v, torch.tensor(lens, dtype=dtype, device=device))
     want = _decode_oracle(q, k, v, lens)
     assert_close_to_ref(out, want, 2e-5, f"decode lengths {lens} [{kernel_path}]")
     assert (out[:2] == 0).all()  # an empty row
     assert (out[2, :, :2] == 0).all() and out[2, :, 2].abs().sum() > 0  # L=1 < Tq: only the last query sees
-    clamped = torch.tensor(lens, dtype=dtype).clamp(0, Tmax)  # past the cache == a full cache, etc.
+    clamped = torch.tensor(lens, dtype=dtype, device=device).clamp(0, Tmax)  # past the cache == full, etc.
     assert torch.equal(decode_attention(q, k, v, clamped), out)
 
 
 def test_decode_paths_agree_on_out_of_range_lengths(monkeypatch):
-    """The same call on the interpreter and the fallback gives the same answer (one semantics)."""
+    """The same call on the kernel (the interpreter; compiled on CUDA) and on the CPU fallback gives the
+    same answer (one semantics)."""
     B, H, Tq, Tmax, D = 4, 1, 2, 18, 32
     g = torch.Generator().manual_seed(1)
-    q, k, v = (torch.randn(B, H, t, D, generator=g) for t in (Tq, Tmax, Tmax))
-    seqlens = torch.tensor([-1, 1, 40, 18], dtype=torch.int32)
-    outs = []
-    for env in ("1", "0"):
-        monkeypatch.setenv("TRITON_INTERPRET", env)
-        outs.append(decode_attention(q, k, v, seqlens))
-    torch.testing.assert_close(outs[0], outs[1], atol=2e-6, rtol=2e-6)
+    args = [torch.randn(B, H, t, D, generator=g) for t in (Tq, Tmax, Tmax)]
+    args.append(torch.tensor([-1, 1, 40, 18], dtype=torch.int32))
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    fallback = decode_attention(*args)
+    if CUDA:
+        kernel = decode_attention(*(t.cuda() for t in args)).cpu()
+    else:
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+        kernel = decode_attention(*args)
+    torch.testing.assert_close(kernel, fallback, atol=2e-6, rtol=2e-6)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -78,27 +84,29 @@ BF16_TOL = 3e-2  # the interpreter also rounds fp32 -> bf16 toward zero (1 ulp =
 
 
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
-def test_bf16_flash_attention_matches_fp64(kernel_path, causal):
+def test_bf16_flash_attention_matches_fp64(kernel_path, device, causal):
     g = torch.Generator().manual_seed(2)
-    q, k, v = (torch.randn(2, 2, t, 32, generator=g).bfloat16().requires_grad_() for t in (11, 19, 19))
-    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    q, k, v = (torch.randn(2, 2, t, 32, generator=g).bfloat16().to(device).requires_grad_()
+               for t in (11, 19, 19))
+    q64, k64, v64 = (t.detach().cpu().double().requires_grad_() for t in (q, k, v))
     o = flash_attention(q, k, v, causal=causal)
     o64 = ref.attention_ref(q64, k64, v64, causal=causal)
     assert o.dtype == torch.bfloat16
     assert_close_to_ref(o, o64, BF16_TOL, f"bf16 attention [{kernel_path}]")
     do = torch.randn(o.shape, generator=g).bfloat16()
-    o.backward(do)
+    o.backward(do.to(device))
     o64.backward(do.double())
     for name, a, e in (("dq", q, q64), ("dk", k, k64), ("dv", v, v64)):
         assert_close_to_ref(a.grad, e.grad, BF16_TOL, f"bf16 attention {name} [{kernel_path}]")
 
 
-def test_bf16_decode_attention_matches_fp64(kernel_path):
+def test_bf16_decode_attention_matches_fp64(kernel_path, device):
     g = torch.Generator().manual_seed(3)
     q = torch.randn(2, 3, 2, 64, generator=g).bfloat16()
     k, v = (torch.randn(2, 3, 37, 64, generator=g).bfloat16() for _ in range(2))
     lens = [37, 12]
-    out = decode_attention(q, k, v, torch.tensor(lens, dtype=torch.int32))
+    seqlens = torch.tensor(lens, dtype=torch.int32, device=device)
+    out = decode_attention(q.to(device), k.to(device), v.to(device), seqlens)
     assert_close_to_ref(out, _decode_oracle(q, k, v, lens), BF16_TOL, f"bf16 decode [{kernel_path}]")
 
 
@@ -112,35 +120,35 @@ NORM_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)  # L
 ATTN_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def _t(shape, dtype, seed):
-    """Random values in ``dtype`` (integers: small ints; float8 via fp32)."""
+def _t(shape, dtype, seed, device):
+    """Random values in ``dtype`` on ``device`` (integers: small ints; float8 via fp32)."""
     x = torch.randn(shape, generator=torch.Generator().manual_seed(seed)) * 2
-    return x.round().to(dtype) if not dtype.is_floating_point else x.to(dtype)
+    return (x.round().to(dtype) if not dtype.is_floating_point else x.to(dtype)).to(device)
 
 
 def _leaf(x):
     return x.clone().requires_grad_() if x.dtype in NORM_DTYPES else x
 
 
-def _run_layer_norm(dtype):
-    x, w, b = _leaf(_t((3, 40), dtype, 0)), _leaf(_t((40,), dtype, 1)), _leaf(_t((40,), dtype, 2))
+def _run_layer_norm(dtype, device):
+    x, w, b = (_leaf(_t(shape, dtype, i, device)) for i, shape in enumerate([(3, 40), (40,), (40,)]))
     return [x, w, b], lambda x, w, b: [layer_norm(x, w, b)], lambda x, w, b: [torch.nn.functional.layer_norm(
         x, (40,), w, b)]
 
 
-def _run_add_layer_norm(dtype):
-    x, r, w = _leaf(_t((3, 40), dtype, 0)), _leaf(_t((3, 40), dtype, 1)), _leaf(_t((40,), dtype, 2))
+def _run_add_layer_norm(dtype, device):
+    x, r, w = (_leaf(_t(shape, dtype, i, device)) for i, shape in enumerate([(3, 40), (3, 40), (40,)]))
     return [x, r, w], lambda x, r, w: list(add_layer_norm(x, r, w)), lambda x, r, w: [
         torch.nn.functional.layer_norm(x + r, (40,), w), x + r]
 
 
-def _run_gelu(dtype):
-    return [_leaf(_t((5, 33), dtype, 0))], lambda x: [gelu(x)], lambda x: [torch.nn.functional.gelu(
+def _run_gelu(dtype, device):
+    return [_leaf(_t((5, 33), dtype, 0, device))], lambda x: [gelu(x)], lambda x: [torch.nn.functional.gelu(
         x, approximate="tanh")]
 
 
 def _run_module(mod_cls, torch_cls, *args):
-    def make(dtype):
+    def make(dtype, device):
         torch.manual_seed(0)
         ours, theirs = mod_cls(*args), torch_cls(*args)
         if dtype in NORM_DTYPES:  # (else: fp32 parameters, and the input's dtype must be refused)
@@ -149,26 +157,27 @@ def _run_module(mod_cls, torch_cls, *args):
             for p in ours.parameters():
                 p.normal_()
         theirs.double().load_state_dict({k: v.double() for k, v in ours.state_dict().items()})
-        x = _leaf(_t((2, 3, 24), dtype, 5))
+        ours, theirs = ours.to(device), theirs.to(device)
+        x = _leaf(_t((2, 3, 24), dtype, 5, device))
         return [x], lambda x: [ours(x)], lambda x: [theirs(x)]
     return make
 
 
-def _run_flash_attention(dtype):
-    q, k, v = (_leaf(_t((1, 2, t, 16), dtype, i)) for i, t in enumerate((7, 9, 9)))
+def _run_flash_attention(dtype, device):
+    q, k, v = (_leaf(_t((1, 2, t, 16), dtype, i, device)) for i, t in enumerate((7, 9, 9)))
     return [q, k, v], lambda q, k, v: [flash_attention(q, k, v)], lambda q, k, v: [ref.attention_ref(q, k, v)]
 
 
-def _run_decode(dtype):
-    q, k, v = (_t((2, 2, t, 16), dtype, i) for i, t in enumerate((1, 9, 9)))
-    lens = torch.tensor([9, 4], dtype=torch.int32)
+def _run_decode(dtype, device):
+    q, k, v = (_t((2, 2, t, 16), dtype, i, device) for i, t in enumerate((1, 9, 9)))
+    lens = torch.tensor([9, 4], dtype=torch.int32, device=device)
     return [q, k, v], lambda q, k, v: [decode_attention(q, k, v, lens)], lambda q, k, v: [
         _decode_oracle(q, k, v, lens.tolist())]
 
 
-def _run_self_attention(dtype):
+def _run_self_attention(dtype, device):
     torch.manual_seed(0)
-    mod = CausalSelfAttention(24, 32, 16, 0.0, 2)
+    mod = CausalSelfAttention(24, 32, 16, 0.0, 2).to(device)
     if dtype in ATTN_DTYPES:
         mod = mod.to(dtype)
 
@@ -179,7 +188,7 @@ def _run_self_attention(dtype):
                    for n in ("W_query", "W_key", "W_value"))
         ctx = ref.attention_ref(q, k, v).transpose(1, 2).reshape(2, 3, 32)
         return [torch.nn.functional.linear(ctx, *lin["out_proj"])]
-    return [_leaf(_t((2, 3, 24), dtype, 5))], lambda x: [mod(x)], oracle
+    return [_leaf(_t((2, 3, 24), dtype, 5, device))], lambda x: [mod(x)], oracle
 
 
 CASES = {
@@ -196,9 +205,9 @@ CASES = {
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
 @pytest.mark.parametrize("case", list(CASES))
-def test_every_dtype_works_or_raises_type_error(kernel_path, case, dtype):
+def test_every_dtype_works_or_raises_type_error(kernel_path, device, case, dtype):
     make, supported = CASES[case]
-    inputs, run, oracle = make(dtype)
+    inputs, run, oracle = make(dtype, device)  # (the fp64 oracle runs on the device too)
     if dtype not in supported:
         with pytest.raises(TypeError, match=r"must have dtype in \(.*\), got " + str(dtype).replace("torch.", "")):
             run(*inputs)
@@ -211,7 +220,7 @@ def test_every_dtype_works_or_raises_type_error(kernel_path, case, dtype):
     if case == "decode_attention":
         return
     g = torch.Generator().manual_seed(9)
-    grads = [torch.randn(o.shape, generator=g).to(dtype) for o in outs]
+    grads = [torch.randn(o.shape, generator=g).to(device=device, dtype=dtype) for o in outs]
     leaves = [x for x in inputs if x.requires_grad]
     ref_leaves = [x.detach().double().requires_grad_() for x in leaves]
     ours = torch.autograd.grad(outs, leaves, grads)

@@ -38,6 +38,7 @@ import functools
 import torch
 from torch.library import triton_op, wrap_triton
 
+from . import _eager_cpu
 from . import reference as ref
 from ._utils import SUPPORTED_DTYPES, check_same_device, check_tensor, interpret_mode, tl, triton, use_triton
 
@@ -408,6 +409,9 @@ def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, target: torch.Te
     x2 = x.reshape(-1, x.shape[-1])  # (N, d): a view whenever the leading dims allow it
     t = target.reshape(-1).contiguous()  # (N,)
     b = bias.contiguous() if bias is not None else None
+    if _eager_cpu.linear_cross_entropy_applies(x2, weight, b, reduction):  # fp32 eager CPU: no recompute
+        return _eager_cpu.linear_cross_entropy(x2, weight, t, b, int(ignore_index), reduction,
+                                               ref.LCE_CHUNK_ELEMENTS)
     loss, _lse = torch.ops.gpt_kernels.linear_cross_entropy_fwd(x2, weight, t, b, int(ignore_index))
     if reduction == "none":
         return loss.view(target.shape)

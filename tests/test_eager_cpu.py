@@ -122,3 +122,45 @@ def test_bad_input_is_still_rejected_before_the_fast_path():
     q = torch.randn(1, 1, 4, 8)
     with pytest.raises(ValueError, match="head_dim"):
         flash_attention(q, q, q)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("chunk_rows", [3, 1000])
+def test_linear_cross_entropy_grad_in_forward_equals_fp64(reduction, chunk_rows):
+    """The CPU path computes the gradient in the forward, chunk by chunk: several chunks (3 rows each)
+    and one, ignored rows, a bias, x and the weight strided."""
+    from kernels import _eager_cpu
+
+    gen = torch.Generator().manual_seed(0)
+    N, d, V = 37, 24, 301
+    x = torch.randn(d, N, generator=gen).t().requires_grad_()  # non-contiguous
+    w = (torch.randn(V, 2 * d, generator=gen)[:, ::2] * 0.3).requires_grad_()  # strided
+    b = torch.randn(V, generator=gen).requires_grad_()
+    t = torch.randint(0, V, (N,), generator=gen)
+    t[::4] = -100
+    loss = _eager_cpu.linear_cross_entropy(x, w, t, b, -100, reduction, chunk_rows * V)
+    assert type(loss.grad_fn).__name__ == "_LinearCrossEntropyGradInForwardBackward"
+    want = ref.linear_cross_entropy_ref(x.double(), w.double(), t, b.double(), reduction=reduction)
+    assert_verbose_allclose(loss, want, atol=1e-5, rtol=1e-5, name="loss")
+    for name, a, e in zip(("dx", "dw", "db"), torch.autograd.grad(loss * 1.7, (x, w, b)),
+                          torch.autograd.grad(want * 1.7, (x, w, b))):
+        assert_verbose_allclose(a, e, atol=1e-5, rtol=1e-5, name=name)
+
+
+def test_linear_cross_entropy_public_api_takes_the_cpu_path_and_handles_all_ignored():
+    from kernels import linear_cross_entropy
+
+    x = torch.randn(2, 5, 16, requires_grad=True)
+    w = torch.randn(50, 16, requires_grad=True)
+    t = torch.randint(0, 50, (2, 5))
+    loss = linear_cross_entropy(x, w, t)
+    assert type(loss.grad_fn).__name__ == "_LinearCrossEntropyGradInForwardBackward"
+    want = ref.linear_cross_entropy_ref(x.double(), w.double(), t)
+    assert_verbose_allclose(loss, want, atol=1e-5, rtol=1e-5)
+    none = linear_cross_entropy(x, w, t, reduction="none")  # per-row: the registered op
+    assert none.shape == (2, 5) and _ran_op(none)
+    ignored = linear_cross_entropy(x, w, torch.full((2, 5), -100))
+    dx, dw = torch.autograd.grad(ignored, (x, w))
+    assert ignored.item() == 0.0 and not dx.any() and not dw.any()
+    with torch.no_grad():
+        assert_verbose_allclose(linear_cross_entropy(x, w, t), want, atol=1e-5, rtol=1e-5)

@@ -43,6 +43,10 @@ from . import reference as ref
 from ._utils import SUPPORTED_DTYPES, check_same_device, check_tensor, interpret_mode, tl, triton, use_triton
 
 _INTERPRETED = interpret_mode()
+# The interpreter multiplies bf16 tiles in tl.dot wrongly (numpy has no bf16: ~1e10 where 6.5 is
+# right), so under it bf16 operands are upcast to fp32 first, as in kernels/attention.py. A global
+# constexpr: compiled kernels (False) and their signatures are unchanged.
+_UPCAST_BF16_DOT = tl.constexpr(_INTERPRETED) if tl is not None else _INTERPRETED
 
 #: The dtypes accepted; float64 runs the PyTorch fallback (the kernels compute in fp32).
 DTYPES = (*SUPPORTED_DTYPES, torch.float64)
@@ -69,6 +73,8 @@ def _logits_tile(X, W, B, rows_o, row_mask, cols, cols_o, col_mask, stride_xn, s
                      mask=k_mask[:, None] & col_mask[None, :], other=0.0)  # (BLOCK_K, BLOCK_V)
         if IEEE:
             acc = tl.dot(x, wT, acc, input_precision="ieee")
+        elif _UPCAST_BF16_DOT and x.dtype == tl.bfloat16:
+            acc = tl.dot(x.to(tl.float32), wT.to(tl.float32), acc, input_precision="ieee")
         else:
             acc = tl.dot(x, wT, acc)
     if HAS_BIAS:

@@ -154,6 +154,20 @@ def test_fp16_error_at_most_twice_pytorch_fp16(kernel_path):
         assert err <= 2 * err_torch + floor, f"{name} [{kernel_path}]: {err:.3g} > 2 × torch fp16 {err_torch:.3g}"
 
 
+def test_bf16_on_both_cpu_paths_matches_fp64(kernel_path):
+    """Regression: the interpreter's bf16 tl.dot returned ~1e10 for a loss of 6.5 (found by
+    tests/sanitize_driver.py); bf16 operands are now upcast there. bf16 products are exact in fp32, so
+    the loss is fp32-accurate against fp64 on the same bf16 inputs; gradients are rounded to bf16."""
+    x, w, b, t = _inputs((37,), 300, 64, bias=True, dtype=torch.bfloat16, seed=5, ignore_every=6)
+    got = _run(linear_cross_entropy, x, w, b, t)
+    want = _ref64(x, w, b, t)
+    assert got[0].dtype == torch.float32
+    assert_verbose_allclose(got[0], want[0], atol=1e-5, rtol=1e-5, name=f"loss [{kernel_path}]")
+    for name, a, e in zip(("dx", "dw", "db"), got[1:], want[1:]):
+        assert a.dtype == torch.bfloat16
+        assert_verbose_allclose(a, e, atol=2.0**-8 * e.abs().max().item(), rtol=2.0**-7, name=f"{name} [{kernel_path}]")
+
+
 def test_gradients_are_bitwise_deterministic(kernel_path):
     x, w, b, t = _inputs((37,), 300, 80, bias=True, ignore_every=4)
     first = _run(linear_cross_entropy, x, w, b, t)

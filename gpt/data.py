@@ -11,6 +11,7 @@ Windows follow the book (chapter 2): input ``tokens[i : i+max_length]``, target 
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -208,6 +209,15 @@ class ShardWindowDataset(Dataset):
         return window[:-1], window[1:]  # (T,), (T,)
 
 
+def _split_of(path: Path) -> str | None:
+    """``train``/``val``: the last name part that is one (``interval_train_000000.bin`` is train);
+    else a name merely holding one of them."""
+    parts = [w for w in re.split(r"[\W_]+", path.stem.lower()) if w in ("train", "val")]
+    if parts:
+        return parts[-1]
+    return "train" if "train" in path.name else "val" if "val" in path.name else None
+
+
 def split_shards(paths) -> tuple[list[Path], list[Path]] | None:
     """``(train, val)`` shard lists when ``paths`` is one folder of prepared shards (names holding
     ``train`` / ``val``, as ``python -m gpt.data prepare`` writes them); else None."""
@@ -215,8 +225,8 @@ def split_shards(paths) -> tuple[list[Path], list[Path]] | None:
     if len(paths) != 1 or not Path(paths[0]).is_dir():
         return None
     bins = sorted(Path(paths[0]).glob("*.bin"))
-    train = [p for p in bins if "train" in p.name]
-    val = [p for p in bins if "val" in p.name]
+    train = [p for p in bins if _split_of(p) == "train"]
+    val = [p for p in bins if _split_of(p) == "val"]
     if not train and not val:
         return None
     if not train or not val:

@@ -345,3 +345,18 @@ def test_killed_prepare_leaves_no_shard_looking_complete(tmp_path):
     r = subprocess.run([*cmd, "--overwrite"], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
     assert D.split_shards([out]) and not (out / ".partial").exists()
+
+
+@pytest.mark.parametrize("prefix", ["interval", "trainval", "eval"])
+def test_split_shards_reads_the_split_not_the_prefix(tmp_path, prefix):
+    """A prefix holding 'val' or 'train' (interval, trainval, eval) must not put training shards in the
+    validation split (val loss on training data) or the reverse."""
+    for name in (f"{prefix}_val_000000.bin", f"{prefix}_train_000000.bin", f"{prefix}_train_000001.bin"):
+        D.write_shard(tmp_path / name, np.arange(10, dtype=np.uint16))
+    train, val = D.split_shards([tmp_path])
+    assert [p.name for p in train] == [f"{prefix}_train_000000.bin", f"{prefix}_train_000001.bin"]
+    assert [p.name for p in val] == [f"{prefix}_val_000000.bin"]
+    for name in ("tiny_shakespeare_train.bin", "tiny_shakespeare_val.bin"):  # llm.c's own names
+        D.write_shard(tmp_path / "llmc" / name, np.arange(10, dtype=np.uint16))
+    train, val = D.split_shards([tmp_path / "llmc"])
+    assert [p.name for p in train] == ["tiny_shakespeare_train.bin"] and [p.name for p in val] == ["tiny_shakespeare_val.bin"]

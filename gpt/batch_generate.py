@@ -265,7 +265,7 @@ def read_prompts(path: Path, out: Path) -> list[dict]:
     if out.is_dir():
         raise ValueError(f"--out {out} is a folder")
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = path.read_text(encoding="utf-8-sig").splitlines()  # a BOM is no part of a prompt
     except (OSError, UnicodeDecodeError) as e:
         raise ValueError(f"--prompts-file {path}: cannot read it as UTF-8 text ({e})") from None
     records = []

@@ -285,3 +285,14 @@ def test_cli_stream_ends_with_newline(ckpt, capsys):
     out, err = capsys.readouterr()
     assert out.startswith("Every effort") and out.endswith("\n") and not out.endswith("\n\n")
     assert "tokens/s" in err
+
+
+def test_read_prompts_drops_a_byte_order_mark(tmp_path):
+    """A BOM (Notepad's UTF-8) is no part of the first prompt: it would be tokenized into it and echoed
+    in the output; a .jsonl file with one would fail on line 1."""
+    text = tmp_path / "p.txt"
+    text.write_bytes("\ufeffhello\r\nwörld\r\n".encode())
+    assert [r["prompt"] for r in BG.read_prompts(text, tmp_path / "o.jsonl")] == ["hello", "wörld"]
+    jl = tmp_path / "p.jsonl"
+    jl.write_bytes(("\ufeff" + json.dumps({"prompt": "hi", "id": 1}) + "\n").encode())
+    assert BG.read_prompts(jl, tmp_path / "o.jsonl") == [{"prompt": "hi", "id": 1}]

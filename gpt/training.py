@@ -422,6 +422,7 @@ def train(model: nn.Module, spec: TrainSpec, cfg: LoopConfig, out: Path, device:
                     checkpoint(step)
                     if d.main and (step % cfg.eval_every == 0 or step == cfg.steps):  # (plotting takes a second)
                         plot_losses(out)
+                    t_last = time.perf_counter()  # nor is writing the checkpoint or the plot
             if interrupted:
                 checkpoint(step)
                 raise Interrupted(f"interrupted at step {step}; saved {out / 'ckpt-last.pt'}, continue with "

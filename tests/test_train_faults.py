@@ -485,3 +485,24 @@ def test_random_kill_9_then_resume_until_done_is_bit_exact(micro, reference, tmp
     assert cli("--out", out, "--resume") == 0  # (a no-op when the last process finished the run)
     assert losses(out) == losses(reference)
     assert_same_weights(reference, out)
+
+
+def test_tokens_per_s_leaves_out_checkpoint_writes(tmp_path, monkeypatch):
+    """Checkpoint writes (and the loss plot), like evaluations, are no training throughput: a slow save
+    must not show up as a slow next step in metrics.jsonl."""
+    import gpt.training as T
+    from gpt.config import GPTConfig
+    from gpt.reference import GPTModel
+
+    model = GPTModel(GPTConfig(vocab_size=32, context_length=8, emb_dim=16, n_heads=2, n_layers=1, drop_rate=0.0))
+    data = [(torch.randint(0, 32, (8,)), torch.randint(0, 32, (8,))) for _ in range(8)]
+    spec = T.TrainSpec(train_data=data, collate=lambda items: tuple(torch.stack(t) for t in zip(*items)),
+                       loss_fn=lambda m, b, dev: torch.nn.functional.cross_entropy(m(b[0]).flatten(0, 1), b[1].flatten()),
+                       evaluate=lambda m: {"val_loss": 1.0})
+    real_save = T.save_checkpoint
+    monkeypatch.setattr(T, "save_checkpoint", lambda *a, **k: (time.sleep(0.6), real_save(*a, **k))[1])
+    T.train(model, spec, T.LoopConfig(steps=4, batch_size=2, save_every=2, eval_every=100), tmp_path,
+            torch.device("cpu"), log=lambda *a: None)
+    rows = metric_rows(tmp_path)
+    seconds = [16 / r["tokens_per_s"] for r in rows]  # 2 x 8 tokens per step
+    assert seconds[2] < 0.3, seconds  # step 3 follows step 2's 0.6 s checkpoint write

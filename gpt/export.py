@@ -45,6 +45,10 @@ STALE = ("pytorch_model.bin", "model.safetensors.index.json", "pytorch_model.bin
          "flax_model.msgpack", "tokenizer.json", "added_tokens.json")
 
 
+# A train.py run folder: its config.json holds the run's arguments, which an export would replace.
+RUN_FILES = ("ckpt-last.pt", "metrics.jsonl", ".lock")
+
+
 class ExportError(ValueError):
     """The model or the target folder cannot be exported to the Hugging Face layout."""
 
@@ -322,6 +326,9 @@ def _check_target(folder: str | os.PathLike, force: bool) -> Path:
     if out.is_dir() and any(out.iterdir()) and not force:
         raise ExportError(f"output folder {out} is not empty; choose a new folder or pass --force "
                           "(force=True) to replace the export files in it")
+    run = [n for n in RUN_FILES if (out / n).exists()]
+    if run:  # --force would overwrite the run's config.json (its stored arguments): no --resume after
+        raise ExportError(f"output folder {out} holds a training run ({run[0]}); export it into another folder")
     return out
 
 

@@ -239,3 +239,18 @@ def test_export_without_bpe_files_rebuilds_them(untied, tmp_path, monkeypatch):
     assert json.loads((folder / "vocab.json").read_text("utf-8")) == encoder
     tok = transformers.AutoTokenizer.from_pretrained(folder)
     assert tok(SAMPLE)["input_ids"] == get_tokenizer().encode(SAMPLE, allowed_special="all")
+
+
+@pytest.mark.parametrize("marker", ["ckpt-last.pt", "metrics.jsonl", ".lock"])
+def test_force_refuses_a_training_run_folder(untied, tmp_path, marker):
+    """--force into a run folder (``export runs/x runs/x --force``) overwrote the run's config.json (its
+    stored arguments): the run could no longer be resumed."""
+    model, _ = untied
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text('{"command": "pretrain", "args": {}}')
+    (run / marker).write_text("")
+    with pytest.raises(ExportError, match="training run"):
+        model.save_pretrained(run, force=True)
+    assert json.loads((run / "config.json").read_text())["args"] == {}
+    assert {p.name for p in run.iterdir()} == {"config.json", marker}

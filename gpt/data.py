@@ -147,6 +147,8 @@ def write_shard(path: str | os.PathLike, tokens) -> Path:
         raise DataError(f"tokens must be 1-D, got shape {toks.shape}")
     if toks.size and (toks.min() < 0 or toks.max() >= 2**16):
         raise DataError("token ids must fit in uint16 (0..65535) for an llm.c shard")
+    if toks.size >= 2**31:
+        raise DataError(f"{toks.size:,} tokens do not fit one llm.c shard (its header count is an int32)")
     header = np.zeros(SHARD_HEADER_INTS, dtype=np.int32)
     header[:3] = (SHARD_MAGIC, SHARD_VERSION, toks.size)
     path = Path(path)

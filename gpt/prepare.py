@@ -63,6 +63,7 @@ PIECE_CHARS = 1 << 20  # a long document is encoded in pieces of about this many
 BATCH_CHARS = 1 << 20  # characters per worker task
 READ_CHARS = 1 << 20
 IN_FLIGHT_PER_WORKER = 2
+MAX_SHARD_TOKENS = 2**31 - 1
 MANIFEST = "prepare.json"
 STAGING = ".partial"
 _SAFE_CUT = re.compile(r"\S\n(?=\S)")
@@ -344,6 +345,9 @@ def prepare(inputs, out, *, val_tokens: int = 1_000_000, shard_tokens: int = 100
     for name, value, low in (("val_tokens", val_tokens, 0), ("shard_tokens", shard_tokens, 1), ("workers", workers, 1)):
         if not isinstance(value, int) or value < low:
             raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+    if shard_tokens > MAX_SHARD_TOKENS:  # llm.c's header holds the count as an int32
+        raise ValueError(f"shard_tokens must be at most {MAX_SHARD_TOKENS:,} (an llm.c shard's int32 token "
+                         f"count), got {shard_tokens:,}")
     if not prefix or not re.fullmatch(r"[\w.-]+", prefix):
         raise ValueError(f"prefix must be a plain file-name part, got {prefix!r}")
     files = list_inputs(inputs)

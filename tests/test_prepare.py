@@ -199,7 +199,8 @@ def cli(capsys, *args):
     ("bad-gz", "cannot read"),
     ("all-val", "all taken by the validation split"),
     ("bad-flag", "shard_tokens must be an integer >= 1"),
-])
+    ("huge-shard", "shard_tokens must be at most 2,147,483,647"),  # the header's int32 count: it failed at
+])                                                                   # the first flush, hours in, with a traceback
 def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, case, match):
     src, out = tmp_path / "src", tmp_path / "out"
     src.mkdir()
@@ -223,6 +224,8 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, case, match):
         (src / "z.jsonl.gz").write_bytes(gzip.compress(b'{"text": "x"}\n' * 50)[:30])
     elif case == "all-val":
         extra = ["--val-tokens", 10_000]
+    elif case == "huge-shard":
+        extra = ["--shard-tokens", 2**31]
     else:
         extra = ["--shard-tokens", 0]
     code, err = cli(capsys, src, "--out", out, *extra)

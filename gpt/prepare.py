@@ -47,7 +47,9 @@ import json
 import os
 import re
 import shutil
+import signal
 import sys
+import threading
 import time
 from collections import deque
 from collections.abc import Iterator
@@ -250,7 +252,16 @@ def encode_batch(batch: list[tuple[str, bool]]) -> tuple[np.ndarray, int]:
 
 
 def _init_worker():
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # Pool.terminate's SIGTERM ends a worker quietly
     get_tokenizer()
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM: the run stops as on Ctrl-C (.partial/ removed, the old output kept), exit 143."""
+
+
+def _sigterm(signum, frame):
+    raise _Terminated
 
 
 def encoded(batches, workers: int) -> Iterator[tuple[np.ndarray, int]]:
@@ -451,6 +462,8 @@ def main(argv=None) -> int:
               "[--workers N] (see python -m gpt.data prepare --help)", file=sys.stderr)
         return 2
     args = parse_args(argv[1:])
+    on_main = threading.current_thread() is threading.main_thread()  # (signal handlers live there)
+    old_handler = signal.signal(signal.SIGTERM, _sigterm) if on_main else None
     try:
         m = prepare(args.inputs, args.out, val_tokens=args.val_tokens, shard_tokens=args.shard_tokens,
                     workers=args.workers, text_field=args.text_field, prefix=args.prefix,
@@ -458,9 +471,12 @@ def main(argv=None) -> int:
     except (DataError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         print("interrupted: nothing written", file=sys.stderr)
-        return 130
+        return 143 if isinstance(e, _Terminated) else 130
+    finally:
+        if on_main:
+            signal.signal(signal.SIGTERM, old_handler if old_handler is not None else signal.SIG_DFL)
     mb = m["bytes"] / 1e6
     print(f"{m['documents']:,} documents ({m['skipped_empty_documents']:,} empty skipped) from {m['files']} "
           f"files, {mb:,.1f} MB -> {m['tokens']:,} tokens in {m['seconds']:.1f} s "

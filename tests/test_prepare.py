@@ -363,3 +363,28 @@ def test_split_shards_reads_the_split_not_the_prefix(tmp_path, prefix):
         D.write_shard(tmp_path / "llmc" / name, np.arange(10, dtype=np.uint16))
     train, val = D.split_shards([tmp_path / "llmc"])
     assert [p.name for p in train] == ["tiny_shakespeare_train.bin"] and [p.name for p in val] == ["tiny_shakespeare_val.bin"]
+
+
+@pytest.mark.slow
+def test_sigterm_stops_prepare_cleanly(tmp_path):
+    """SIGTERM (a cluster's stop) as Ctrl-C: exit 143 with one line, .partial/ (shards of the run so far)
+    removed, no worker traceback; it used to die at once, leaving .partial/ and workers' BrokenPipeError."""
+    import signal
+    import time
+
+    src = tmp_path / "big.txt"
+    src.write_text(long_doc(5, 200_000))
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "gpt.data", "prepare", str(src), "--out", str(out), "--quiet",
+                             "--val-tokens", "1000", "--shard-tokens", "20000", "--workers", "2"],
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and len(list((out / ".partial").glob("*.bin"))) < 3:
+            time.sleep(0.05)
+        assert len(list((out / ".partial").glob("*.bin"))) >= 3, "prepare wrote no shard in time"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        err = proc.communicate(timeout=60)[1]
+    assert proc.returncode == 143 and err.strip().splitlines() == ["interrupted: nothing written"], err
+    assert not out.exists()

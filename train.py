@@ -592,6 +592,9 @@ def main(argv=None) -> int:
                                   f"{str(e).strip().splitlines()[-1].strip()}") from None
 
     steps = steps_for(args, len(spec.train_data), d.world, {"classify": 5, "instruct": 2}.get(args.command))
+    if resume_ckpt is not None and steps < resume_ckpt["step"]:  # (config.json would then claim fewer steps)
+        raise ValueError(f"the run in {out} is at step {resume_ckpt['step']}, past the {steps} steps asked for; "
+                         f"give --steps (or --epochs) of at least {resume_ckpt['step']} to resume it")
     dtype = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
     lr = args.lr if args.lr is not None else (5e-5 if finetune else (1e-3 if cfg.emb_dim <= 256 else 6e-4))
     loop = LoopConfig(steps=steps, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=lr,

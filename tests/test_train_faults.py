@@ -506,3 +506,16 @@ def test_tokens_per_s_leaves_out_checkpoint_writes(tmp_path, monkeypatch):
     rows = metric_rows(tmp_path)
     seconds = [16 / r["tokens_per_s"] for r in rows]  # 2 x 8 tokens per step
     assert seconds[2] < 0.3, seconds  # step 3 follows step 2's 0.6 s checkpoint write
+
+
+def test_resume_refuses_fewer_steps_than_done(micro, reference, tmp_path, capsys):
+    """--resume --steps N below the checkpoint's step did nothing, said "done" (exit 0) and rewrote
+    config.json to N steps while ckpt-last.pt stayed at step 8: a run record that lies."""
+    out = tmp_path / "run"
+    shutil.copytree(reference, out)
+    config = (out / "config.json").read_text()
+    assert cli("--out", out, "--resume", "--steps", STEPS - 3) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"at step {STEPS}" in err[0], err
+    assert (out / "config.json").read_text() == config
+    assert cli("--out", out, "--resume", "--steps", STEPS) == 0  # the same length: nothing left to do

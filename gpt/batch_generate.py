@@ -188,7 +188,7 @@ def iter_batch(model, prompts, max_new_tokens: int, *, temperature: float = 0.0,
 @torch.no_grad()
 def _iter_batch(model, prompts, max_new_tokens, B, device, temperature, top_k, top_p, eos_id, generator,
                 use_cache, cuda_graph):
-    if max_new_tokens == 0:
+    if max_new_tokens == 0 or not prompts:
         yield from ((i, []) for i in range(len(prompts)))
         return
     was_training = getattr(model, "training", None)

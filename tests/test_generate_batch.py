@@ -296,3 +296,12 @@ def test_read_prompts_drops_a_byte_order_mark(tmp_path):
     jl = tmp_path / "p.jsonl"
     jl.write_bytes(("\ufeff" + json.dumps({"prompt": "hi", "id": 1}) + "\n").encode())
     assert BG.read_prompts(jl, tmp_path / "o.jsonl") == [{"prompt": "hi", "id": 1}]
+
+
+def test_no_prompts_give_no_rows(fallback_path):
+    """An empty prompt list (a filtered batch that came out empty) is [] as with max_new_tokens=0; the
+    KV-cache path raised "max() arg is an empty sequence"."""
+    fused, ref = _models()
+    for model, cache in ((fused, True), (fused, False), (ref, True)):
+        assert generate_batch(model, [], 5, use_cache=cache) == []
+        assert generate_batch(model, torch.zeros(0, 3, dtype=torch.long), 5, use_cache=cache) == []

@@ -4,7 +4,7 @@
                                         [--text-field NAME] [--prefix NAME] [--overwrite]
 
 INPUT: text files (any other suffix in a folder is ignored: ``.txt .md .rst .text``), folders (walked
-recursively, files in sorted path order), ``.jsonl`` / ``.jsonl.gz`` (one JSON object per line, the
+recursively, files in sorted path order, hidden files and folders skipped), ``.jsonl`` / ``.jsonl.gz`` (one JSON object per line, the
 document in ``--text-field``, default ``text``) and ``.parquet`` (a ``--text-field`` column; needs
 ``pyarrow``, the ``parquet`` extra).
 
@@ -85,7 +85,8 @@ def list_inputs(inputs) -> list[Path]:
     files: list[Path] = []
     for p in map(Path, inputs):
         if p.is_dir():
-            found = sorted(f for f in p.rglob("*") if f.is_file() and not f.name.startswith(".")
+            found = sorted(f for f in p.rglob("*") if f.is_file()
+                           and not any(part.startswith(".") for part in f.relative_to(p).parts)  # hidden
                            and (kind_of(f) != "text" or f.suffix.lower() in TEXT_SUFFIXES))
             if not found:
                 raise DataError(f"folder {p} holds no readable files ({', '.join(TEXT_SUFFIXES)}, .jsonl, "

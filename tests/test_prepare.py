@@ -388,3 +388,15 @@ def test_sigterm_stops_prepare_cleanly(tmp_path):
         err = proc.communicate(timeout=60)[1]
     assert proc.returncode == 143 and err.strip().splitlines() == ["interrupted: nothing written"], err
     assert not out.exists()
+
+
+def test_folder_skips_files_in_hidden_folders(tmp_path):
+    """Hidden files were skipped but not files inside hidden folders (.ipynb_checkpoints copies, .git,
+    .venv): they went into the corpus silently."""
+    (tmp_path / "a.txt").write_text("kept")
+    for hidden in (".ipynb_checkpoints/a-checkpoint.txt", ".venv/lib/LICENSE.txt", "sub/.cache/x.md", ".h.txt"):
+        (tmp_path / hidden).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / hidden).write_text("hidden")
+    (tmp_path / "sub" / "b.md").write_text("kept")
+    assert P.list_inputs([tmp_path]) == [tmp_path / "a.txt", tmp_path / "sub" / "b.md"]
+    assert P.list_inputs([tmp_path / ".venv" / "lib"]) == [tmp_path / ".venv" / "lib" / "LICENSE.txt"]  # asked for

@@ -162,3 +162,12 @@ def test_classify_refuses_an_empty_split(tmp_path):
     args = train_py.parse_args(["classify", "--data", str(path)])
     with pytest.raises(ValueError, match=r"split 70/10/20 into 5/0/3; every split needs a row"):
         train_py.classify_spec(args, None, None, CharTok(), "cpu", C.read_tsv(path))
+
+
+def test_read_tsv_drops_a_byte_order_mark(tmp_path):
+    """A BOM (a TSV saved by Excel/Notepad) made the first row's label a third class '\\ufeffham' of one
+    row, and balancing then cut every class to that one row."""
+    path = tmp_path / "sms.tsv"
+    path.write_bytes("\ufeffham\thello there\nspam\twin money\nham\tsee you\n".encode())
+    rows = C.read_tsv(path)
+    assert rows == [("ham", "hello there"), ("spam", "win money"), ("ham", "see you")]

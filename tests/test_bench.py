@@ -45,3 +45,12 @@ def test_pytest_benchmarks_run_once():
     r = _run("-m", "pytest", "bench", "-q", "-p", "no:cacheprovider", "--benchmark-disable")
     assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
     assert "12 passed" in r.stdout
+
+
+def test_cpu_train_comparison_runs(capsys, monkeypatch):
+    from bench import cpu_train
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert cpu_train.main(["1", "8", "loss", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "fused model.loss vs reference logits" in out and "speed-up median" in out

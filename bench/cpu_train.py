@@ -1,0 +1,77 @@
+"""CPU fallback training step: the fused GPTModel vs the book reference, interleaved, per-pair ratios.
+
+    python -m bench.cpu_train B T {logits,loss} REPS     # e.g. 2 64 logits 30;  8 128 loss 12
+
+``logits``: both models step on ``F.cross_entropy(model(x))``; ``loss``: the fused model steps on
+``model.loss`` (the fused linear + cross-entropy, as ``train.py`` trains it), the reference on its
+logits. The two steps alternate (the order flipped every pair) so machine noise hits both; the
+speed-up is the median of the per-pair ratios with its interquartile range. The ``tiny`` preset, fp32,
+AdamW, dropout 0, the fallback path (``TRITON_INTERPRET=0``).
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import sys
+import time
+
+os.environ["TRITON_INTERPRET"] = "0"
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from gpt.config import GPTConfig  # noqa: E402
+from gpt.model import GPTModel  # noqa: E402
+from gpt.reference import GPTModel as RefModel  # noqa: E402
+
+
+def make_step(model, fused_loss: bool):
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+    def step(x):
+        inp, tgt = x[:, :-1], x[:, 1:]  # (B, T) each
+        if fused_loss:
+            loss = model.loss(inp, tgt)
+        else:
+            loss = F.cross_entropy(model(inp).flatten(0, 1), tgt.flatten())
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return step
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    B, T, mode, reps = int(argv[0]), int(argv[1]), argv[2], int(argv[3])
+    torch.manual_seed(0)
+    cfg = GPTConfig.from_preset("tiny", drop_rate=0.0)
+    ref = RefModel(cfg)
+    fused = GPTModel(cfg)
+    fused.load_state_dict(ref.state_dict())
+    batches = [torch.randint(0, cfg.vocab_size, (B, T + 1)) for _ in range(3)]
+    steps = {"fused": make_step(fused, mode == "loss"), "ref": make_step(ref, False)}
+    for step in steps.values():  # warm-up
+        for x in batches:
+            step(x)
+    times = {k: [] for k in steps}
+    ratios = []
+    for i in range(reps):
+        pair = {}
+        for k in (steps if i % 2 == 0 else reversed(list(steps))):
+            t0 = time.perf_counter()
+            steps[k](batches[i % 3])
+            pair[k] = time.perf_counter() - t0
+            times[k].append(pair[k])
+        ratios.append(pair["ref"] / pair["fused"])
+    q1, _, q3 = statistics.quantiles(ratios, n=4) if reps > 1 else (ratios[0],) * 3
+    med = statistics.median
+    print(f"B={B} T={T} fused {'model.loss' if mode == 'loss' else 'logits'} vs reference logits, "
+          f"{torch.get_num_threads()} threads: fused {med(times['fused']) * 1e3:.0f} ms, reference "
+          f"{med(times['ref']) * 1e3:.0f} ms; speed-up median {med(ratios):.3f} (IQR {q1:.3f}-{q3:.3f}, "
+          f"{reps} interleaved pairs)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -16,14 +16,12 @@ import statistics
 import sys
 import time
 
-os.environ["TRITON_INTERPRET"] = "0"
+import torch
+import torch.nn.functional as F
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-from gpt.config import GPTConfig  # noqa: E402
-from gpt.model import GPTModel  # noqa: E402
-from gpt.reference import GPTModel as RefModel  # noqa: E402
+from gpt.config import GPTConfig
+from gpt.model import GPTModel
+from gpt.reference import GPTModel as RefModel
 
 
 def make_step(model, fused_loss: bool):
@@ -42,7 +40,18 @@ def make_step(model, fused_loss: bool):
 
 
 def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    old = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "0"  # the fallback, read at call time; restored after
+    try:
+        return _run(sys.argv[1:] if argv is None else argv)
+    finally:
+        if old is None:
+            os.environ.pop("TRITON_INTERPRET", None)
+        else:
+            os.environ["TRITON_INTERPRET"] = old
+
+
+def _run(argv) -> int:
     B, T, mode, reps = int(argv[0]), int(argv[1]), argv[2], int(argv[3])
     torch.manual_seed(0)
     cfg = GPTConfig.from_preset("tiny", drop_rate=0.0)

@@ -46,6 +46,22 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_gpu)
 
 
+@pytest.fixture(autouse=True)
+def _kernel_path_setting_is_left_as_found():
+    """A test that changes TRITON_INTERPRET for good (e.g. by importing a module that sets it) would
+    silently move every later test to the other kernel path: fail it, and restore the setting."""
+    before = os.environ.get("TRITON_INTERPRET")
+    yield
+    after = os.environ.get("TRITON_INTERPRET")
+    if after != before:
+        if before is None:
+            os.environ.pop("TRITON_INTERPRET", None)
+        else:
+            os.environ["TRITON_INTERPRET"] = before
+        pytest.fail(f"the test left TRITON_INTERPRET={after!r} (it was {before!r}); later tests would run "
+                    "on the wrong kernel path")
+
+
 @pytest.fixture(scope="session")
 def shared_data():
     """Path to ../shared/data; skips the test cleanly when it is absent."""

@@ -87,13 +87,15 @@ def create_dataloader_v1(txt: str, batch_size: int = 4, max_length: int = 256, s
 
 # --------------------------------------------------------------------------------------------- text
 def list_text_files(paths: str | os.PathLike | Iterable[str | os.PathLike]) -> list[Path]:
-    """Expand files and folders (recursively: .txt/.md/.rst/.text files, sorted) into a file list."""
+    """Expand files and folders (recursively: .txt/.md/.rst/.text files, sorted; hidden files and
+    folders such as ``.git`` or ``.ipynb_checkpoints`` skipped, as ``prepare`` does) into a file list."""
     if isinstance(paths, str | os.PathLike):
         paths = [paths]
     files: list[Path] = []
     for p in map(Path, paths):
         if p.is_dir():
-            found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in TEXT_SUFFIXES)
+            found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in TEXT_SUFFIXES
+                           and not any(part.startswith(".") for part in f.relative_to(p).parts))
             if not found:
                 raise DataError(f"folder {p} holds no text files ({', '.join(TEXT_SUFFIXES)})")
             files.extend(found)

@@ -142,8 +142,15 @@ def test_text_readers(tmp_path):
     (tmp_path / "a.txt").write_text("first doc")
     (tmp_path / "b" / "c.md").write_text("second doc")
     (tmp_path / "b" / "skip.bin").write_bytes(b"\0\1")
+    (tmp_path / ".ipynb_checkpoints").mkdir()  # hidden folders and files: skipped, as prepare does
+    (tmp_path / ".ipynb_checkpoints" / "a-checkpoint.txt").write_text("stale copy")
+    (tmp_path / "b" / ".notes.txt").write_text("hidden")
     files = D.list_text_files(tmp_path)
     assert [f.name for f in files] == ["a.txt", "c.md"]
+    (tmp_path / ".git" / "d").mkdir(parents=True)  # a hidden folder given by name is read
+    (tmp_path / ".git" / "d" / "x.txt").write_text("given")
+    assert [f.name for f in D.list_text_files(tmp_path / ".git")] == ["x.txt"]
+    (tmp_path / ".git" / "d" / "x.txt").unlink()
     assert D.read_text(tmp_path) == "first doc<|endoftext|>second doc"
     with pytest.raises(D.DataError, match="not found"):
         D.read_text(tmp_path / "missing.txt")

@@ -49,9 +49,12 @@ def attention_applies(q, k, v, causal: bool, softmax_scale: float, dropout_p: fl
     """Where ATen's CPU flash kernel computes what ours does. Measured on torch 2.13, it aligns causal
     masks top-left (equal to ours only when Tq == Tk), returns NaN for a scale <= 0, and silently
     ignores the stride of the last dim (``x[..., ::2]`` gives garbage): those cases stay on the
-    registered op."""
+    registered op. So does every empty shape: with B, H or Tq = 0 the kernel divides by zero (SIGFPE
+    kills the process, torch 2.13), and Tk = 0 must give zeros; the op's launchers and fallback handle
+    those without a launch."""
     Tq, Tk = q.shape[-2], k.shape[-2]
-    return (dropout_p == 0.0 and softmax_scale > 0.0 and Tk > 0 and (not causal or Tq == Tk)
+    return (dropout_p == 0.0 and softmax_scale > 0.0 and q.numel() > 0 and k.numel() > 0
+            and (not causal or Tq == Tk)
             and q.stride(-1) == k.stride(-1) == v.stride(-1) == 1 and applies(q, k, v))
 
 

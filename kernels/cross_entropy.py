@@ -402,7 +402,7 @@ def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, target: torch.Te
 
     x ``(..., d)``, weight ``(V, d)``, bias ``(V,)`` or None (same dtype as x), target ``(...)`` int64
     with x's leading shape. Returns a scalar for ``"mean"`` (over non-ignored targets; 0 when all are
-    ignored) and ``"sum"``, a tensor of target's shape for ``"none"`` (0 on ignored positions). The loss
+    ignored or there are none, N = 0) and ``"sum"``, a tensor of target's shape for ``"none"`` (0 on ignored positions). The loss
     is fp32 (fp64 for fp64 inputs). Differentiable in x, weight and bias; gradients are deterministic.
     Targets outside ``[0, V)`` (other than ``ignore_index``) raise ``ValueError`` on CPU and give a NaN
     loss on CUDA (no host sync). Under ``torch.autocast`` the inputs are cast like ``F.linear``'s.

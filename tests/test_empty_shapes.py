@@ -410,4 +410,7 @@ except ImportError:  # the child needs no pytest
 
 
 if __name__ == "__main__":
+    import faulthandler
+
+    faulthandler.enable()  # a fatal signal prints the Python stack into the report
     _child(sys.argv[1], int(sys.argv[2]))  # TRITON_INTERPRET value, first job

@@ -1,15 +1,28 @@
-"""Launch settings, dispatch helpers and input validation shared by every kernel family.
+"""The one kernel plumbing: dispatch, launch, int64 offsets, device queries, constants, op registration.
+
+Every kernel family (``kernels/*.py``) uses these instead of its own copy; the Triton device functions
+they share (``_dot``, ``_load_tile``, ...) live in ``kernels/_blocks.py``.
 
 Dispatch rule (docs/design.md): CUDA tensors run the Triton kernel; CPU tensors run the Triton kernel under
 the interpreter when ``TRITON_INTERPRET=1`` (set before ``import triton``; that is how CI tests the
 kernels), otherwise the pure-PyTorch fallback in ``kernels/reference.py``.
+
+Interpreter mode, one source: ``@triton.jit`` decides once, when a kernel is decorated (at import of its
+module), whether it is an interpreted function; that fact is ``INTERPRETED`` and nothing can change it
+afterwards. Whether a call *uses* the interpreter is read per call by ``use_triton`` (``INTERPRETED``
+and ``TRITON_INTERPRET`` still set now), so a test or a CLI that sets ``TRITON_INTERPRET=0`` for a while
+gets the PyTorch fallback, and restoring it brings the kernels back (tests/conftest.py flips it between
+tests; bench/cpu_train.py sets it inside ``main``). No kernel file keeps its own copy of either.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 import os
 
 import torch
+from torch.library import triton_op, wrap_triton
 
 try:  # triton is a Linux dependency; elsewhere every op runs its PyTorch fallback.
     import triton
@@ -28,19 +41,130 @@ SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 #: Also accepted by the elementwise/normalization ops, which run float64 on the PyTorch reference.
 FLOAT_DTYPES = (*SUPPORTED_DTYPES, torch.float64)
 
+#: log2(e) and ln(2): softmax statistics are kept in the log2 domain (``exp(x) = exp2(x * LOG2E)``,
+#: ``ln(x) = log2(x) * LN2``), as in the Triton tutorial. Host floats; device code uses the
+#: ``tl.constexpr`` twins of the same names in ``kernels/_blocks.py``.
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+#: The largest int32: an element offset at or past it needs int64 arithmetic in a kernel.
+INT32_MAX = 2**31 - 1
+
 
 def interpret_mode() -> bool:
-    """True when the Triton interpreter is on (``TRITON_INTERPRET=1``), read at call time."""
+    """True when ``TRITON_INTERPRET`` is set now (read at call time; tests flip it)."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+#: Whether the ``@triton.jit`` kernels were created as interpreter functions (``TRITON_INTERPRET`` at
+#: import of ``kernels``; triton reads it when it decorates, so this cannot change later).
+INTERPRETED = HAS_TRITON and interpret_mode()
+
+
 def use_triton(t: torch.Tensor) -> bool:
-    """Whether an op on ``t`` should run its Triton kernel (else the PyTorch fallback)."""
+    """The one dispatch predicate: whether an op on ``t`` runs its Triton kernel (else the fallback).
+
+    CUDA: always (with triton installed). CPU: only under the interpreter, i.e. the kernels were
+    decorated interpreted (``INTERPRETED``) and ``TRITON_INTERPRET`` is still set at this call.
+    """
     if not HAS_TRITON:
         return False
     if t.device.type == "cuda":
         return True
-    return t.device.type == "cpu" and interpret_mode()
+    return t.device.type == "cpu" and INTERPRETED and interpret_mode()
+
+
+def launch(kernel, grid, args, meta, *, tuned=None, interpret=None) -> None:
+    """Launch the ``@triton.jit`` ``kernel`` on ``args`` with keyword ``meta`` (constexprs, num_warps...).
+
+    Compiled (CUDA): ``wrap_triton(tuned or kernel)[grid](*args, **meta)`` — visible to
+    ``torch.compile``; ``tuned`` is the ``triton.autotune`` wrapper (its config supplies the block
+    sizes, so ``grid`` is then a callable of the meta-parameters). Interpreted: ``kernel`` itself,
+    launched without ``wrap_triton`` (torch < 2.13 rejects an ``InterpretedFunction``; nothing is
+    traced on that path), with ``interpret`` (fixed small blocks, ``num_warps``...) merged over
+    ``meta`` and a callable ``grid`` evaluated on the result.
+    """
+    if INTERPRETED:
+        meta = {**meta, **(interpret or {})}
+        kernel[grid(meta) if callable(grid) else grid](*args, **meta)
+    else:
+        wrap_triton(tuned if tuned is not None else kernel)[grid](*args, **meta)
+
+
+def needs_int64(*tensors: torch.Tensor | None, start_dim: int = 0, slack: int = 0) -> bool:
+    """True when an element offset a kernel computes for these tensors may not fit in int32.
+
+    One meaning: the largest offset from a tensor's base pointer reachable by indexing its dims
+    ``start_dim..`` — ``Σ (size - 1) · |stride|`` over those dims — plus ``slack`` (the elements a
+    masked tail tile computes past the end, e.g. ``BLOCK`` for a flat elementwise kernel) reaches
+    ``INT32_MAX``. Dims before ``start_dim`` are the kernel's job to offset in int64 itself (e.g.
+    attention's per-(batch, head) base pointers), so they do not count. ``None`` and empty tensors
+    never need int64.
+    """
+    for t in tensors:
+        if t is None or t.numel() == 0:
+            continue
+        span = sum((n - 1) * abs(s) for n, s in zip(t.shape[start_dim:], t.stride()[start_dim:]))
+        if span + slack >= INT32_MAX:
+            return True
+    return False
+
+
+@functools.cache
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA ``device`` (its current device when it has no index); cached."""
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def kernel_op(name: str, *, launch, fallback, dispatch_arg: int = 0, triton_if=None,
+              backward=None, setup_context=None):
+    """Register a ``torch.library.triton_op`` with its CPU kernel and autograd in one call (a decorator).
+
+    The decorated function gives only the op's annotated signature (and docstring); its body is not
+    run. ``launch(*args)`` runs the Triton kernels, ``fallback(*args)`` the PyTorch reference; both
+    take the op's arguments and return its outputs. ``args[dispatch_arg]`` decides the dispatch;
+    ``triton_if(t)`` (optional) may refuse it (e.g. float64, which the kernels do not compute).
+
+    * the triton_op body (also its fake kernel, and what ``torch.compile`` decomposes into) launches
+      for CUDA tensors (through ``wrap_triton``: compiled graphs call the Triton kernels) and runs the
+      fallback for any other device — fake-tensor tracing of CPU inputs needs it (the interpreter
+      cannot run on fake tensors);
+    * the ``"cpu"`` kernel is the eager CPU path: ``launch`` when ``use_triton`` (the interpreter),
+      else the fallback;
+    * ``register_autograd(backward, setup_context=setup_context)`` when ``backward`` is given (the
+      backward itself calls a second ``kernel_op``, so compiled backward graphs run Triton too).
+
+    Returns the op (``torch.ops.<namespace>.<name>`` is the same op).
+    """
+    def triton_for(t: torch.Tensor) -> bool:
+        return triton_if is None or triton_if(t)
+
+    def decorate(signature):
+        def body(*args):
+            t = args[dispatch_arg]
+            if t.device.type == "cuda" and use_triton(t) and triton_for(t):
+                return launch(*args)
+            return fallback(*args)
+
+        def cpu(*args):
+            t = args[dispatch_arg]
+            if use_triton(t) and triton_for(t):
+                return launch(*args)
+            return fallback(*args)
+
+        functools.update_wrapper(body, signature)
+        body.__signature__ = inspect.signature(signature, eval_str=True)  # real types for the schema
+        op = triton_op(name, mutates_args=())(body)
+        op.register_kernel("cpu")(cpu)
+        if backward is not None:
+            op.register_autograd(backward, setup_context=setup_context)
+        return op
+
+    return decorate
 
 
 def check_tensor(name: str, t, *, ndim: int | None = None, min_ndim: int | None = None,
@@ -67,11 +191,6 @@ def check_same_device(**tensors) -> None:
         if t.device != first.device:
             raise ValueError(f"{name} is on {t.device} but {first_name} is on {first.device}; "
                              "all inputs must be on the same device")
-
-
-def needs_int64(*tensors: torch.Tensor) -> bool:
-    """True when any flat element offset could overflow int32 (use int64 offsets in the kernel)."""
-    return any(t is not None and t.numel() >= 2**31 - 1 for t in tensors)
 
 
 def next_power_of_2(n: int) -> int:

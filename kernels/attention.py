@@ -9,8 +9,9 @@ dot products, no TF32), fp16 and bf16 with fp32 accumulation and statistics.
 * Causal masks are aligned bottom-right (flash-attention's convention): query i sees keys
   ``j <= i + Tk - Tq``, so a chunk of new queries at the end of a longer key sequence is causal among
   itself. A query that sees no key (only possible when Tq > Tk) outputs zeros, never NaN.
-* The forward keeps only the fp32 log-sum-exp per query (no T×T matrix); the backward recomputes the
-  probabilities block by block.
+* The forward keeps only the fp32 log-sum-exp per query (no T×T matrix), in the log2 domain of its
+  scores (``s · log2 e``, as the Triton tutorial: no conversion to natural log and back); the backward
+  recomputes the probabilities ``exp2(s · log2 e - lse)`` block by block.
 * Dropout on the attention weights uses an in-kernel counter-based RNG (Philox, ``tl.rand``) keyed on
   (seed + batch·head, query·Tk + key); the backward regenerates exactly the same mask from the seed.
 * The backward is two passes that each own their output tile (dK/dV per key block, dQ per query block):
@@ -19,10 +20,11 @@ dot products, no TF32), fp16 and bf16 with fp32 accumulation and statistics.
   (``LARGE``) when a slice spans more than 2**31 elements.
 
 File order: ``@triton.jit`` kernels -> launchers -> op registration / autograd -> functional API ->
-``nn.Module``. Registration and dispatch follow kernels/layernorm.py: ``triton_op`` in the
-``gpt_kernels`` namespace (CUDA: ``wrap_triton`` launches, visible to ``torch.compile``), a ``"cpu"``
-kernel that runs the same Triton code under the interpreter when ``TRITON_INTERPRET=1`` and the
-PyTorch fallback of ``kernels/reference.py`` otherwise, ``register_autograd`` for the backward.
+``nn.Module``. Registration, dispatch and launches are the shared plumbing of ``kernels/_utils.py``
+(``kernel_op``, ``launch``): a ``triton_op`` in the ``gpt_kernels`` namespace (CUDA: ``wrap_triton``
+launches, visible to ``torch.compile``), a ``"cpu"`` kernel that runs the same Triton code under the
+interpreter when ``TRITON_INTERPRET=1`` and the PyTorch fallback of ``kernels/reference.py`` otherwise,
+``register_autograd`` for the backward. Device building blocks come from ``kernels/_blocks.py``.
 """
 
 from __future__ import annotations
@@ -31,68 +33,29 @@ import math
 
 import torch
 from torch import nn
-from torch.library import triton_op, wrap_triton
 
 from . import _eager_cpu
 from . import reference as ref
-from ._utils import check_same_device, check_tensor, interpret_mode, next_power_of_2, tl, triton, use_triton
-
-_INTERPRETED = interpret_mode()
-# The interpreter multiplies bf16 tiles in tl.dot wrongly (garbage: numpy has no bf16), so under it bf16
-# dot operands are upcast to fp32 first: exact products, fp32 accumulation, as the tensor cores do. A
-# global constexpr: compiled kernels (False) are unchanged and their signatures too.
-_UPCAST_BF16_DOT = tl.constexpr(_INTERPRETED) if tl is not None else _INTERPRETED
+from ._blocks import _dot, _load_tile, _online_softmax_step, _store_tile
+from ._utils import (
+    INTERPRETED,
+    LOG2E,
+    check_same_device,
+    check_tensor,
+    kernel_op,
+    launch,
+    needs_int64,
+    next_power_of_2,
+    tl,
+    triton,
+)
 
 MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 128
-LOG2E = 1.4426950408889634  # scores are kept in the log2 domain: exp(x) = exp2(x * log2(e))
-LN2 = 0.6931471805599453
 
 
 # ---------------------------------------------------------------------------------------------------
 # Kernels
 # ---------------------------------------------------------------------------------------------------
-
-@triton.jit
-def _dot(a, b, IEEE: tl.constexpr):
-    # fp32 inputs multiply in full IEEE precision (no TF32); fp16/bf16 use the tensor cores.
-    if IEEE:
-        return tl.dot(a, b, input_precision="ieee")
-    elif _UPCAST_BF16_DOT and a.dtype == tl.bfloat16:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    else:
-        return tl.dot(a, b)
-
-
-@triton.jit
-def _load_tile(ptrs, rows, n_rows, cols, n_cols,
-               EVEN_ROWS: tl.constexpr, EVEN_COLS: tl.constexpr):
-    # Load a (rows, cols) tile, masking only the dimensions that may run past the tensor.
-    if EVEN_ROWS:
-        if EVEN_COLS:
-            return tl.load(ptrs)
-        else:
-            return tl.load(ptrs, mask=cols[None, :] < n_cols, other=0.0)
-    else:
-        if EVEN_COLS:
-            return tl.load(ptrs, mask=rows[:, None] < n_rows, other=0.0)
-        else:
-            return tl.load(ptrs, mask=(rows[:, None] < n_rows) & (cols[None, :] < n_cols), other=0.0)
-
-
-@triton.jit
-def _store_tile(ptrs, val, rows, n_rows, cols, n_cols,
-                EVEN_ROWS: tl.constexpr, EVEN_COLS: tl.constexpr):
-    if EVEN_ROWS:
-        if EVEN_COLS:
-            tl.store(ptrs, val)
-        else:
-            tl.store(ptrs, val, mask=cols[None, :] < n_cols)
-    else:
-        if EVEN_COLS:
-            tl.store(ptrs, val, mask=rows[:, None] < n_rows)
-        else:
-            tl.store(ptrs, val, mask=(rows[:, None] < n_rows) & (cols[None, :] < n_cols))
-
 
 @triton.jit
 def _dropout_keep(seed, rng_offsets, dropout_p):
@@ -119,11 +82,7 @@ def _fwd_inner(acc, l_i, m_i, q, K_ptr, V_ptr, stride_kn, stride_kd, stride_vn, 
             if CAUSAL:
                 visible = visible & (cols[None, :] <= rows[:, None] + causal_shift)
             s = tl.where(visible, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no visible key so far
-        p = tl.math.exp2(s - m_safe[:, None])
-        alpha = tl.math.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
+        p, alpha, l_i, m_new = _online_softmax_step(s, m_i, l_i)
         acc = acc * alpha[:, None]
         v = _load_tile(V_ptr + cols_o[:, None] * stride_vn + offs_d[None, :] * stride_vd,
                        cols, TK, offs_d, HEAD_DIM, not MASK, EVEN_D)  # (BLOCK_N, BLOCK_D)
@@ -137,7 +96,8 @@ def _fwd_inner(acc, l_i, m_i, q, K_ptr, V_ptr, stride_kn, stride_kd, stride_vn, 
 
 # Forward (per query tile of BLOCK_M rows, all in fp32 registers):
 #   s_j = q k_jᵀ · scale · log2(e);  m = running max;  l = Σ exp2(s - m);  acc = Σ exp2(s - m) v
-#   o = acc / l;  lse = (m + log2 l) · ln 2  (natural log, saved for the backward; +inf if l == 0).
+#   o = acc / l;  lse = m + log2 l  (log2 domain, the domain of s: saved as is for the backward, which
+#   recomputes p = exp2(s - lse); +inf if l == 0).
 # Causal tiles run two loops: keys every row of the tile sees (no mask), then the diagonal band.
 @triton.jit
 def _attn_fwd_kernel(
@@ -193,7 +153,7 @@ def _attn_fwd_kernel(
 
     empty = l_i == 0.0  # no visible key: output 0, lse +inf (so the backward's p = exp(s - lse) = 0)
     acc = acc / tl.where(empty, 1.0, l_i)[:, None]
-    lse = tl.where(empty, float("inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
+    lse = tl.where(empty, float("inf"), m_i + tl.math.log2(tl.where(empty, 1.0, l_i)))
     _store_tile(O_ptr + rows_o[:, None] * stride_om + offs_d[None, :] * stride_od, acc.to(O.dtype.element_ty),
                 rows, TQ, offs_d, HEAD_DIM, EVEN_M, EVEN_D)
     lse_ptrs = LSE + off_bh.to(tl.int64) * TQ + rows
@@ -227,7 +187,8 @@ def _bwd_preprocess_kernel(
     tl.store(DELTA + off_bh.to(tl.int64) * TQ + rows, delta, mask=rows < TQ)
 
 
-# Backward math, with S = q kᵀ · scale, P = exp(S - lse) (recomputed), Z = keep / (1 - p_drop)
+# Backward math, with S = q kᵀ · scale, P = exp(S - lse) = exp2(S·log2(e) - lse2) (recomputed from the
+# saved log2-domain lse2), Z = keep / (1 - p_drop)
 # (all ones without dropout) and O = (P∘Z) V:
 #   dV = (P∘Z)ᵀ dO
 #   dP = (dO Vᵀ) ∘ Z
@@ -255,7 +216,7 @@ def _dkdv_inner(dk, dv, k, v, Q_ptr, DO_ptr, LSE_ptr, DELTA_ptr,
             lse = tl.load(LSE_ptr + rows, mask=rows < TQ, other=float("inf"))
             delta = tl.load(DELTA_ptr + rows, mask=rows < TQ, other=0.0)
         sT = _dot(k, qT, IEEE) * qk_scale
-        pT = tl.math.exp2(sT - lse[None, :] * 1.4426950408889634)
+        pT = tl.math.exp2(sT - lse[None, :])
         if MASK:
             pT = tl.where(cols[:, None] <= rows[None, :] + causal_shift, pT, 0.0)
         do = _load_tile(DO_ptr + rows_o[:, None] * stride_dom + offs_d[None, :] * stride_dod,
@@ -394,7 +355,6 @@ def _attn_bwd_dq_kernel(
     else:
         lse = tl.load(LSE + off_bh.to(tl.int64) * TQ + rows, mask=rows < TQ, other=float("inf"))
         delta = tl.load(DELTA + off_bh.to(tl.int64) * TQ + rows, mask=rows < TQ, other=0.0)
-    lse = lse * 1.4426950408889634  # to the log2 domain of s
     K_ptr = K + off_b * stride_kb + off_h * stride_kh
     V_ptr = V + off_b * stride_vb + off_h * stride_vh
     seed = 0
@@ -468,9 +428,10 @@ if hasattr(triton, "autotune"):
 
 # The interpreter runs programs one after another in Python: one fixed small config that still
 # exercises every path (BLOCK_M != BLOCK_N, unmasked + diagonal loops, masked tails).
-_INTERPRET_FWD = {"BLOCK_M": 32, "BLOCK_N": 16}
-_INTERPRET_DKDV = {"BLOCK_M": 16, "BLOCK_N": 32}
-_INTERPRET_DQ = {"BLOCK_M": 32, "BLOCK_N": 16}
+_INTERPRET_FWD = {"BLOCK_M": 32, "BLOCK_N": 16, "num_warps": 1}
+_INTERPRET_DKDV = {"BLOCK_M": 16, "BLOCK_N": 32, "num_warps": 1}
+_INTERPRET_DQ = {"BLOCK_M": 32, "BLOCK_N": 16, "num_warps": 1}
+_INTERPRET_PRE = {"BLOCK_M": 32, "num_warps": 1}
 
 
 def _t_bucket(t: int) -> int:
@@ -480,17 +441,6 @@ def _t_bucket(t: int) -> int:
 
 def _strides(t: torch.Tensor) -> tuple[int, int, int, int]:
     return tuple(t.stride())
-
-
-def _spans_large(*tensors: torch.Tensor) -> bool:
-    """Whether a (batch, head) slice spans >= 2**31 elements (row offsets then need int64)."""
-    for t in tensors:
-        if t is None or t.numel() == 0:
-            continue
-        span = sum((n - 1) * abs(s) for n, s in zip(t.shape[2:], t.stride()[2:]))
-        if span >= 2**31 - 1:
-            return True
-    return False
 
 
 def _common_meta(q, k, causal, dropout_p):
@@ -507,14 +457,6 @@ def _even(Tq, Tk, blocks):
     return Tq % blocks["BLOCK_M"] == 0, Tk % blocks["BLOCK_N"] == 0
 
 
-def _launch(tuned, raw, interp_blocks, grid_fn, args, meta):
-    """Launch ``raw`` with fixed blocks under the interpreter, else the autotuned kernel via wrap_triton."""
-    if _INTERPRETED and args[0].device.type == "cpu":
-        raw[grid_fn(interp_blocks)](*args, **meta, **interp_blocks, num_warps=1)
-    else:
-        wrap_triton(tuned)[grid_fn](*args, **meta)
-
-
 # ---------------------------------------------------------------------------------------------------
 # Launchers
 # ---------------------------------------------------------------------------------------------------
@@ -529,14 +471,13 @@ def _attn_fwd_launch(q, k, v, seed, causal, softmax_scale, dropout_p):
         return o, lse
     if Tk == 0:  # nothing to attend to
         return o.zero_(), lse.fill_(float("inf"))
-    interp = _INTERPRETED and q.device.type == "cpu"
-    even_m, even_n = _even(Tq, Tk, _INTERPRET_FWD if interp else None)
-    meta.update(EVEN_M=even_m, EVEN_N=even_n, LARGE=_spans_large(q, k, v, o))
+    even_m, even_n = _even(Tq, Tk, _INTERPRET_FWD if INTERPRETED else None)
+    meta.update(EVEN_M=even_m, EVEN_N=even_n, LARGE=needs_int64(q, k, v, o, start_dim=2))
     args = (q, k, v, o, lse, seed if seed is not None else lse,
             *_strides(q), *_strides(k), *_strides(v), *_strides(o),
             H, Tq, Tk, softmax_scale * LOG2E, dropout_p, _t_bucket(max(Tq, Tk)))
-    _launch(_attn_fwd_tuned if not interp else None, _attn_fwd_kernel, _INTERPRET_FWD,
-            lambda m: (triton.cdiv(Tq, m["BLOCK_M"]), B * H), args, meta)
+    launch(_attn_fwd_kernel, lambda m: (triton.cdiv(Tq, m["BLOCK_M"]), B * H), args, meta,
+           tuned=_attn_fwd_tuned, interpret=_INTERPRET_FWD)
     return o, lse
 
 
@@ -547,31 +488,28 @@ def _attn_bwd_launch(do, q, k, v, o, lse, seed, causal, softmax_scale, dropout_p
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
     if dq.numel() == 0 or dk.numel() == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
-    interp = _INTERPRETED and q.device.type == "cpu"
-    large = _spans_large(q, k, v, o, do)
+    large = needs_int64(q, k, v, o, do, start_dim=2)
     delta = torch.empty((B, H, Tq), dtype=torch.float32, device=q.device)
-    block_m_pre = 64 if not interp else 32
-    pre = _bwd_preprocess_kernel if interp else wrap_triton(_bwd_preprocess_kernel)
-    pre[(triton.cdiv(Tq, block_m_pre), B * H)](
-        o, do, delta, *_strides(o), *_strides(do), H, Tq,
-        HEAD_DIM=meta["HEAD_DIM"], BLOCK_D=meta["BLOCK_D"], EVEN_D=meta["EVEN_D"], LARGE=large,
-        BLOCK_M=block_m_pre, num_warps=4 if not interp else 1)
+    launch(_bwd_preprocess_kernel, lambda m: (triton.cdiv(Tq, m["BLOCK_M"]), B * H),
+           (o, do, delta, *_strides(o), *_strides(do), H, Tq),
+           dict(HEAD_DIM=meta["HEAD_DIM"], BLOCK_D=meta["BLOCK_D"], EVEN_D=meta["EVEN_D"], LARGE=large,
+                BLOCK_M=64, num_warps=4), interpret=_INTERPRET_PRE)
     seed_arg = seed if seed is not None else lse
     common = (H, Tq, Tk, softmax_scale * LOG2E, softmax_scale, dropout_p, _t_bucket(max(Tq, Tk)))
 
-    even_m, even_n = _even(Tq, Tk, _INTERPRET_DKDV if interp else None)
+    even_m, even_n = _even(Tq, Tk, _INTERPRET_DKDV if INTERPRETED else None)
     meta_kv = dict(meta, EVEN_M=even_m, EVEN_N=even_n, LARGE=large)
-    _launch(_attn_bwd_dkdv_tuned if not interp else None, _attn_bwd_dkdv_kernel, _INTERPRET_DKDV,
-            lambda m: (triton.cdiv(Tk, m["BLOCK_N"]), B * H),
-            (q, k, v, do, lse, delta, dk, dv, seed_arg, *_strides(q), *_strides(k), *_strides(v),
-             *_strides(do), *_strides(dk), *_strides(dv), *common), meta_kv)
+    launch(_attn_bwd_dkdv_kernel, lambda m: (triton.cdiv(Tk, m["BLOCK_N"]), B * H),
+           (q, k, v, do, lse, delta, dk, dv, seed_arg, *_strides(q), *_strides(k), *_strides(v),
+            *_strides(do), *_strides(dk), *_strides(dv), *common), meta_kv,
+           tuned=_attn_bwd_dkdv_tuned, interpret=_INTERPRET_DKDV)
 
-    even_m, even_n = _even(Tq, Tk, _INTERPRET_DQ if interp else None)
+    even_m, even_n = _even(Tq, Tk, _INTERPRET_DQ if INTERPRETED else None)
     meta_q = dict(meta, EVEN_M=even_m, EVEN_N=even_n, LARGE=large)
-    _launch(_attn_bwd_dq_tuned if not interp else None, _attn_bwd_dq_kernel, _INTERPRET_DQ,
-            lambda m: (triton.cdiv(Tq, m["BLOCK_M"]), B * H),
-            (q, k, v, do, lse, delta, dq, seed_arg, *_strides(q), *_strides(k), *_strides(v),
-             *_strides(do), *_strides(dq), *common), meta_q)
+    launch(_attn_bwd_dq_kernel, lambda m: (triton.cdiv(Tq, m["BLOCK_M"]), B * H),
+           (q, k, v, do, lse, delta, dq, seed_arg, *_strides(q), *_strides(k), *_strides(v),
+            *_strides(do), *_strides(dq), *common), meta_q,
+           tuned=_attn_bwd_dq_tuned, interpret=_INTERPRET_DQ)
     return dq, dk, dv
 
 
@@ -579,43 +517,13 @@ def _attn_bwd_launch(do, q, k, v, o, lse, seed, causal, softmax_scale, dropout_p
 # Op registration and autograd
 # ---------------------------------------------------------------------------------------------------
 
-def _use_interpreter(x: torch.Tensor) -> bool:
-    return _INTERPRETED and use_triton(x)
-
-
-@triton_op("gpt_kernels::flash_attention_fwd", mutates_args=())
-def _flash_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seed: torch.Tensor | None,
-                         causal: bool, softmax_scale: float, dropout_p: float
-                         ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(o, lse): o (B, H, Tq, D) stored as (B, Tq, H, D); lse (B, H, Tq) fp32 natural log-sum-exp."""
-    if q.device.type == "cuda":
-        return _attn_fwd_launch(q, k, v, seed, causal, softmax_scale, dropout_p)
-    return ref.flash_attention_fwd_ref(q, k, v, seed, causal, softmax_scale, dropout_p)
-
-
-@_flash_attention_fwd.register_kernel("cpu")
-def _flash_attention_fwd_cpu(q, k, v, seed, causal, softmax_scale, dropout_p):
-    if _use_interpreter(q):
-        return _attn_fwd_launch(q, k, v, seed, causal, softmax_scale, dropout_p)
-    return ref.flash_attention_fwd_ref(q, k, v, seed, causal, softmax_scale, dropout_p)
-
-
-@triton_op("gpt_kernels::flash_attention_bwd", mutates_args=())
+@kernel_op("gpt_kernels::flash_attention_bwd", launch=_attn_bwd_launch, fallback=ref.flash_attention_bwd_ref,
+           dispatch_arg=1)
 def _flash_attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                          o: torch.Tensor, lse: torch.Tensor, seed: torch.Tensor | None, causal: bool,
                          softmax_scale: float, dropout_p: float
                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv) in the dtypes of q, k, v."""
-    if q.device.type == "cuda":
-        return _attn_bwd_launch(do, q, k, v, o, lse, seed, causal, softmax_scale, dropout_p)
-    return ref.flash_attention_bwd_ref(do, q, k, v, o, lse, seed, causal, softmax_scale, dropout_p)
-
-
-@_flash_attention_bwd.register_kernel("cpu")
-def _flash_attention_bwd_cpu(do, q, k, v, o, lse, seed, causal, softmax_scale, dropout_p):
-    if _use_interpreter(q):
-        return _attn_bwd_launch(do, q, k, v, o, lse, seed, causal, softmax_scale, dropout_p)
-    return ref.flash_attention_bwd_ref(do, q, k, v, o, lse, seed, causal, softmax_scale, dropout_p)
 
 
 def _setup_context(ctx, inputs, output):
@@ -633,7 +541,13 @@ def _backward(ctx, do, _dlse):
     return dq, dk, dv, None, None, None, None
 
 
-_flash_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+@kernel_op("gpt_kernels::flash_attention_fwd", launch=_attn_fwd_launch, fallback=ref.flash_attention_fwd_ref,
+           backward=_backward, setup_context=_setup_context)
+def _flash_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seed: torch.Tensor | None,
+                         causal: bool, softmax_scale: float, dropout_p: float
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(o, lse): o (B, H, Tq, D) stored as (B, Tq, H, D); lse (B, H, Tq) fp32 log-sum-exp of the scaled
+    scores in the log2 domain (log2 Σ_j exp2(s_j · log2 e), +inf for a query that sees no key)."""
 
 
 # ---------------------------------------------------------------------------------------------------

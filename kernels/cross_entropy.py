@@ -25,7 +25,8 @@ statistics and loss; float64 runs the PyTorch fallback in float64 (on any device
 * Under ``torch.autocast`` x, weight and bias are cast to the autocast dtype, as ``F.linear`` would.
 
 File order: ``@triton.jit`` kernels -> launchers -> op registration / autograd -> functional API.
-Registration and dispatch follow kernels/layernorm.py: ``triton_op`` in the ``gpt_kernels`` namespace
+Registration, dispatch and launches are ``kernel_op``/``launch`` of ``kernels/_utils.py``: ``triton_op``
+in the ``gpt_kernels`` namespace
 (CUDA: ``wrap_triton`` launches, visible to ``torch.compile``), a ``"cpu"`` kernel that runs the same
 Triton code under the interpreter when ``TRITON_INTERPRET=1`` and the chunked PyTorch fallback of
 ``kernels/reference.py`` otherwise, ``register_autograd`` for the backward.
@@ -33,20 +34,22 @@ Triton code under the interpreter when ``TRITON_INTERPRET=1`` and the chunked Py
 
 from __future__ import annotations
 
-import functools
-
 import torch
-from torch.library import triton_op, wrap_triton
 
 from . import _eager_cpu
 from . import reference as ref
-from ._utils import SUPPORTED_DTYPES, check_same_device, check_tensor, interpret_mode, tl, triton, use_triton
-
-_INTERPRETED = interpret_mode()
-# The interpreter multiplies bf16 tiles in tl.dot wrongly (numpy has no bf16: ~1e10 where 6.5 is
-# right), so under it bf16 operands are upcast to fp32 first, as in kernels/attention.py. A global
-# constexpr: compiled kernels (False) and their signatures are unchanged.
-_UPCAST_BF16_DOT = tl.constexpr(_INTERPRETED) if tl is not None else _INTERPRETED
+from ._blocks import LOG2E, _dot_acc
+from ._utils import (
+    SUPPORTED_DTYPES,
+    check_same_device,
+    check_tensor,
+    kernel_op,
+    launch,
+    needs_int64,
+    sm_count,
+    tl,
+    triton,
+)
 
 #: The dtypes accepted; float64 runs the PyTorch fallback (the kernels compute in fp32).
 DTYPES = (*SUPPORTED_DTYPES, torch.float64)
@@ -71,12 +74,7 @@ def _logits_tile(X, W, B, rows_o, row_mask, cols, cols_o, col_mask, stride_xn, s
                     mask=row_mask[:, None] & k_mask[None, :], other=0.0)  # (BLOCK_N, BLOCK_K)
         wT = tl.load(W + ks[:, None] * stride_wd + cols_o[None, :] * stride_wv,
                      mask=k_mask[:, None] & col_mask[None, :], other=0.0)  # (BLOCK_K, BLOCK_V)
-        if IEEE:
-            acc = tl.dot(x, wT, acc, input_precision="ieee")
-        elif _UPCAST_BF16_DOT and x.dtype == tl.bfloat16:
-            acc = tl.dot(x.to(tl.float32), wT.to(tl.float32), acc, input_precision="ieee")
-        else:
-            acc = tl.dot(x, wT, acc)
+        acc = _dot_acc(x, wT, acc, IEEE)
     if HAS_BIAS:
         acc += tl.load(B + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
     return acc
@@ -114,8 +112,8 @@ def _lce_fwd_kernel(
                          stride_wd, D, HAS_BIAS, IEEE, BLOCK_N, BLOCK_V, BLOCK_K)
         z = tl.where(col_mask[None, :], z, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(z, 1))  # finite: every tile holds at least one column
-        p = tl.math.exp2((z - m_new[:, None]) * 1.4426950408889634)
-        l_i = l_i * tl.math.exp2((m_i - m_new) * 1.4426950408889634) + tl.sum(p, 1)
+        p = tl.math.exp2((z - m_new[:, None]) * LOG2E)
+        l_i = l_i * tl.math.exp2((m_i - m_new) * LOG2E) + tl.sum(p, 1)
         m_i = m_new
         t_i += tl.sum(tl.where((cols[None, :] == tgt[:, None]) & col_mask[None, :], z, 0.0), 1)
     part_lse = tl.where(l_i > 0.0, m_i + tl.log(tl.where(l_i > 0.0, l_i, 1.0)), float("-inf"))
@@ -154,7 +152,7 @@ def _lce_dlogits_kernel(
     lse = tl.load(LSE + rows, mask=row_mask, other=0.0)
     g = tl.load(G + rows, mask=row_mask, other=0.0)
     g = tl.where(tgt == ignore_index, 0.0, g)
-    p = tl.math.exp2((z - lse[:, None]) * 1.4426950408889634)
+    p = tl.math.exp2((z - lse[:, None]) * LOG2E)
     dz = (p - tl.where(cols[None, :] == tgt[:, None], 1.0, 0.0)) * g[:, None]
     tl.store(DZ + local.to(tl.int64)[:, None] * stride_dz + cols[None, :], dz.to(DZ.dtype.element_ty),
              mask=row_mask[:, None] & col_mask[None, :])
@@ -188,25 +186,11 @@ if hasattr(triton, "autotune"):
 
 # The interpreter runs programs one after another in Python: small fixed tiles that still exercise
 # every path (several vocabulary slices, tiles and d chunks with masked tails, several row chunks).
-_INTERPRET_BLOCKS = {"BLOCK_N": 32, "BLOCK_V": 128, "BLOCK_K": 64}
+_INTERPRET_BLOCKS = {"BLOCK_N": 32, "BLOCK_V": 128, "BLOCK_K": 64, "num_warps": 1}
 _INTERPRET_SPLITS = 2
 _INTERPRET_CHUNK_ROWS = 64
 #: Bytes of dlogits per backward chunk on CUDA (the only (rows, V) buffer that ever exists).
 _CHUNK_BYTES = 128 * 2**20
-
-
-@functools.cache
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
-def _spans_large(*tensors: torch.Tensor) -> bool:
-    """Whether any element offset of these tensors can reach 2**31 (then the kernels use int64)."""
-    for t in tensors:
-        if t is not None and t.numel() > 0:
-            if sum((n - 1) * abs(s) for n, s in zip(t.shape, t.stride())) >= 2**31 - 1:
-                return True
-    return False
 
 
 def _num_splits(N: int, V: int, device: torch.device) -> int:
@@ -214,7 +198,7 @@ def _num_splits(N: int, V: int, device: torch.device) -> int:
     if device.type != "cuda":
         return min(_INTERPRET_SPLITS, V)
     row_blocks = triton.cdiv(N, 128)
-    return max(1, min(16, triton.cdiv(2 * _sm_count(device.index or 0), row_blocks), triton.cdiv(V, 1024)))
+    return max(1, min(16, triton.cdiv(2 * sm_count(device), row_blocks), triton.cdiv(V, 1024)))
 
 
 def _chunk_rows(N: int, V: int, dtype: torch.dtype, device: torch.device) -> int:
@@ -222,14 +206,6 @@ def _chunk_rows(N: int, V: int, dtype: torch.dtype, device: torch.device) -> int
         return _INTERPRET_CHUNK_ROWS
     rows = _CHUNK_BYTES // (V * torch.empty((), dtype=dtype).element_size())
     return max(256, rows // 256 * 256)
-
-
-def _launch(tuned, raw, grid_fn, args, meta):
-    """Fixed small blocks under the interpreter, else the autotuned kernel through wrap_triton."""
-    if _INTERPRETED and args[0].device.type == "cpu":
-        raw[grid_fn(_INTERPRET_BLOCKS)](*args, **meta, **_INTERPRET_BLOCKS, num_warps=1)
-    else:
-        wrap_triton(tuned)[grid_fn](*args, **meta)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -255,9 +231,10 @@ def _lce_fwd_launch(x, weight, target, bias, ignore_index):
     v_per_split = triton.cdiv(V, splits)
     part_lse = torch.empty((splits, N), dtype=torch.float32, device=x.device)
     part_t = torch.empty((splits, N), dtype=torch.float32, device=x.device)
-    meta = dict(HAS_BIAS=bias is not None, IEEE=x.dtype == torch.float32, LARGE=_spans_large(x, weight))
+    meta = dict(HAS_BIAS=bias is not None, IEEE=x.dtype == torch.float32, LARGE=needs_int64(x, weight))
     args = (x, weight, bias, target, part_lse, part_t, *x.stride(), *weight.stride(), N, V, D, v_per_split)
-    _launch(_lce_fwd_tuned, _lce_fwd_kernel, lambda m: (triton.cdiv(N, m["BLOCK_N"]), splits), args, meta)
+    launch(_lce_fwd_kernel, lambda m: (triton.cdiv(N, m["BLOCK_N"]), splits), args, meta,
+           tuned=_lce_fwd_tuned, interpret=_INTERPRET_BLOCKS)
     lse = torch.logsumexp(part_lse, dim=0) if splits > 1 else part_lse[0]  # (N,)
     tlogit = part_t.sum(dim=0) if splits > 1 else part_t[0]
     return _combine_loss(lse, tlogit, target, ignore_index, V), lse
@@ -273,14 +250,14 @@ def _lce_bwd_launch(g, x, weight, target, bias, lse, ignore_index, need_dx, need
         return dx, dw, db.to(x.dtype)
     C = min(N, _chunk_rows(N, V, x.dtype, x.device))
     dz_buf = torch.empty((C, V), dtype=x.dtype, device=x.device)  # the only (rows, V) buffer
-    meta = dict(HAS_BIAS=bias is not None, IEEE=x.dtype == torch.float32, LARGE=_spans_large(x, weight))
+    meta = dict(HAS_BIAS=bias is not None, IEEE=x.dtype == torch.float32, LARGE=needs_int64(x, weight))
     for row0 in range(0, N, C):
         n_rows = min(C, N - row0)
         dz = dz_buf[:n_rows]
         args = (x, weight, bias, target, lse, g, dz, *x.stride(), *weight.stride(), dz.stride(0),
                 row0, n_rows, V, D, ignore_index)
-        _launch(_lce_dlogits_tuned, _lce_dlogits_kernel,
-                lambda m, n=n_rows: (triton.cdiv(n, m["BLOCK_N"]), triton.cdiv(V, m["BLOCK_V"])), args, meta)
+        launch(_lce_dlogits_kernel, lambda m, n=n_rows: (triton.cdiv(n, m["BLOCK_N"]), triton.cdiv(V, m["BLOCK_V"])),
+               args, meta, tuned=_lce_dlogits_tuned, interpret=_INTERPRET_BLOCKS)
         if need_dx:
             torch.mm(dz, weight, out=dx[row0:row0 + n_rows])  # (n, V) @ (V, d)
         if need_dw:
@@ -294,44 +271,16 @@ def _lce_bwd_launch(g, x, weight, target, bias, lse, ignore_index, need_dx, need
 # Op registration and autograd
 # ---------------------------------------------------------------------------------------------------
 
-def _use_interpreter(x: torch.Tensor) -> bool:
-    return _INTERPRETED and use_triton(x) and x.dtype != torch.float64
+def _not_float64(x: torch.Tensor) -> bool:
+    return x.dtype != torch.float64  # float64 runs the fallback on every device (the kernels are fp32)
 
 
-@triton_op("gpt_kernels::linear_cross_entropy_fwd", mutates_args=())
-def _linear_cross_entropy_fwd(x: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
-                              bias: torch.Tensor | None, ignore_index: int
-                              ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(loss, lse) per row of 2-D x, both (N,) fp32 (fp64 for fp64 inputs); loss 0 on ignored rows."""
-    if x.device.type == "cuda" and x.dtype != torch.float64:
-        return _lce_fwd_launch(x, weight, target, bias, ignore_index)
-    return ref.linear_cross_entropy_fwd_ref(x, weight, target, bias, ignore_index)
-
-
-@_linear_cross_entropy_fwd.register_kernel("cpu")
-def _linear_cross_entropy_fwd_cpu(x, weight, target, bias, ignore_index):
-    if _use_interpreter(x):
-        return _lce_fwd_launch(x, weight, target, bias, ignore_index)
-    return ref.linear_cross_entropy_fwd_ref(x, weight, target, bias, ignore_index)
-
-
-@triton_op("gpt_kernels::linear_cross_entropy_bwd", mutates_args=())
+@kernel_op("gpt_kernels::linear_cross_entropy_bwd", launch=_lce_bwd_launch, fallback=ref.linear_cross_entropy_bwd_ref,
+           dispatch_arg=1, triton_if=_not_float64)
 def _linear_cross_entropy_bwd(g: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
                               bias: torch.Tensor | None, lse: torch.Tensor, ignore_index: int, need_dx: bool,
                               need_dw: bool, need_db: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dx, dweight, dbias) in the inputs' dtypes (empty when not needed); g is the (N,) loss gradient."""
-    if x.device.type == "cuda" and x.dtype != torch.float64:
-        return _lce_bwd_launch(g, x, weight, target, bias, lse, ignore_index, need_dx, need_dw, need_db)
-    return ref.linear_cross_entropy_bwd_ref(g, x, weight, target, bias, lse, ignore_index, need_dx, need_dw,
-                                            need_db)
-
-
-@_linear_cross_entropy_bwd.register_kernel("cpu")
-def _linear_cross_entropy_bwd_cpu(g, x, weight, target, bias, lse, ignore_index, need_dx, need_dw, need_db):
-    if _use_interpreter(x):
-        return _lce_bwd_launch(g, x, weight, target, bias, lse, ignore_index, need_dx, need_dw, need_db)
-    return ref.linear_cross_entropy_bwd_ref(g, x, weight, target, bias, lse, ignore_index, need_dx, need_dw,
-                                            need_db)
 
 
 def _setup_context(ctx, inputs, output):
@@ -352,7 +301,13 @@ def _backward(ctx, dloss, _dlse):
     return dx if need_dx else None, dw if need_dw else None, None, db if need_db else None, None
 
 
-_linear_cross_entropy_fwd.register_autograd(_backward, setup_context=_setup_context)
+@kernel_op("gpt_kernels::linear_cross_entropy_fwd", launch=_lce_fwd_launch, fallback=ref.linear_cross_entropy_fwd_ref,
+           triton_if=_not_float64, backward=_backward, setup_context=_setup_context)
+def _linear_cross_entropy_fwd(x: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
+                              bias: torch.Tensor | None, ignore_index: int
+                              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss, lse) per row of 2-D x, both (N,) fp32 (fp64 for fp64 inputs); loss 0 on ignored rows.
+    lse is the natural log-sum-exp of the logits (the loss is lse - z[target], so it stays natural)."""
 
 
 # ---------------------------------------------------------------------------------------------------

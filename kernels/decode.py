@@ -20,16 +20,24 @@ launches without a host sync and can be captured in a CUDA graph; chunks past a 
 
 from __future__ import annotations
 
-import functools
-
 import torch
-from torch.library import triton_op, wrap_triton
 
 from . import reference as ref
-from ._utils import check_same_device, check_tensor, interpret_mode, next_power_of_2, tl, triton, use_triton
-from .attention import LOG2E, _dot, _load_tile, check_head_dim
-
-_INTERPRETED = interpret_mode()
+from ._blocks import _dot, _load_tile, _online_softmax_step
+from ._utils import (
+    INTERPRETED,
+    LOG2E,
+    check_same_device,
+    check_tensor,
+    kernel_op,
+    launch,
+    needs_int64,
+    next_power_of_2,
+    sm_count,
+    tl,
+    triton,
+)
+from .attention import check_head_dim
 
 #: Most new tokens per call (the query tile is padded to at least 16 rows for ``tl.dot``).
 MAX_DECODE_QUERIES = 64
@@ -81,11 +89,7 @@ def _decode_split_kernel(
         s = _dot(q, kT, IEEE) * qk_scale
         visible = (cols[None, :] < end) & (cols[None, :] <= last_visible[:, None])
         s = tl.where(visible, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(s - m_safe[:, None])
-        alpha = tl.math.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
+        p, alpha, l_i, m_new = _online_softmax_step(s, m_i, l_i)
         v = _load_tile(V_ptr + cols_o[:, None] * stride_vn + offs_d[None, :] * stride_vd,
                        cols, end, offs_d, HEAD_DIM, False, EVEN_D)  # (BLOCK_N, BLOCK_D)
         acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE)
@@ -137,16 +141,11 @@ _BLOCK_N_INTERPRET = 16
 _MAX_SPLITS = 128
 
 
-@functools.cache
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 def num_splits_for(batch_heads: int, tmax: int, device: torch.device, block_n: int) -> int:
     """Splits so that ~2 programs per SM are live; a split never holds less than one key block."""
     max_useful = max(1, triton.cdiv(tmax, block_n))
     if device.type == "cuda":
-        target = 2 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+        target = 2 * sm_count(device)
     else:
         target = 4  # the interpreter: still exercise the combine step
     return max(1, min(triton.cdiv(target, batch_heads), max_useful, _MAX_SPLITS))
@@ -160,8 +159,7 @@ def _decode_launch(q, k_cache, v_cache, cache_seqlens, softmax_scale):
         return out
     if Tmax == 0:
         return out.zero_()
-    interp = _INTERPRETED and q.device.type == "cpu"
-    BLOCK_N = _BLOCK_N_INTERPRET if interp else _BLOCK_N_CUDA
+    BLOCK_N = _BLOCK_N_INTERPRET if INTERPRETED else _BLOCK_N_CUDA
     BLOCK_M = max(16, next_power_of_2(Tq))
     BLOCK_D = max(16, next_power_of_2(D))
     splits = num_splits_for(B * H, Tmax, q.device, BLOCK_N)
@@ -169,22 +167,16 @@ def _decode_launch(q, k_cache, v_cache, cache_seqlens, softmax_scale):
     splits = triton.cdiv(Tmax, chunk)
     o_part = torch.empty((B * H, splits, BLOCK_M, BLOCK_D), dtype=torch.float32, device=q.device)
     lse_part = torch.empty((B * H, splits, BLOCK_M), dtype=torch.float32, device=q.device)
-    span = max((n - 1) * abs(s) for t in (k_cache, v_cache) for n, s in zip(t.shape[2:], t.stride()[2:]))
-    split_kernel = _decode_split_kernel if interp else wrap_triton(_decode_split_kernel)
-    split_kernel[(splits, B * H)](
-        q, k_cache, v_cache, cache_seqlens, o_part, lse_part,
-        *q.stride(), *k_cache.stride(), *v_cache.stride(),
-        cache_seqlens.stride(0), H, Tq, Tmax, chunk, splits, softmax_scale * LOG2E,
-        HEAD_DIM=D, BLOCK_D=BLOCK_D, EVEN_D=BLOCK_D == D, IEEE=q.dtype == torch.float32,
-        LARGE=span >= 2**31 - 1, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
-        num_warps=1 if interp else 4, **({} if interp else {"num_stages": 3}),
-    )
-    combine = _decode_combine_kernel if interp else wrap_triton(_decode_combine_kernel)
-    combine[(B * H,)](
-        o_part, lse_part, out, *out.stride(), H, Tq, splits,
-        HEAD_DIM=D, BLOCK_D=BLOCK_D, BLOCK_M=BLOCK_M, BLOCK_S=max(2, next_power_of_2(splits)),
-        num_warps=1 if interp else 4,
-    )
+    launch(_decode_split_kernel, (splits, B * H),
+           (q, k_cache, v_cache, cache_seqlens, o_part, lse_part,
+            *q.stride(), *k_cache.stride(), *v_cache.stride(),
+            cache_seqlens.stride(0), H, Tq, Tmax, chunk, splits, softmax_scale * LOG2E),
+           dict(HEAD_DIM=D, BLOCK_D=BLOCK_D, EVEN_D=BLOCK_D == D, IEEE=q.dtype == torch.float32,
+                LARGE=needs_int64(k_cache, v_cache, start_dim=2), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+                **({"num_warps": 1} if INTERPRETED else {"num_warps": 4, "num_stages": 3})))
+    launch(_decode_combine_kernel, (B * H,), (o_part, lse_part, out, *out.stride(), H, Tq, splits),
+           dict(HEAD_DIM=D, BLOCK_D=BLOCK_D, BLOCK_M=BLOCK_M, BLOCK_S=max(2, next_power_of_2(splits)),
+                num_warps=4), interpret={"num_warps": 1})
     return out
 
 
@@ -192,26 +184,17 @@ def _decode_launch(q, k_cache, v_cache, cache_seqlens, softmax_scale):
 # Op registration (no autograd: inference only)
 # ---------------------------------------------------------------------------------------------------
 
-@triton_op("gpt_kernels::decode_attention", mutates_args=())
-def _decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                      cache_seqlens: torch.Tensor, softmax_scale: float) -> torch.Tensor:
-    if q.device.type == "cuda":
-        return _decode_launch(q, k_cache, v_cache, cache_seqlens, softmax_scale)
-    return _decode_ref_layout(q, k_cache, v_cache, cache_seqlens, softmax_scale)
-
-
-@_decode_attention.register_kernel("cpu")
-def _decode_attention_cpu(q, k_cache, v_cache, cache_seqlens, softmax_scale):
-    if _INTERPRETED and use_triton(q):
-        return _decode_launch(q, k_cache, v_cache, cache_seqlens, softmax_scale)
-    return _decode_ref_layout(q, k_cache, v_cache, cache_seqlens, softmax_scale)
-
-
 def _decode_ref_layout(q, k_cache, v_cache, cache_seqlens, softmax_scale):
     B, H, Tq, D = q.shape
     out = torch.empty((B, Tq, H, D), dtype=q.dtype, device=q.device).transpose(1, 2)
     out.copy_(ref.decode_attention_ref(q, k_cache, v_cache, cache_seqlens, softmax_scale))
     return out
+
+
+@kernel_op("gpt_kernels::decode_attention", launch=_decode_launch, fallback=_decode_ref_layout)
+def _decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                      cache_seqlens: torch.Tensor, softmax_scale: float) -> torch.Tensor:
+    """(B, H, Tq, D) in q's dtype, stored as (B, Tq, H, D)."""
 
 
 # ---------------------------------------------------------------------------------------------------

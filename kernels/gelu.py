@@ -1,25 +1,20 @@
 """GELU forward and backward in Triton: ``gelu(x, approximate="tanh")`` (GPT-2's form) or ``"none"`` (erf).
 
 File order: ``@triton.jit`` kernels -> launchers -> op registration / autograd -> functional API ->
-``nn.Module``. Dispatch and registration follow ``kernels/layernorm.py``: a ``torch.library.triton_op``
-(Triton through ``wrap_triton`` on CUDA, the PyTorch fallback on other devices and when fake-tracing
-CPU inputs), a
-``register_kernel("cpu")`` implementation (the interpreter when ``TRITON_INTERPRET=1``, else the
-fallback) and ``register_autograd`` with a triton_op backward.
+``nn.Module``. Dispatch and registration are ``kernel_op``/``launch`` of ``kernels/_utils.py``: a
+``torch.library.triton_op`` (Triton through ``wrap_triton`` on CUDA, the PyTorch fallback on other devices
+and when fake-tracing CPU inputs), a ``"cpu"`` kernel (the interpreter when ``TRITON_INTERPRET=1``, else
+the fallback) and ``register_autograd`` with a triton_op backward.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.library import triton_op, wrap_triton
 
 from . import _eager_cpu
 from . import reference as ref
-from ._utils import FLOAT_DTYPES, check_tensor, interpret_mode, needs_int64, tl, triton, use_triton
-
-# Kernels were decorated under the interpreter (TRITON_INTERPRET is read by @triton.jit at import time).
-_INTERPRETED = interpret_mode()
+from ._utils import FLOAT_DTYPES, check_tensor, kernel_op, launch, needs_int64, tl, triton
 
 APPROXIMATIONS = ("tanh", "none")
 
@@ -102,9 +97,9 @@ def _gelu_fwd_launch(x: torch.Tensor, approximate: str) -> torch.Tensor:
     if n == 0:
         return y
     BLOCK, num_warps = _grid_settings(x)
-    kernel = _gelu_fwd_kernel if _INTERPRETED else wrap_triton(_gelu_fwd_kernel)
-    kernel[(triton.cdiv(n, BLOCK),)](x, y, n, APPROX_TANH=approximate == "tanh", BLOCK=BLOCK,
-                                    INT64=needs_int64(x), num_warps=num_warps)
+    launch(_gelu_fwd_kernel, (triton.cdiv(n, BLOCK),), (x, y, n),
+           dict(APPROX_TANH=approximate == "tanh", BLOCK=BLOCK, INT64=needs_int64(x, slack=BLOCK),
+                num_warps=num_warps))
     return y
 
 
@@ -116,9 +111,9 @@ def _gelu_bwd_launch(dy: torch.Tensor, x: torch.Tensor, approximate: str) -> tor
     if n == 0:
         return dx
     BLOCK, num_warps = _grid_settings(x)
-    kernel = _gelu_bwd_kernel if _INTERPRETED else wrap_triton(_gelu_bwd_kernel)
-    kernel[(triton.cdiv(n, BLOCK),)](dy, x, dx, n, APPROX_TANH=approximate == "tanh", BLOCK=BLOCK,
-                                    INT64=needs_int64(x), num_warps=num_warps)
+    launch(_gelu_bwd_kernel, (triton.cdiv(n, BLOCK),), (dy, x, dx, n),
+           dict(APPROX_TANH=approximate == "tanh", BLOCK=BLOCK, INT64=needs_int64(x, slack=BLOCK),
+                num_warps=num_warps))
     return dx
 
 
@@ -132,37 +127,9 @@ def _check_gelu_args(x, approximate):
 # Op registration and autograd
 # ---------------------------------------------------------------------------------------------------
 
-def _use_interpreter(x: torch.Tensor) -> bool:
-    return _INTERPRETED and use_triton(x)
-
-
-@triton_op("gpt_kernels::gelu_fwd", mutates_args=())
-def _gelu_fwd(x: torch.Tensor, approximate: str) -> torch.Tensor:
-    if x.device.type == "cuda":
-        return _gelu_fwd_launch(x, approximate)
-    # Other devices (and fake-tensor tracing of CPU inputs; eager CPU runs the kernel registered below)
-    return ref.gelu_fwd_ref(x, approximate)
-
-
-@_gelu_fwd.register_kernel("cpu")
-def _gelu_fwd_cpu(x, approximate):
-    if _use_interpreter(x):
-        return _gelu_fwd_launch(x, approximate)
-    return ref.gelu_fwd_ref(x, approximate)
-
-
-@triton_op("gpt_kernels::gelu_bwd", mutates_args=())
+@kernel_op("gpt_kernels::gelu_bwd", launch=_gelu_bwd_launch, fallback=ref.gelu_bwd_ref, dispatch_arg=1)
 def _gelu_bwd(dy: torch.Tensor, x: torch.Tensor, approximate: str) -> torch.Tensor:
-    if x.device.type == "cuda":
-        return _gelu_bwd_launch(dy, x, approximate)
-    return ref.gelu_bwd_ref(dy, x, approximate)
-
-
-@_gelu_bwd.register_kernel("cpu")
-def _gelu_bwd_cpu(dy, x, approximate):
-    if _use_interpreter(x):
-        return _gelu_bwd_launch(dy, x, approximate)
-    return ref.gelu_bwd_ref(dy, x, approximate)
+    """dx = dy · gelu'(x), in x's dtype."""
 
 
 def _gelu_setup_context(ctx, inputs, output):
@@ -176,7 +143,10 @@ def _gelu_backward(ctx, dy):
     return torch.ops.gpt_kernels.gelu_bwd(dy, x, ctx.approximate), None
 
 
-_gelu_fwd.register_autograd(_gelu_backward, setup_context=_gelu_setup_context)
+@kernel_op("gpt_kernels::gelu_fwd", launch=_gelu_fwd_launch, fallback=ref.gelu_fwd_ref,
+           backward=_gelu_backward, setup_context=_gelu_setup_context)
+def _gelu_fwd(x: torch.Tensor, approximate: str) -> torch.Tensor:
+    """gelu(x) in x's dtype."""
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -8,30 +8,19 @@ differentiable in every tensor input; dW/dB are reduced deterministically (no at
 File order: ``@triton.jit`` kernels -> launchers -> op registration / autograd -> functional API ->
 ``nn.Module``.
 
-Dispatch and registration (docs/design.md). Each op is a ``torch.library.triton_op`` in the ``gpt_kernels``
-namespace, so ``torch.compile(fullgraph=True)`` sees through it to the Triton kernels on CUDA:
-
-* the triton_op body (also its fake kernel and the body torch.compile decomposes into) launches the
-  Triton kernels through ``wrap_triton`` for CUDA tensors, and runs the pure-PyTorch op-level fallback
-  of ``kernels/reference.py`` for any other device, which is what fake-tensor tracing of CPU inputs
-  needs (the interpreter cannot run on fake tensors);
-* ``register_kernel("cpu")`` is the eager CPU implementation: the same Triton kernels under the
-  interpreter when ``TRITON_INTERPRET=1`` (how CI tests them), else the PyTorch fallback;
-* ``register_autograd`` gives the backward, itself a triton_op, so compiled backward graphs call the
-  Triton backward kernel too.
-
-Under the interpreter the kernels are launched without ``wrap_triton``: ``@triton.jit`` then returns an
-``InterpretedFunction`` that torch < 2.13's ``wrap_triton`` rejects, and nothing is traced on that path.
+Dispatch and registration (docs/design.md) are the shared plumbing of ``kernels/_utils.py``: each op is
+a ``torch.library.triton_op`` in the ``gpt_kernels`` namespace registered by ``kernel_op`` (Triton through
+``wrap_triton`` on CUDA, so ``torch.compile(fullgraph=True)`` sees the kernels; a ``"cpu"`` kernel that
+runs them under the interpreter when ``TRITON_INTERPRET=1``, else the PyTorch fallback of
+``kernels/reference.py``; ``register_autograd`` with a triton_op backward), launched by ``launch``.
 """
 
 from __future__ import annotations
 
-import functools
 import numbers
 
 import torch
 from torch import nn
-from torch.library import triton_op, wrap_triton
 
 from . import _eager_cpu
 from . import reference as ref
@@ -39,15 +28,13 @@ from ._utils import (
     FLOAT_DTYPES,
     check_same_device,
     check_tensor,
-    interpret_mode,
+    kernel_op,
+    launch,
     next_power_of_2,
+    sm_count,
     tl,
     triton,
-    use_triton,
 )
-
-# Kernels were decorated under the interpreter (TRITON_INTERPRET is read by @triton.jit at import time).
-_INTERPRETED = interpret_mode()
 
 #: Widest normalized dim: a whole row lives in registers (one block per row, as Triton tutorial 05).
 MAX_WIDTH = 16384
@@ -166,11 +153,6 @@ _TILE_INTERPRET = 32768
 _BWD_PROGRAMS_INTERPRET = 4
 
 
-@functools.cache
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 def _launch_config(M: int, N: int, device: torch.device, tile: int) -> tuple[int, int, int]:
     """``(BLOCK_M, BLOCK_N, num_warps)``: whole rows per program, warps scaled with the tile size."""
     BLOCK_N = next_power_of_2(N)
@@ -192,15 +174,13 @@ def _layer_norm_fwd_launch(x, residual, weight, bias, eps, sum_dtype):
     if M == 0:
         return y, s, mean, rstd
     BLOCK_M, BLOCK_N, num_warps = _launch_config(M, N, x.device, _TILE_FWD)
-    kernel = _layer_norm_fwd_kernel if _INTERPRETED else wrap_triton(_layer_norm_fwd_kernel)
-    kernel[(triton.cdiv(M, BLOCK_M),)](
-        x, residual, s, y, weight, bias, mean, rstd,
-        x.stride(0), residual.stride(0) if has_res else 0, N, N,
-        weight.stride(0) if weight is not None else 0, bias.stride(0) if bias is not None else 0,
-        M, N, eps,
-        HAS_RES=has_res, HAS_W=weight is not None, HAS_B=bias is not None,
-        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, num_warps=num_warps,
-    )
+    launch(_layer_norm_fwd_kernel, (triton.cdiv(M, BLOCK_M),),
+           (x, residual, s, y, weight, bias, mean, rstd,
+            x.stride(0), residual.stride(0) if has_res else 0, N, N,
+            weight.stride(0) if weight is not None else 0, bias.stride(0) if bias is not None else 0,
+            M, N, eps),
+           dict(HAS_RES=has_res, HAS_W=weight is not None, HAS_B=bias is not None,
+                BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, num_warps=num_warps))
     return y, s, mean, rstd
 
 
@@ -212,7 +192,7 @@ def _layer_norm_bwd_launch(dy, x, weight, mean, rstd, ds, compute_dw, compute_db
     BLOCK_M, BLOCK_N, num_warps = _launch_config(M, N, x.device, _TILE_BWD)
     if x.device.type == "cuda":
         programs_per_sm = max(1, 32 // num_warps)  # ~32 resident warps per SM
-        grid = min(triton.cdiv(M, BLOCK_M), _sm_count(x.device.index or 0) * programs_per_sm)
+        grid = min(triton.cdiv(M, BLOCK_M), sm_count(x.device) * programs_per_sm)
     else:
         grid = min(triton.cdiv(M, BLOCK_M), _BWD_PROGRAMS_INTERPRET)
     grid = max(grid, 1)
@@ -221,15 +201,13 @@ def _layer_norm_bwd_launch(dy, x, weight, mean, rstd, ds, compute_dw, compute_db
     dw_partial = alloc((grid, N) if compute_dw else (0,), dtype=torch.float32, device=x.device)
     db_partial = alloc((grid, N) if compute_db else (0,), dtype=torch.float32, device=x.device)
     if M > 0:
-        kernel = _layer_norm_bwd_kernel if _INTERPRETED else wrap_triton(_layer_norm_bwd_kernel)
-        kernel[(grid,)](
-            dy, x, weight, mean, rstd, ds, dx, dw_partial, db_partial,
-            dy.stride(0), x.stride(0), ds.stride(0) if ds is not None else 0, N,
-            weight.stride(0) if weight is not None else 0,
-            M, N,
-            HAS_W=weight is not None, HAS_DS=ds is not None, COMPUTE_DW=compute_dw, COMPUTE_DB=compute_db,
-            BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, num_warps=num_warps,
-        )
+        launch(_layer_norm_bwd_kernel, (grid,),
+               (dy, x, weight, mean, rstd, ds, dx, dw_partial, db_partial,
+                dy.stride(0), x.stride(0), ds.stride(0) if ds is not None else 0, N,
+                weight.stride(0) if weight is not None else 0,
+                M, N),
+               dict(HAS_W=weight is not None, HAS_DS=ds is not None, COMPUTE_DW=compute_dw,
+                    COMPUTE_DB=compute_db, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, num_warps=num_warps))
     dw = dw_partial.sum(dim=0) if compute_dw else dw_partial
     db = db_partial.sum(dim=0) if compute_db else db_partial
     return dx, dw, db
@@ -265,43 +243,12 @@ def _check_layer_norm_args(x, weight, bias, eps, *, name="x"):
 # Op registration and autograd
 # ---------------------------------------------------------------------------------------------------
 
-def _use_interpreter(x: torch.Tensor) -> bool:
-    return _INTERPRETED and use_triton(x)
-
-
-@triton_op("gpt_kernels::layer_norm_fwd", mutates_args=())
-def _layer_norm_fwd(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor | None,
-                    bias: torch.Tensor | None, eps: float, sum_dtype: torch.dtype
-                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(y, s, mean, rstd) for 2-D x; with a residual, s = x + residual (dtype sum_dtype) is normalized."""
-    if x.device.type == "cuda":
-        return _layer_norm_fwd_launch(x, residual, weight, bias, eps, sum_dtype)
-    # Other devices (and fake-tensor tracing of CPU inputs; eager CPU runs the kernel registered below)
-    return ref.layer_norm_fwd_ref(x, residual, weight, bias, eps, sum_dtype)
-
-
-@_layer_norm_fwd.register_kernel("cpu")
-def _layer_norm_fwd_cpu(x, residual, weight, bias, eps, sum_dtype):
-    if _use_interpreter(x):
-        return _layer_norm_fwd_launch(x, residual, weight, bias, eps, sum_dtype)
-    return ref.layer_norm_fwd_ref(x, residual, weight, bias, eps, sum_dtype)
-
-
-@triton_op("gpt_kernels::layer_norm_bwd", mutates_args=())
+@kernel_op("gpt_kernels::layer_norm_bwd", launch=_layer_norm_bwd_launch, fallback=ref.layer_norm_bwd_ref,
+           dispatch_arg=1)
 def _layer_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None, mean: torch.Tensor,
                     rstd: torch.Tensor, ds: torch.Tensor | None, compute_dw: bool, compute_db: bool
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dx, dw, db) for 2-D tensors; ds (grad of the residual sum) is added to dx; dw/db in fp32."""
-    if x.device.type == "cuda":
-        return _layer_norm_bwd_launch(dy, x, weight, mean, rstd, ds, compute_dw, compute_db)
-    return ref.layer_norm_bwd_ref(dy, x, weight, mean, rstd, ds, compute_dw, compute_db)
-
-
-@_layer_norm_bwd.register_kernel("cpu")
-def _layer_norm_bwd_cpu(dy, x, weight, mean, rstd, ds, compute_dw, compute_db):
-    if _use_interpreter(x):
-        return _layer_norm_bwd_launch(dy, x, weight, mean, rstd, ds, compute_dw, compute_db)
-    return ref.layer_norm_bwd_ref(dy, x, weight, mean, rstd, ds, compute_dw, compute_db)
 
 
 def _layer_norm_setup_context(ctx, inputs, output):
@@ -329,7 +276,12 @@ def _layer_norm_backward(ctx, dy, ds, _dmean, _drstd):
     return dx.to(x_dtype) if need_x else None, dres, dw, db, None, None
 
 
-_layer_norm_fwd.register_autograd(_layer_norm_backward, setup_context=_layer_norm_setup_context)
+@kernel_op("gpt_kernels::layer_norm_fwd", launch=_layer_norm_fwd_launch, fallback=ref.layer_norm_fwd_ref,
+           backward=_layer_norm_backward, setup_context=_layer_norm_setup_context)
+def _layer_norm_fwd(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor | None,
+                    bias: torch.Tensor | None, eps: float, sum_dtype: torch.dtype
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(y, s, mean, rstd) for 2-D x; with a residual, s = x + residual (dtype sum_dtype) is normalized."""
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -6,6 +6,8 @@ import math
 
 import torch
 
+from ._utils import LN2, LOG2E
+
 # ---------------------------------------------------------------------------------------------------
 # LayerNorm, residual-add + LayerNorm, GELU (kernels/layernorm.py, kernels/gelu.py)
 #
@@ -165,8 +167,9 @@ def flash_attention_fwd_ref(q, k, v, seed, causal: bool, softmax_scale: float, d
     """Fallback of the flash-attention forward: ``(o, lse)`` with the launcher's layouts.
 
     ``o`` is ``(B, H, Tq, D)`` in ``q.dtype`` stored as ``(B, Tq, H, D)`` (so merging heads is free);
-    ``lse`` is the fp32 natural log-sum-exp of the scaled, masked scores ``(B, H, Tq)``, ``+inf`` for a
-    row that sees no key (its probabilities ``exp(s - lse)`` are then all zero).
+    ``lse`` is the fp32 log-sum-exp of the scaled, masked scores ``(B, H, Tq)`` in the log2 domain, as
+    the kernel saves it (``log2 Σ exp(s) = logsumexp(s) · log2 e``), ``+inf`` for a row that sees no key
+    (its probabilities ``exp(s - lse · ln 2)`` are then all zero).
     """
     B, H, Tq, D = q.shape
     s = _scores_ref(q, k, causal, softmax_scale)
@@ -175,6 +178,7 @@ def flash_attention_fwd_ref(q, k, v, seed, causal: bool, softmax_scale: float, d
     p = torch.exp(s - lse[..., None])
     if dropout_p > 0.0:
         p = p * _dropout_keep_ref(seed, p.shape, dropout_p, q.device) / (1.0 - dropout_p)
+    lse = lse * LOG2E  # the kernel's log2 domain
     o = torch.empty((B, Tq, H, D), dtype=q.dtype, device=q.device).transpose(1, 2)
     o.copy_(p @ v.float())
     return o, lse.contiguous()
@@ -183,12 +187,12 @@ def flash_attention_fwd_ref(q, k, v, seed, causal: bool, softmax_scale: float, d
 def flash_attention_bwd_ref(do, q, k, v, o, lse, seed, causal: bool, softmax_scale: float, dropout_p: float):
     """Fallback of the flash-attention backward: ``(dq, dk, dv)`` in the inputs' dtypes.
 
-    With P = exp(S - lse), Z the dropout mask scaled by 1/(1-p) (all ones without dropout) and
+    With P = exp(S - lse · ln 2) (``lse`` in the log2 domain, as saved by the forward), Z the dropout mask scaled by 1/(1-p) (all ones without dropout) and
     O = (P∘Z) V:  dV = (P∘Z)ᵀ dO,  dP = (dO Vᵀ)∘Z,  dS = P∘(dP − rowsum(dO∘O)),
     dQ = scale · dS K,  dK = scale · dSᵀ Q.
     """
     s = _scores_ref(q, k, causal, softmax_scale)
-    p = torch.exp(s - lse[..., None])
+    p = torch.exp(s - lse[..., None] * LN2)
     dof = do.float()
     dp = dof @ v.float().transpose(-2, -1)
     if dropout_p > 0.0:

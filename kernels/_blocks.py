@@ -1,0 +1,88 @@
+"""Triton building blocks shared by the kernel families: dot products, masked tile loads/stores, constants.
+
+Device functions (``@triton.jit``) that more than one kernel file calls live here, once; the kernels
+import them (attention, decode, cross-entropy). Host-side plumbing is in ``kernels/_utils.py``.
+"""
+
+from __future__ import annotations
+
+from . import _utils
+from ._utils import INTERPRETED, tl, triton
+
+_constexpr = tl.constexpr if tl is not None else (lambda v: v)
+
+#: ``log2(e)`` and ``ln(2)`` for device code (global constexprs; the host floats are ``_utils.LOG2E``/``LN2``).
+LOG2E = _constexpr(_utils.LOG2E)
+LN2 = _constexpr(_utils.LN2)
+
+# The interpreter multiplies bf16 tiles in tl.dot wrongly (garbage, ~1e10 where 6.5 is right: numpy has
+# no bf16), so under it bf16 dot operands are upcast to fp32 first: exact products, fp32 accumulation,
+# as the tensor cores do. A global constexpr: compiled kernels (False) and their signatures are unchanged.
+_UPCAST_BF16_DOT = _constexpr(INTERPRETED)
+
+
+@triton.jit
+def _dot(a, b, IEEE: tl.constexpr):
+    # fp32 inputs multiply in full IEEE precision (no TF32); fp16/bf16 use the tensor cores.
+    if IEEE:
+        return tl.dot(a, b, input_precision="ieee")
+    elif _UPCAST_BF16_DOT and a.dtype == tl.bfloat16:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        return tl.dot(a, b)
+
+
+@triton.jit
+def _dot_acc(a, b, acc, IEEE: tl.constexpr):
+    # acc + a @ b with fp32 accumulation; the same precision rules as _dot.
+    if IEEE:
+        return tl.dot(a, b, acc, input_precision="ieee")
+    elif _UPCAST_BF16_DOT and a.dtype == tl.bfloat16:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc)
+
+
+@triton.jit
+def _load_tile(ptrs, rows, n_rows, cols, n_cols,
+               EVEN_ROWS: tl.constexpr, EVEN_COLS: tl.constexpr):
+    # Load a (rows, cols) tile, masking only the dimensions that may run past the tensor.
+    if EVEN_ROWS:
+        if EVEN_COLS:
+            return tl.load(ptrs)
+        else:
+            return tl.load(ptrs, mask=cols[None, :] < n_cols, other=0.0)
+    else:
+        if EVEN_COLS:
+            return tl.load(ptrs, mask=rows[:, None] < n_rows, other=0.0)
+        else:
+            return tl.load(ptrs, mask=(rows[:, None] < n_rows) & (cols[None, :] < n_cols), other=0.0)
+
+
+@triton.jit
+def _store_tile(ptrs, val, rows, n_rows, cols, n_cols,
+                EVEN_ROWS: tl.constexpr, EVEN_COLS: tl.constexpr):
+    # Store a (rows, cols) tile, masking only the dimensions that may run past the tensor.
+    if EVEN_ROWS:
+        if EVEN_COLS:
+            tl.store(ptrs, val)
+        else:
+            tl.store(ptrs, val, mask=cols[None, :] < n_cols)
+    else:
+        if EVEN_COLS:
+            tl.store(ptrs, val, mask=rows[:, None] < n_rows)
+        else:
+            tl.store(ptrs, val, mask=(rows[:, None] < n_rows) & (cols[None, :] < n_cols))
+
+
+@triton.jit
+def _online_softmax_step(s, m_i, l_i):
+    # One key block of an online softmax in the log2 domain (scores s already scaled by log2(e)):
+    #   m_new = max(m, max_j s_j),  p_j = exp2(s_j - m_new),  alpha = exp2(m - m_new),  l = l·alpha + Σ_j p_j.
+    # A row with no visible key so far (m_new = -inf) uses 0 as its max: p = alpha = 0, no NaN.
+    # Returns (p, alpha, l_new, m_new); the caller rescales its accumulator by alpha.
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.math.exp2(s - m_safe[:, None])
+    alpha = tl.math.exp2(m_i - m_safe)
+    return p, alpha, l_i * alpha + tl.sum(p, 1), m_new

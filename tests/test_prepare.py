@@ -400,3 +400,56 @@ def test_folder_skips_files_in_hidden_folders(tmp_path):
     (tmp_path / "sub" / "b.md").write_text("kept")
     assert P.list_inputs([tmp_path]) == [tmp_path / "a.txt", tmp_path / "sub" / "b.md"]
     assert P.list_inputs([tmp_path / ".venv" / "lib"]) == [tmp_path / ".venv" / "lib" / "LICENSE.txt"]  # asked for
+
+
+# ------------------------------------------------------------------------- failures with workers (issue 22)
+DRIVER = ROOT / "tests" / "prepare_fault_driver.py"
+BAD = {"empty": "no text found", "blank": "no text found", "latin1": "is not UTF-8",
+       "not-json": "e.jsonl:2: not a JSON line", "no-field": "no field 'text' (found: body)"}
+SIGNALS = {"INT-group": 130, "INT-main": 130, "TERM-group": 143, "TERM-main": 143}
+
+
+def run_faults(tmp_path, spec):
+    """Run the fault driver (one process, many runs, a watchdog per run) and check every run: the exit
+    code, exactly one line on stderr, no traceback anywhere, no worker left, .partial/ gone, the previous
+    output kept. Multiprocessing with 2 workers used to hang in Pool.terminate (4 runs of 10 on an empty
+    file) and print worker tracebacks."""
+    import json
+    import os
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    r = subprocess.run([sys.executable, str(DRIVER), str(tmp_path), json.dumps(spec)], capture_output=True,
+                       text=True, timeout=900, cwd=ROOT, env=env, start_new_session=True)  # own process group
+    assert r.returncode == 0, f"driver exit {r.returncode} (1: a run hung, stacks below)\n{r.stdout[-3000:]}\n{r.stderr[-6000:]}"
+    assert "Traceback" not in r.stderr and "Exception" not in r.stderr, r.stderr[-6000:]
+    runs = [json.loads(line) for line in r.stdout.splitlines()]
+    assert len(runs) == sum(s.get("reps", 1) for s in spec)
+    sections = r.stderr.split("@@run ")[1:]
+    assert len(sections) == len(runs), r.stderr[-3000:]
+    for run, section in zip(runs, sections):
+        number, *err = section.strip().splitlines()
+        assert int(number) == run["run"]
+        if run["case"] in BAD:
+            ok = run["rc"] == 2 and len(err) == 1 and err[0].startswith("error: ") and BAD[run["case"]] in err[0]
+        else:
+            ok = run["rc"] == SIGNALS[run["case"]] and err == ["interrupted: nothing written"]
+        assert ok and run["kept"] and not run["staging"] and run["children"] == 0 and not run["late"], (run, err)
+
+
+def fault_spec(reps, workers, signal_reps):
+    spec = [{"case": c, "workers": w, "reps": reps} for w in workers for c in BAD]
+    spec += [{"case": c, "workers": w, "reps": signal_reps, "early": early}
+             for w in workers for c in SIGNALS for early in (True, False)]
+    return spec
+
+
+def test_failures_with_workers_end_promptly_with_one_line(tmp_path):
+    """Every bad-input case 3 times with 2 and 8 workers (once with 1), and Ctrl-C / SIGTERM to the whole
+    process group and to the main process only, while the workers start and in the middle of the run."""
+    run_faults(tmp_path, [{"case": c, "workers": 1} for c in BAD] + fault_spec(3, [2, 8], 1))
+
+
+@pytest.mark.slow
+def test_failures_with_workers_never_hang_repeated(tmp_path):
+    """The same, 20 runs of each bad-input case and 5 of each signal case, with 1, 2 and 8 workers."""
+    run_faults(tmp_path, fault_spec(20, [1, 2, 8], 5))

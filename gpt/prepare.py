@@ -8,8 +8,8 @@ INPUT: files and folders. A file named on the command line is read whatever its 
 (a ``--text-field`` column; needs ``pyarrow``, the ``parquet`` extra), anything else as UTF-8 text. A
 folder is walked recursively (files in sorted path order, hidden files and folders skipped) and only
 these files in it are read: text (``.txt .md .rst .text``), ``.jsonl``, ``.jsonl.gz``, ``.parquet``;
-other files are skipped: a one-line notice on stderr counts them by suffix, and ``prepare.json`` records
-the count.
+other files are skipped: a one-line notice on stderr counts them by suffix (not with ``--quiet``), and
+``prepare.json`` records the count.
 
 Documents. A jsonl record or parquet row is one document, encoded as ordinary text (a literal
 ``<|endoftext|>`` in web text stays text). A text file is one document, or several where it holds the
@@ -666,7 +666,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--text-field", default="text", help="jsonl field / parquet column of the text (default: text)")
     p.add_argument("--prefix", default="data", help="shard name prefix (default: data)")
     p.add_argument("--overwrite", action="store_true", help="replace a previous prepare output in --out")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--quiet", action="store_true", help="no progress bar, no notice of skipped files")
     return p.parse_args(argv)
 
 

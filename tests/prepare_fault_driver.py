@@ -17,6 +17,7 @@ import faulthandler
 import io
 import json
 import os
+import shutil
 import signal
 import sys
 import threading
@@ -79,6 +80,10 @@ def main() -> int:
     old = work / "old-src"
     old.mkdir(parents=True, exist_ok=True)
     (old / "o.txt").write_text("the previous output's corpus\n" * 50)
+    previous = work / "previous-output"
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert P.main(["prepare", str(old), "--out", str(previous), "--val-tokens", "10", "--workers", "1",
+                       "--quiet"]) == 0
     late = []
     signal.signal(signal.SIGTERM, lambda *a: late.append("TERM"))  # a signal after a run ended: noted
     run = 0
@@ -88,10 +93,7 @@ def main() -> int:
         for _ in range(item.get("reps", 1)):
             run += 1
             out = work / f"out-{run}"
-            with contextlib.redirect_stdout(io.StringIO()):
-                assert P.main(["prepare", str(old), "--out", str(out), "--val-tokens", "10", "--workers", "1",
-                               "--quiet"]) == 0
-            fresh_tokenizer()
+            shutil.copytree(previous, out)
             before = snapshot(out)
             os.write(2, f"@@run {run}\n".encode())
             done = threading.Event()
@@ -99,6 +101,7 @@ def main() -> int:
             if "-" in case:
                 thread = threading.Thread(target=signal_when, args=(out, case, early, done), daemon=True)
                 thread.start()
+            fresh_tokenizer()
             faulthandler.dump_traceback_later(item.get("timeout", 120), exit=True)  # a hang: stacks, exit 1
             t0 = time.perf_counter()
             try:

@@ -436,20 +436,55 @@ def run_faults(tmp_path, spec):
         assert ok and run["kept"] and not run["staging"] and run["children"] == 0 and not run["late"], (run, err)
 
 
-def fault_spec(reps, workers, signal_reps):
-    spec = [{"case": c, "workers": w, "reps": reps} for w in workers for c in BAD]
-    spec += [{"case": c, "workers": w, "reps": signal_reps, "early": early}
-             for w in workers for c in SIGNALS for early in (True, False)]
-    return spec
-
-
 def test_failures_with_workers_end_promptly_with_one_line(tmp_path):
-    """Every bad-input case 3 times with 2 and 8 workers (once with 1), and Ctrl-C / SIGTERM to the whole
-    process group and to the main process only, while the workers start and in the middle of the run."""
-    run_faults(tmp_path, [{"case": c, "workers": 1} for c in BAD] + fault_spec(3, [2, 8], 1))
+    """The bad-input cases with 1 worker, three of them 3 times with 2 and 8 workers (the others once
+    with 2); Ctrl-C and SIGTERM to the whole process group and to the main process only, while the
+    workers start (all four) and in the middle of the run (two)."""
+    spec = [{"case": c, "workers": 1} for c in BAD]
+    spec += [{"case": c, "workers": w, "reps": 3} for w in (2, 8) for c in ("empty", "latin1", "not-json")]
+    spec += [{"case": c, "workers": 2} for c in ("blank", "no-field")]
+    spec += [{"case": c, "workers": 2, "early": True} for c in SIGNALS]
+    spec += [{"case": "INT-group", "workers": 8}, {"case": "TERM-main", "workers": 2}]
+    run_faults(tmp_path, spec)
 
 
 @pytest.mark.slow
 def test_failures_with_workers_never_hang_repeated(tmp_path):
-    """The same, 20 runs of each bad-input case and 5 of each signal case, with 1, 2 and 8 workers."""
-    run_faults(tmp_path, fault_spec(20, [1, 2, 8], 5))
+    """20 runs of every bad-input case and 5 of every signal case (early and mid-run), 1, 2 and 8 workers."""
+    spec = [{"case": c, "workers": w, "reps": 20} for w in (1, 2, 8) for c in BAD]
+    spec += [{"case": c, "workers": w, "reps": 5, "early": early}
+             for w in (1, 2, 8) for c in SIGNALS for early in (True, False)]
+    run_faults(tmp_path, spec)
+
+
+def test_help_lists_prepare_and_exits_0(capsys):
+    """``python -m gpt.data --help`` was a usage error (exit 2)."""
+    assert P.main(["--help"]) == 0 and P.main(["-h"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: python -m gpt.data prepare") and "\n  prepare " in out
+    assert P.main([]) == 2 and P.main(["nonsense"]) == 2
+    assert capsys.readouterr().err.startswith("usage: ")
+    with pytest.raises(SystemExit) as e:
+        P.main(["prepare", "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "only\nthese files in it are read" in out or "only these files in it are read" in out.replace("\n", " ")
+
+
+def test_folder_reports_the_files_it_skips(tmp_path, capsys):
+    """Files of other suffixes in a folder were ignored without a word: one notice counts them."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.txt").write_text("kept text\n" * 5)
+    for name in ("b.csv", "c.CSV", "d.py", "Makefile", ".hidden.csv"):
+        (src / name).write_text("x,y\n")
+    code = P.main(["prepare", str(src), "--out", str(tmp_path / "o"), "--val-tokens", "1", "--workers", "1"])
+    out, err = capsys.readouterr()
+    assert code == 0
+    assert err.splitlines() == ["note: 4 files (.csv 2, (no suffix) 1, .py 1) in the input folders skipped "
+                                "(prepare reads .txt .md .rst .text .jsonl .jsonl.gz .parquet)"]
+    assert "from 1 files, 4 files (.csv 2, (no suffix) 1, .py 1) skipped by suffix," in out
+    manifest = json.loads((tmp_path / "o" / "prepare.json").read_text())
+    assert manifest["skipped_files"] == {"(no suffix)": 1, ".csv": 2, ".py": 1}
+    P.main(["prepare", str(src), "--out", str(tmp_path / "o2"), "--val-tokens", "1", "--workers", "1", "--quiet"])
+    assert capsys.readouterr().err == ""  # --quiet: no notice (the count stays in prepare.json)

@@ -488,3 +488,16 @@ def test_folder_reports_the_files_it_skips(tmp_path, capsys):
     assert manifest["skipped_files"] == {"(no suffix)": 1, ".csv": 2, ".py": 1}
     P.main(["prepare", str(src), "--out", str(tmp_path / "o2"), "--val-tokens", "1", "--workers", "1", "--quiet"])
     assert capsys.readouterr().err == ""  # --quiet: no notice (the count stays in prepare.json)
+
+
+def test_a_killed_worker_ends_the_run_with_one_error():
+    """A worker killed from outside (the OOM killer) is an error naming it, not a wait for its result."""
+    import os
+    import signal
+
+    with P._Workers(2) as pool:
+        os.kill(pool.procs[1].pid, signal.SIGKILL)
+        pool.procs[1].join(30)
+        with pytest.raises(P.WorkerError, match="tokenizer worker 1 was killed by SIGKILL"):
+            list(pool.map([[("a", True)], [("b", True)], [("c", True)]]))
+    assert not any(p.is_alive() for p in pool.procs)

@@ -412,8 +412,8 @@ SIGNALS = {"INT-group": 130, "INT-main": 130, "TERM-group": 143, "TERM-main": 14
 def run_faults(tmp_path, spec):
     """Run the fault driver (one process, many runs, a watchdog per run) and check every run: the exit
     code, exactly one line on stderr, no traceback anywhere, no worker left, .partial/ gone, the previous
-    output kept. Multiprocessing with 2 workers used to hang in Pool.terminate (4 runs of 10 on an empty
-    file) and print worker tracebacks."""
+    output kept. With multiprocessing.Pool, 2 workers were reported to hang in Pool.terminate (issue 22:
+    4 runs of 10 on an empty file) and printed worker tracebacks; a Ctrl-C could be lost."""
     import json
     import os
 

@@ -400,3 +400,104 @@ def test_folder_skips_files_in_hidden_folders(tmp_path):
     (tmp_path / "sub" / "b.md").write_text("kept")
     assert P.list_inputs([tmp_path]) == [tmp_path / "a.txt", tmp_path / "sub" / "b.md"]
     assert P.list_inputs([tmp_path / ".venv" / "lib"]) == [tmp_path / ".venv" / "lib" / "LICENSE.txt"]  # asked for
+
+
+# ------------------------------------------------------------------------- failures with workers (issue 22)
+DRIVER = ROOT / "tests" / "prepare_fault_driver.py"
+BAD = {"empty": "no text found", "blank": "no text found", "latin1": "is not UTF-8",
+       "not-json": "e.jsonl:2: not a JSON line", "no-field": "no field 'text' (found: body)"}
+SIGNALS = {"INT-group": 130, "INT-main": 130, "TERM-group": 143, "TERM-main": 143}
+
+
+def run_faults(tmp_path, spec):
+    """Run the fault driver (one process, many runs, a watchdog per run) and check every run: the exit
+    code, exactly one line on stderr, no traceback anywhere, no worker left, .partial/ gone, the previous
+    output kept. With multiprocessing.Pool, 2 workers were reported to hang in Pool.terminate (issue 22:
+    4 runs of 10 on an empty file) and printed worker tracebacks; a Ctrl-C could be lost."""
+    import json
+    import os
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    r = subprocess.run([sys.executable, str(DRIVER), str(tmp_path), json.dumps(spec)], capture_output=True,
+                       text=True, timeout=900, cwd=ROOT, env=env, start_new_session=True)  # own process group
+    assert r.returncode == 0, f"driver exit {r.returncode} (1: a run hung, stacks below)\n{r.stdout[-3000:]}\n{r.stderr[-6000:]}"
+    assert "Traceback" not in r.stderr and "Exception" not in r.stderr, r.stderr[-6000:]
+    runs = [json.loads(line) for line in r.stdout.splitlines()]
+    assert len(runs) == sum(s.get("reps", 1) for s in spec)
+    sections = r.stderr.split("@@run ")[1:]
+    assert len(sections) == len(runs), r.stderr[-3000:]
+    for run, section in zip(runs, sections):
+        number, *err = section.strip().splitlines()
+        assert int(number) == run["run"]
+        if run["case"] in BAD:
+            ok = run["rc"] == 2 and len(err) == 1 and err[0].startswith("error: ") and BAD[run["case"]] in err[0]
+        else:
+            ok = run["rc"] == SIGNALS[run["case"]] and err == ["interrupted: nothing written"]
+        assert ok and run["kept"] and not run["staging"] and run["children"] == 0 and not run["late"], (run, err)
+
+
+def test_failures_with_workers_end_promptly_with_one_line(tmp_path):
+    """The bad-input cases with 1 worker, three of them 3 times with 2 and 8 workers (the others once
+    with 2); Ctrl-C and SIGTERM to the whole process group and to the main process only, while the
+    workers start (all four) and in the middle of the run (two)."""
+    spec = [{"case": c, "workers": 1} for c in BAD]
+    spec += [{"case": c, "workers": w, "reps": 3} for w in (2, 8) for c in ("empty", "latin1", "not-json")]
+    spec += [{"case": c, "workers": 2} for c in ("blank", "no-field")]
+    spec += [{"case": c, "workers": 2, "early": True} for c in SIGNALS]
+    spec += [{"case": "INT-group", "workers": 8}, {"case": "TERM-main", "workers": 2}]
+    run_faults(tmp_path, spec)
+
+
+@pytest.mark.slow
+def test_failures_with_workers_never_hang_repeated(tmp_path):
+    """20 runs of every bad-input case and 5 of every signal case (early and mid-run), 1, 2 and 8 workers."""
+    spec = [{"case": c, "workers": w, "reps": 20} for w in (1, 2, 8) for c in BAD]
+    spec += [{"case": c, "workers": w, "reps": 5, "early": early}
+             for w in (1, 2, 8) for c in SIGNALS for early in (True, False)]
+    run_faults(tmp_path, spec)
+
+
+def test_help_lists_prepare_and_exits_0(capsys):
+    """``python -m gpt.data --help`` was a usage error (exit 2)."""
+    assert P.main(["--help"]) == 0 and P.main(["-h"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: python -m gpt.data prepare") and "\n  prepare " in out
+    assert P.main([]) == 2 and P.main(["nonsense"]) == 2
+    assert capsys.readouterr().err.startswith("usage: ")
+    with pytest.raises(SystemExit) as e:
+        P.main(["prepare", "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "only\nthese files in it are read" in out or "only these files in it are read" in out.replace("\n", " ")
+
+
+def test_folder_reports_the_files_it_skips(tmp_path, capsys):
+    """Files of other suffixes in a folder were ignored without a word: one notice counts them."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.txt").write_text("kept text\n" * 5)
+    for name in ("b.csv", "c.CSV", "d.py", "Makefile", ".hidden.csv"):
+        (src / name).write_text("x,y\n")
+    code = P.main(["prepare", str(src), "--out", str(tmp_path / "o"), "--val-tokens", "1", "--workers", "1"])
+    out, err = capsys.readouterr()
+    assert code == 0
+    assert err.splitlines() == ["note: 4 files (.csv 2, (no suffix) 1, .py 1) in the input folders skipped "
+                                "(prepare reads .txt .md .rst .text .jsonl .jsonl.gz .parquet)"]
+    assert "from 1 files, 4 files (.csv 2, (no suffix) 1, .py 1) skipped by suffix," in out
+    manifest = json.loads((tmp_path / "o" / "prepare.json").read_text())
+    assert manifest["skipped_files"] == {"(no suffix)": 1, ".csv": 2, ".py": 1}
+    P.main(["prepare", str(src), "--out", str(tmp_path / "o2"), "--val-tokens", "1", "--workers", "1", "--quiet"])
+    assert capsys.readouterr().err == ""  # --quiet: no notice (the count stays in prepare.json)
+
+
+def test_a_killed_worker_ends_the_run_with_one_error():
+    """A worker killed from outside (the OOM killer) is an error naming it, not a wait for its result."""
+    import os
+    import signal
+
+    with P._Workers(2) as pool:
+        os.kill(pool.procs[1].pid, signal.SIGKILL)
+        pool.procs[1].join(30)
+        with pytest.raises(P.WorkerError, match="tokenizer worker 1 was killed by SIGKILL"):
+            list(pool.map([[("a", True)], [("b", True)], [("c", True)]]))
+    assert not any(p.is_alive() for p in pool.procs)

@@ -36,9 +36,9 @@ def test_main_job_smoke(tmp_path):
     assert ckpt["step"] == 4 and ckpt["config"]["n_layers"] == 4
 
 
-def test_loss_decreases_on_the_verdict(tmp_path, shared_data):
+def test_loss_decreases_on_the_verdict(tmp_path, data_dir):
     out = tmp_path / "verdict"
-    r = run_train("--data", shared_data / "the-verdict.txt", "--steps", 12, "--batch-size", 4, "--lr", 2e-3,
+    r = run_train("--data", data_dir / "the-verdict.txt", "--steps", 12, "--batch-size", 4, "--lr", 2e-3,
                   "--warmup", 2, "--eval-every", 100, "--out", out)
     assert r.returncode == 0, r.stderr[-3000:]
     losses = [json.loads(line)["train_loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -102,8 +102,8 @@ def test_resume_without_a_run_is_an_error(tmp_path):
     assert r.returncode == 2 and "nothing to resume" in r.stderr
 
 
-def test_ddp_two_gloo_processes_match_one_process(tmp_path, shared_data):
-    common = ["--data", shared_data / "the-verdict.txt", "--steps", 3, "--eval-every", 100, "--warmup", 1]
+def test_ddp_two_gloo_processes_match_one_process(tmp_path, data_dir):
+    common = ["--data", data_dir / "the-verdict.txt", "--steps", 3, "--eval-every", 100, "--warmup", 1]
     one = tmp_path / "one"
     r1 = run_train(*common, "--batch-size", 4, "--out", one)
     assert r1.returncode == 0, r1.stderr[-2000:]
@@ -118,8 +118,8 @@ def test_ddp_two_gloo_processes_match_one_process(tmp_path, shared_data):
 
 
 @pytest.fixture(scope="module")
-def spam_subset(tmp_path_factory, shared_data):
-    rows = (shared_data / "sms_spam" / "SMSSpamCollection.tsv").read_text(encoding="utf-8").splitlines()
+def spam_subset(tmp_path_factory, data_dir):
+    rows = (data_dir / "sms_spam.tsv").read_text(encoding="utf-8").splitlines()
     ham = [r for r in rows if r.startswith("ham\t")][:40]
     spam = [r for r in rows if r.startswith("spam\t")][:40]
     path = tmp_path_factory.mktemp("spam") / "subset.tsv"
@@ -157,8 +157,8 @@ def test_classify_and_predict(tmp_path, spam_subset):
     assert r.stdout.strip().splitlines()[-1] in {"ham", "spam"}
 
 
-def test_instruct_writes_responses(tmp_path, shared_data):
-    data = json.loads((shared_data / "instruction-data.json").read_text())[:40]
+def test_instruct_writes_responses(tmp_path, data_dir):
+    data = json.loads((data_dir / "instruction-data.json").read_text())[:40]
     path = tmp_path / "instr.json"
     path.write_text(json.dumps(data))
     out = tmp_path / "ins"

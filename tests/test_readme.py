@@ -26,7 +26,7 @@ README = ROOT / "README.md"
 
 # A short run of the documented path: the same command, entry point and data, with the flags that make it
 # long replaced (argparse takes the last value of a flag) or the network source replaced by a local run.
-SHORT = "--batch-size 2 --eval-every 2 --eval-batches 1 --max-new-tokens 4"
+SHORT = "--batch-size 2 --eval-every 2 --eval-batches 1"
 OVERRIDES: dict[str, dict] = {
     # the main job: 300 steps (2:17 on an idle 2-core machine) -> 2
     "python train.py": {"append": f"--steps 2 {SHORT}"},
@@ -37,7 +37,7 @@ OVERRIDES: dict[str, dict] = {
     "python train.py classify --data data/sms_spam.tsv --init gpt2": {
         "replace": {"--init gpt2": "--init runs/verdict"}, "append": f"--steps 2 {SHORT}"},
     "python train.py instruct --data data/instruction-data.json --init gpt2-medium --mask-prompt": {
-        "replace": {"--init gpt2-medium": "--init runs/verdict"}, "append": f"--steps 2 {SHORT}"},
+        "replace": {"--init gpt2-medium": "--init runs/verdict"}, "append": f"--steps 2 {SHORT} --max-new-tokens 4"},
 }
 RUN_AS_WRITTEN = {
     'python -m gpt.generate --init runs/pretrain --prompt "The function" --max-new-tokens 50 --temperature 0.8 '

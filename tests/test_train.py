@@ -183,3 +183,38 @@ def test_malformed_finetune_data(tmp_path, command, content, match):
     r = run_train(command, "--data", path, "--out", tmp_path / "o", timeout=120)
     assert r.returncode == 2 and match in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_init_decides_the_size_preset_warns_and_resume_names_a_default(tmp_path, data_dir):
+    """--init X --preset P used to ignore P without a word: now a warning says so, and the run has X's
+    size. Resuming with a flag the run left at its default named the stored value as "None"."""
+    from gpt.config import GPTConfig
+    from gpt.reference import GPTModel
+
+    small = GPTConfig(vocab_size=50257, context_length=32, emb_dim=32, n_heads=2, n_layers=1, drop_rate=0.0)
+    init = GPTModel(small).save_pretrained(tmp_path / "small-hf")
+    common = ["--init", init, "--data", data_dir / "the-verdict.txt", "--steps", 1, "--batch-size", 1,
+              "--context-length", 16, "--eval-every", 100]
+    r = run_train(*common, "--preset", "gpt2-small", "--out", tmp_path / "a")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "warning: --preset gpt2-small is ignored: --init" in r.stderr
+    assert json.loads((tmp_path / "a" / "config.json").read_text())["model"]["emb_dim"] == 32
+    r = run_train(*common, "--out", tmp_path / "b")
+    assert r.returncode == 0 and "warning" not in r.stderr, r.stderr[-3000:]
+    r = run_train("--out", tmp_path / "b", "--resume", "--preset", "gpt2-small", timeout=120)
+    assert r.returncode == 2 and "None" not in r.stderr, r.stderr
+    assert "the run in" in r.stderr and "has no --preset (its default), got gpt2-small" in r.stderr
+
+
+def test_generating_from_a_classifier_is_a_clear_error(tmp_path, spam_subset):
+    """A classify run predicts labels: generating from it said "shape mismatch for 'out_head.weight'"."""
+    out = tmp_path / "cls"
+    r = run_train("classify", "--data", spam_subset, "--steps", 1, "--batch-size", 2, "--eval-every", 100,
+                  "--eval-batches", 1, "--out", out)
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = subprocess.run([sys.executable, "-m", "gpt.generate", "--init", str(out), "--prompt", "Hi",
+                        "--max-new-tokens", "2"], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert r.returncode == 2, (r.stdout[-1000:], r.stderr[-2000:])
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "is a classifier (train.py classify: ham, spam)" in lines[0], r.stderr
+    assert "--predict" in lines[0] and "shape mismatch" not in lines[0]

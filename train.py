@@ -95,7 +95,8 @@ def build_parser(command: str | None) -> argparse.ArgumentParser:
                  "classify": "a label<TAB>text file", "instruct": "an Alpaca JSON file"}[cmd]
     p.add_argument("--data", nargs="+", default=None, help=data_help)
     p.add_argument("--preset", default=None, help="tiny, gpt2-small, gpt2-medium, gpt2-large, gpt2-xl "
-                                                   "(default: tiny on CPU, gpt2-small on CUDA)")
+                                                   "(default: tiny on CPU, gpt2-small on CUDA; with --init the weights decide, "
+                                                   "and a --preset given is ignored with a warning)")
     p.add_argument("--init", default=None, help="start from weights: HF folder, .safetensors, checkpoint, "
                                                  "run folder or model name (gpt2, gpt2-medium, ...)")
     p.add_argument("--steps", type=POSITIVE_INT, default=None,

@@ -116,8 +116,8 @@ def test_guide_walks_the_whole_pipeline():
 
 
 def test_docs_and_tests_use_only_files_in_the_clone():
-    """A user's clone has nothing beside it: no document, test or CI step may read ``../shared`` (the
-    sample data ships in ``data/``)."""
+    """A user's clone has nothing beside it: no document, test or CI step may read a sibling ``shared``
+    folder (the sample data ships in ``data/``)."""
     files = [ROOT / "README.md", ROOT / ".ci" / "run", *sorted((ROOT / "docs").glob("*.md")),
              *sorted((ROOT / "tests").glob("*.py")), ROOT / "train.py"]
     needle = "../" + "shared"  # spelled apart so that this file does not match itself

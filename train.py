@@ -95,7 +95,8 @@ def build_parser(command: str | None) -> argparse.ArgumentParser:
                  "classify": "a label<TAB>text file", "instruct": "an Alpaca JSON file"}[cmd]
     p.add_argument("--data", nargs="+", default=None, help=data_help)
     p.add_argument("--preset", default=None, help="tiny, gpt2-small, gpt2-medium, gpt2-large, gpt2-xl "
-                                                   "(default: tiny on CPU, gpt2-small on CUDA)")
+                                                   "(default: tiny on CPU, gpt2-small on CUDA; with --init the weights decide, "
+                                                   "and a --preset given is ignored with a warning)")
     p.add_argument("--init", default=None, help="start from weights: HF folder, .safetensors, checkpoint, "
                                                  "run folder or model name (gpt2, gpt2-medium, ...)")
     p.add_argument("--steps", type=POSITIVE_INT, default=None,
@@ -276,7 +277,8 @@ def resume_args(args: argparse.Namespace, path: Path, world: int = 1) -> argpars
         new, old = stored_form(name, getattr(args, name)), saved.get(name)
         if new != old:
             flag = "--" + name.replace("_", "-")
-            raise ValueError(f"{flag} cannot change on --resume (the run in {path} has {old}, got {new}); "
+            had = f"no {flag} (its default)" if old is None else f"{flag} {old}"
+            raise ValueError(f"{flag} cannot change on --resume (the run in {path} has {had}, got {new}); "
                              f"only {', '.join('--' + n.replace('_', '-') for n in sorted(RESUMABLE))} may")
     merged = {**vars(args), **{k: v for k, v in saved.items() if k in vars(args) and k not in NOT_STORED}}
     merged.update({k: getattr(args, k) for k in args.given & RESUMABLE})
@@ -341,6 +343,9 @@ def build_model(args, device, extra_cfg=None):
             raise CheckpointError(f"{path} holds an invalid model config ({e})") from None
         return cls(cfg), cfg, backend, ckpt
     if args.init:
+        if args.preset is not None:  # the weights decide the architecture
+            print(f"warning: --preset {args.preset} is ignored: --init {args.init} sets the model's size",
+                  file=sys.stderr)
         model = cls.from_pretrained(args.init, **(extra_cfg or {}))
         return model, model.cfg, backend, None
     preset = args.preset if args.preset is not None else ("gpt2-small" if device.type == "cuda" else "tiny")

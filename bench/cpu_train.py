@@ -11,6 +11,7 @@ AdamW, dropout 0, the fallback path (``TRITON_INTERPRET=0``).
 
 from __future__ import annotations
 
+import argparse
 import os
 import statistics
 import sys
@@ -39,11 +40,37 @@ def make_step(model, fused_loss: bool):
     return step
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line on stderr, exit 2 (no usage block)
+        self.exit(2, f"error: {message} (see `{self.prog} --help`)\n")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be >= 1")
+    return value
+
+
+def parse_args(argv) -> argparse.Namespace:
+    p = _Parser(prog="python -m bench.cpu_train", description=__doc__,
+                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("B", type=_positive_int, help="batch size")
+    p.add_argument("T", type=_positive_int, help="sequence length (tokens per row)")
+    p.add_argument("mode", choices=("logits", "loss"), help="what the fused model steps on (see above)")
+    p.add_argument("reps", type=_positive_int, help="number of interleaved fused/reference pairs")
+    return p.parse_args(argv)
+
+
 def main(argv=None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)  # --help and bad input exit here
     old = os.environ.get("TRITON_INTERPRET")
     os.environ["TRITON_INTERPRET"] = "0"  # the fallback, read at call time; restored after
     try:
-        return _run(sys.argv[1:] if argv is None else argv)
+        return _run(args.B, args.T, args.mode, args.reps)
     finally:
         if old is None:
             os.environ.pop("TRITON_INTERPRET", None)
@@ -51,8 +78,7 @@ def main(argv=None) -> int:
             os.environ["TRITON_INTERPRET"] = old
 
 
-def _run(argv) -> int:
-    B, T, mode, reps = int(argv[0]), int(argv[1]), argv[2], int(argv[3])
+def _run(B: int, T: int, mode: str, reps: int) -> int:
     torch.manual_seed(0)
     cfg = GPTConfig.from_preset("tiny", drop_rate=0.0)
     ref = RefModel(cfg)

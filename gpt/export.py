@@ -312,11 +312,22 @@ def export_state_dict(sd: dict, cfg: GPTConfig | dict, folder: str | os.PathLike
         for name, content in files.items():
             data = content if isinstance(content, bytes) else content.encode("utf-8")
             (tmp / name).write_bytes(data)
+        _normal_permissions(tmp)
         _move_into_place(tmp, out, tokenizer)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def _normal_permissions(folder: Path) -> None:
+    """The modes a plain ``mkdir`` / ``open(..., "w")`` would give (0777 / 0666 less the umask), not
+    ``mkdtemp``'s private 0700 and whatever the writer chose: an export is meant to be shared."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    for f in folder.iterdir():
+        f.chmod(0o666 & ~umask)
+    folder.chmod(0o777 & ~umask)
 
 
 def _check_target(folder: str | os.PathLike, force: bool) -> Path:

@@ -198,6 +198,12 @@ def stream(model: nn.Module, idx: torch.Tensor, max_new_tokens: int, *, temperat
     return _stream(model, idx, max_new_tokens, temperature, top_k, top_p, eos_id, use_cache, generator, cuda_graph)
 
 
+# The package binds ``gpt.generate`` to the function ``generate``, which hides this submodule behind it; so
+# that the documented ``gpt.generate.stream(...)`` works either way, the function carries ``stream`` too
+# (the same function as this module's ``stream``; ``from gpt.generate import ...`` reaches the module).
+generate.stream = stream
+
+
 @torch.no_grad()
 def _stream(model, idx, max_new_tokens, temperature, top_k, top_p, eos_id, use_cache, generator, cuda_graph):
     was_training = model.training

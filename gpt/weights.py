@@ -198,6 +198,14 @@ class PretrainedMixin:
                 raise WeightsError(f"{path} has no model config")
             cfg = GPTConfig.from_dict(ckpt["config"]).replace(**overrides)
             sd = ckpt["model"]
+            head = sd.get("out_head.weight")
+            extra = ckpt.get("extra") or {}
+            if extra.get("task") == "classify" or (head is not None and head.shape[0] != cfg.vocab_size):
+                labels = extra.get("labels") or [f"{head.shape[0]} classes"]
+                raise WeightsError(
+                    f"{source} is a classifier (train.py classify: {', '.join(map(str, labels))}), not a language "
+                    f"model: it predicts labels, not text; use `python train.py classify --init {source} "
+                    "--predict TEXT`, or `python -m gpt.export` for Hugging Face")
         else:
             if kind == "hf-folder":
                 cfg_path = path / "config.json"

@@ -28,11 +28,31 @@ if not torch.cuda.is_available() and INTERPRETER_OK:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared"
-DATA = SHARED / "data"
-if "TIKTOKEN_CACHE_DIR" not in os.environ and (SHARED / "tiktoken_cache").is_dir():
-    os.environ["TIKTOKEN_CACHE_DIR"] = str(SHARED / "tiktoken_cache")
+DATA = ROOT / "data"  # the sample data that ships in the repository (data/README.md); nothing outside the clone
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def _offline_tiktoken_cache() -> None:
+    """``tiktoken.get_encoding("gpt2")`` is the tests' independent reference for our tokenizer: without a
+    cache it would download. Give it GPT-2's two files (the copies the package ships) under the names its
+    cache looks for; tiktoken checks their sha256 itself and parses them with its own code."""
+    import atexit
+    import hashlib
+    import shutil
+    import tempfile
+
+    from gpt.tokenizer import _URL, ASSETS, _tiktoken_has_cache
+
+    if _tiktoken_has_cache():
+        return
+    cache = tempfile.mkdtemp(prefix="tiktoken-cache-")
+    atexit.register(shutil.rmtree, cache, ignore_errors=True)
+    for name in ("encoder.json", "vocab.bpe"):
+        shutil.copyfile(ASSETS / name, os.path.join(cache, hashlib.sha1((_URL + name).encode()).hexdigest()))
+    os.environ["TIKTOKEN_CACHE_DIR"] = cache
+
+
+_offline_tiktoken_cache()
 
 import pytest  # noqa: E402
 
@@ -63,10 +83,9 @@ def _kernel_path_setting_is_left_as_found():
 
 
 @pytest.fixture(scope="session")
-def shared_data():
-    """Path to ../shared/data; skips the test cleanly when it is absent."""
-    if not DATA.is_dir():
-        pytest.skip("../shared/data is not present")
+def data_dir():
+    """The repository's sample data folder, ``data/`` (it ships with the clone: a test never skips for it)."""
+    assert (DATA / "the-verdict.txt").is_file(), f"{DATA} is missing: the sample data ships in the repository"
     return DATA
 
 

@@ -54,3 +54,22 @@ def test_cpu_train_comparison_runs(capsys, monkeypatch):
     assert cpu_train.main(["1", "8", "loss", "2"]) == 0
     out = capsys.readouterr().out
     assert "fused model.loss vs reference logits" in out and "speed-up median" in out
+
+
+@pytest.mark.parametrize("argv,code,text", [
+    (["--help"], 0, "usage: python -m bench.cpu_train"),  # once a traceback: int('--help')
+    (["2", "x", "loss", "3"], 2, "error: argument T: 'x' is not an integer"),
+    (["2", "8", "both", "3"], 2, "error: argument mode: invalid choice"),
+    (["2", "8", "loss"], 2, "error: the following arguments are required: reps"),
+])
+def test_cpu_train_help_and_bad_arguments(capsys, argv, code, text):
+    from bench import cpu_train
+
+    with pytest.raises(SystemExit) as e:
+        cpu_train.main(argv)
+    assert e.value.code == code
+    captured = capsys.readouterr()
+    out = captured.out if code == 0 else captured.err
+    assert text in out and "Traceback" not in out
+    if code:
+        assert len(captured.err.strip().splitlines()) == 1

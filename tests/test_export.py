@@ -254,3 +254,26 @@ def test_force_refuses_a_training_run_folder(untied, tmp_path, marker):
         model.save_pretrained(run, force=True)
     assert json.loads((run / "config.json").read_text())["args"] == {}
     assert {p.name for p in run.iterdir()} == {"config.json", marker}
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002, 0o077])
+def test_export_permissions_follow_the_umask(tmp_path, umask):
+    """An export is meant to be shared: the folder and files get the modes mkdir/open give under the
+    process umask (it was mkdtemp's private 0700 folder and a 0600 model.safetensors), also with --force."""
+    import stat
+
+    model = _random_model(cfg=GPTConfig(vocab_size=50257, context_length=8, emb_dim=16, n_heads=2, n_layers=1))
+    old = os.umask(umask)
+    try:
+        fresh = model.save_pretrained(tmp_path / "fresh")
+        (tmp_path / "again").mkdir()
+        (tmp_path / "again" / "notes.txt").write_text("kept")
+        forced = model.save_pretrained(tmp_path / "again", force=True)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(fresh.stat().st_mode) == 0o777 & ~umask
+    for folder in (fresh, forced):
+        files = [p for p in folder.iterdir() if p.name != "notes.txt"]
+        assert "model.safetensors" in {p.name for p in files}
+        for p in files:
+            assert stat.S_IMODE(p.stat().st_mode) == 0o666 & ~umask, (p.name, oct(p.stat().st_mode))

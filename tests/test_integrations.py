@@ -247,34 +247,37 @@ def test_hf_gpt2_after_swap_equals_before(kernel_path):
 
 def test_docs_integrations_page_runs(tmp_path, monkeypatch, capsys):
     """docs/integrations.md, executed: its python blocks in one namespace, its `python -m gpt.export` lines
-    through the CLI's main(), each output checked against the ```text block after it (tests/test_guide.py
-    rules: lines in order, `...` any text, `~1.0` any number)."""
+    through the CLI's main(), each output checked against the ```text block after it (tests/utils.py's
+    rules, as for the guide: lines in order, `...` any text, `~1.0` any number). Twice in the same folder:
+    a user re-runs a page (the export into the now non-empty folder once failed the second time)."""
     import contextlib
     import io
     import shlex
 
     from gpt.export import main as export_main
-    from tests.test_guide import check_output, parse_guide
+    from tests.utils import check_output, parse_markdown
 
     doc = ROOT / "docs" / "integrations.md"
-    sections = parse_guide(doc.read_text(encoding="utf-8"))
+    sections = parse_markdown(doc.read_text(encoding="utf-8"))
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("TRITON_INTERPRET", "0")  # as a user's CPU runs them
-    ns: dict = {"__name__": "__docs__"}
-    ran = 0
-    for section in sections:
-        for block in section.blocks:
-            where = f"{doc.name}:{block.line} ({section.title})"
-            buf = io.StringIO()
-            with contextlib.redirect_stdout(buf):
-                if block.lang == "python":
-                    exec(compile("\n" * (block.line - 1) + block.code, str(doc), "exec"), ns)
-                else:
-                    for cmd in block.code.splitlines():
-                        argv = shlex.split(cmd.removeprefix("$ "), comments=True)
-                        if argv[:3] == ["python", "-m", "gpt.export"]:
-                            assert export_main(argv[3:]) == 0, where
-            ran += 1
-            if block.expected is not None:
-                check_output(buf.getvalue(), block.expected, where)
-    assert ran >= 5 and "docs/integrations.md" in (ROOT / "README.md").read_text(encoding="utf-8")
+    for attempt in ("first run", "re-run"):
+        ns: dict = {"__name__": "__docs__"}
+        ran = 0
+        for section in sections:
+            for block in section.blocks:
+                where = f"{doc.name}:{block.line} ({section.title}, {attempt})"
+                buf = io.StringIO()
+                with contextlib.redirect_stdout(buf):
+                    if block.lang == "python":
+                        exec(compile("\n" * (block.line - 1) + block.code, str(doc), "exec"), ns)
+                    else:
+                        for cmd in block.code.splitlines():
+                            argv = shlex.split(cmd.removeprefix("$ "), comments=True)
+                            if argv[:3] == ["python", "-m", "gpt.export"]:
+                                assert export_main(argv[3:]) == 0, where
+                ran += 1
+                if block.expected is not None:
+                    check_output(buf.getvalue(), block.expected, where)
+        assert ran >= 5
+    assert "docs/integrations.md" in (ROOT / "README.md").read_text(encoding="utf-8")

@@ -1,6 +1,7 @@
 """Tokenizer ids, the book's dataloader windows, text readers, llm.c shards and splits."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -23,8 +24,8 @@ def tok():
 
 
 @pytest.fixture(scope="module")
-def verdict(shared_data):
-    return (shared_data / "the-verdict.txt").read_text(encoding="utf-8")
+def verdict(data_dir):
+    return (data_dir / "the-verdict.txt").read_text(encoding="utf-8")
 
 
 def test_exact_token_ids(tok):
@@ -35,9 +36,9 @@ def test_exact_token_ids(tok):
     assert token_ids_to_text(BOOK_IDS, tok) == BOOK_TEXT
 
 
-def test_tokenizer_from_bpe_files_matches_tiktoken(tok, shared_data):
-    own = get_tokenizer(str(shared_data / "gpt2"))
-    text = (shared_data / "the-verdict.txt").read_text()[:3000] + " <|endoftext|>"
+def test_tokenizer_from_bpe_files_matches_tiktoken(tok, data_dir):
+    own = get_tokenizer(str(Path(D.__file__).parent / "assets" / "gpt2"))  # the BPE files the package ships
+    text = (data_dir / "the-verdict.txt").read_text()[:3000] + " <|endoftext|>"
     assert own.encode(text, allowed_special="all") == tok.encode(text, allowed_special="all")
 
 

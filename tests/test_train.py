@@ -36,9 +36,9 @@ def test_main_job_smoke(tmp_path):
     assert ckpt["step"] == 4 and ckpt["config"]["n_layers"] == 4
 
 
-def test_loss_decreases_on_the_verdict(tmp_path, shared_data):
+def test_loss_decreases_on_the_verdict(tmp_path, data_dir):
     out = tmp_path / "verdict"
-    r = run_train("--data", shared_data / "the-verdict.txt", "--steps", 12, "--batch-size", 4, "--lr", 2e-3,
+    r = run_train("--data", data_dir / "the-verdict.txt", "--steps", 12, "--batch-size", 4, "--lr", 2e-3,
                   "--warmup", 2, "--eval-every", 100, "--out", out)
     assert r.returncode == 0, r.stderr[-3000:]
     losses = [json.loads(line)["train_loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -102,8 +102,8 @@ def test_resume_without_a_run_is_an_error(tmp_path):
     assert r.returncode == 2 and "nothing to resume" in r.stderr
 
 
-def test_ddp_two_gloo_processes_match_one_process(tmp_path, shared_data):
-    common = ["--data", shared_data / "the-verdict.txt", "--steps", 3, "--eval-every", 100, "--warmup", 1]
+def test_ddp_two_gloo_processes_match_one_process(tmp_path, data_dir):
+    common = ["--data", data_dir / "the-verdict.txt", "--steps", 3, "--eval-every", 100, "--warmup", 1]
     one = tmp_path / "one"
     r1 = run_train(*common, "--batch-size", 4, "--out", one)
     assert r1.returncode == 0, r1.stderr[-2000:]
@@ -118,8 +118,8 @@ def test_ddp_two_gloo_processes_match_one_process(tmp_path, shared_data):
 
 
 @pytest.fixture(scope="module")
-def spam_subset(tmp_path_factory, shared_data):
-    rows = (shared_data / "sms_spam" / "SMSSpamCollection.tsv").read_text(encoding="utf-8").splitlines()
+def spam_subset(tmp_path_factory, data_dir):
+    rows = (data_dir / "sms_spam.tsv").read_text(encoding="utf-8").splitlines()
     ham = [r for r in rows if r.startswith("ham\t")][:40]
     spam = [r for r in rows if r.startswith("spam\t")][:40]
     path = tmp_path_factory.mktemp("spam") / "subset.tsv"
@@ -157,8 +157,8 @@ def test_classify_and_predict(tmp_path, spam_subset):
     assert r.stdout.strip().splitlines()[-1] in {"ham", "spam"}
 
 
-def test_instruct_writes_responses(tmp_path, shared_data):
-    data = json.loads((shared_data / "instruction-data.json").read_text())[:40]
+def test_instruct_writes_responses(tmp_path, data_dir):
+    data = json.loads((data_dir / "instruction-data.json").read_text())[:40]
     path = tmp_path / "instr.json"
     path.write_text(json.dumps(data))
     out = tmp_path / "ins"
@@ -183,3 +183,38 @@ def test_malformed_finetune_data(tmp_path, command, content, match):
     r = run_train(command, "--data", path, "--out", tmp_path / "o", timeout=120)
     assert r.returncode == 2 and match in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_init_decides_the_size_preset_warns_and_resume_names_a_default(tmp_path, data_dir):
+    """--init X --preset P used to ignore P without a word: now a warning says so, and the run has X's
+    size. Resuming with a flag the run left at its default named the stored value as "None"."""
+    from gpt.config import GPTConfig
+    from gpt.reference import GPTModel
+
+    small = GPTConfig(vocab_size=50257, context_length=32, emb_dim=32, n_heads=2, n_layers=1, drop_rate=0.0)
+    init = GPTModel(small).save_pretrained(tmp_path / "small-hf")
+    common = ["--init", init, "--data", data_dir / "the-verdict.txt", "--steps", 1, "--batch-size", 1,
+              "--context-length", 16, "--eval-every", 100]
+    r = run_train(*common, "--preset", "gpt2-small", "--out", tmp_path / "a")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "warning: --preset gpt2-small is ignored: --init" in r.stderr
+    assert json.loads((tmp_path / "a" / "config.json").read_text())["model"]["emb_dim"] == 32
+    r = run_train(*common, "--out", tmp_path / "b")
+    assert r.returncode == 0 and "warning" not in r.stderr, r.stderr[-3000:]
+    r = run_train("--out", tmp_path / "b", "--resume", "--preset", "gpt2-small", timeout=120)
+    assert r.returncode == 2 and "None" not in r.stderr, r.stderr
+    assert "the run in" in r.stderr and "has no --preset (its default), got gpt2-small" in r.stderr
+
+
+def test_generating_from_a_classifier_is_a_clear_error(tmp_path, spam_subset):
+    """A classify run predicts labels: generating from it said "shape mismatch for 'out_head.weight'"."""
+    out = tmp_path / "cls"
+    r = run_train("classify", "--data", spam_subset, "--steps", 1, "--batch-size", 2, "--eval-every", 100,
+                  "--eval-batches", 1, "--out", out)
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = subprocess.run([sys.executable, "-m", "gpt.generate", "--init", str(out), "--prompt", "Hi",
+                        "--max-new-tokens", "2"], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert r.returncode == 2, (r.stdout[-1000:], r.stderr[-2000:])
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "is a classifier (train.py classify: ham, spam)" in lines[0], r.stderr
+    assert "--predict" in lines[0] and "shape mismatch" not in lines[0]

@@ -1,116 +1,153 @@
 #!/usr/bin/env bash
-# Everything a GPU session owes, in stages that each fit one device call (the device tool: 10 min per
-# command, 30 min per session, at most 8 files back from $OUT; the machine keeps nothing between sessions).
-# Logs land in $OUT (default bench/results/<date>-gpu-session/); commit them under
-# bench/results/<date>-<device>/.
+# One GPU call that brings back every headline number: `bash bench/gpu_session.sh` ends within BUDGET_S
+# (540 s) of command time on an H100/H200 with a cold Triton cache, so it fits the device tool's window
+# (10 min per command, 15 min of device time per session including the machine's 1-2 min start, at most
+# 8 files back from $OUT, no package registry there). With the device tool:
+#     run(command="bash bench/gpu_session.sh", timeout_s=580)
+# then copy the files into bench/results/<date>-<device>/ and commit them.
 #
-#   bash bench/gpu_session.sh checks   # call 1, ends within $BUDGET_S (570 s), in order of priority:
-#       env.txt                 GPU, driver, torch, triton
-#       adversarial-tests.txt   issue 13's tests compiled on the GPU (pytest -m "not slow": guard bands with
-#                               the gpu-marked large shapes, fuzz, kernel contracts, sanitize-driver cases)
-#       sanitizer-memcheck.txt  compute-sanitizer memcheck over tests/sanitize_driver.py (every kernel, fwd
-#                               and bwd, odd shapes, exact-size allocations and NaN guard bands)
-#       gpu-tests.txt           every other gpu-marked test
-#       sanitizer-racecheck.txt racecheck over the same driver
-#       fuzz-slow.txt           pytest -m slow over tests/test_fuzz.py, FUZZ_MAX_EXAMPLES (40) per test, in
-#                               whatever time is left
-#   bash bench/gpu_session.sh bench    # call 2: python -m bench (QUICK=1: --quick; BENCH_ONLY=kernels,loss:
-#                                      #   --only, to split a run that does not fit one call) -> bench.txt,
-#                                      #   the JSON, the Markdown and the plots
-#   bash bench/gpu_session.sh          # both, one after the other (where no 10-minute limit applies)
+#   bash bench/gpu_session.sh --dry-run   # print the plan, each step's cap and their sum; run nothing
 #
-# With the device tool: run(command="bash bench/gpu_session.sh checks", timeout_s=600), then the same with
-# "bench" (carry .carry if the tokenizer cache is needed); copy each call's files into
-# bench/results/<date>-<device>/ and commit them. Tune with BUDGET_S, FUZZ_MAX_EXAMPLES, QUICK, BENCH_ONLY.
-#
-# A step that would not finish inside the budget is cut by `timeout` (its log says so) or not started,
-# so every log still comes back. Offline machines: copy ../shared/tiktoken_cache to .carry/tiktoken_cache
-# (git-ignored) and carry it.
+# Steps run in the order of the PLAN table below, each under its own `timeout` (its cap, or less when
+# the budget ends sooner). Every step appends to its log in $OUT as it goes and the benchmarks rewrite
+# bench.json/bench.md after every finished piece (python -m bench --json-out), so a kill at any moment
+# still returns everything finished so far. `req` steps always start (cut to the time left); `opt` steps
+# start only with at least MIN_STEP_S (30 s) left and run in whatever time the earlier steps left over.
+# Tunables: BUDGET_S, PYTHON (default python3), OUT (default bench/results/<date>-gpu-session).
+# Offline tokenizer: copy ../shared/tiktoken_cache to .carry/tiktoken_cache (git-ignored) and carry it.
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 2
+
+# ---- the plan: adding a benchmark is one line ------------------------------------------------------
+# name | cap_s | req/opt | log file in $OUT | command (a function below, or python -m bench --only STEP)
+PLAN=(
+    "env          |  20 | req | env.txt       | env_info"
+    "gpu_tests    | 115 | req | tests.txt     | gpu_tests"
+    "attn_d64     |  70 | req | bench.log     | bench attention_d64"
+    "attn_d128    |  60 | req | bench.log     | bench attention_d128"
+    "norm_gelu    |  40 | req | bench.log     | bench norm_gelu"
+    "train_step   | 105 | req | bench.log     | bench train_step"
+    "decode_b1    |  40 | req | bench.log     | bench decode_b1"
+    "linear_ce    |  70 | req | bench.log     | bench linear_ce"
+    "memcheck     |  90 | opt | sanitizer.txt | sanitize memcheck"
+    "racecheck    |  60 | opt | sanitizer.txt | sanitize racecheck"
+    "gate_sm90    |  30 | opt | env.txt       | gate"
+    "decode_attn  |  45 | opt | bench.log     | bench decode_attention"
+    "batch_gen    |  60 | opt | bench.log     | bench batch_generate"
+    "loss_train   |  90 | opt | bench.log     | bench loss_train"
+)
+BUDGET_S=${BUDGET_S:-540}
+MIN_STEP_S=${MIN_STEP_S:-30}
+RESERVE_S=5  # for the final summary line
+PYTHON=${PYTHON:-python3}
 OUT=${OUT:-bench/results/$(date +%F)-gpu-session}
+# Every file this script can write into $OUT (the device tool returns at most 8).
+OUT_FILES=(session.txt env.txt tests.txt bench.log bench.json bench.md sanitizer.txt)
+
+field() { # field LINE N: the N-th |-separated field, trimmed
+    local f
+    IFS='|' read -ra f <<<"$1"
+    f=${f[$2]}
+    f=${f#"${f%%[![:space:]]*}"}
+    printf '%s' "${f%"${f##*[![:space:]]}"}"
+}
+
+if [ "${1:-}" = "--dry-run" ]; then
+    echo "gpu_session.sh plan: budget ${BUDGET_S}s, python '${PYTHON}', out \$OUT (${#OUT_FILES[@]} files at most: ${OUT_FILES[*]})"
+    printf '%-4s %-12s %6s  %-4s %-14s %s\n' "#" step cap_s kind log command
+    req=0 all=0 i=0
+    for line in "${PLAN[@]}"; do
+        i=$((i + 1))
+        name=$(field "$line" 0) cap=$(field "$line" 1) kind=$(field "$line" 2) log=$(field "$line" 3) cmd=$(field "$line" 4)
+        printf '%-4s %-12s %6s  %-4s %-14s %s\n' "$i" "$name" "$cap" "$kind" "$log" "$cmd"
+        all=$((all + cap))
+        [ "$kind" = req ] && req=$((req + cap))
+    done
+    echo "sum of required caps: ${req}s (budget ${BUDGET_S}s); all caps: ${all}s; optional steps run only in the time left"
+    echo "total at most: ${BUDGET_S}s (every cap is cut to the budget left)"
+    exit 0
+fi
+[ $# -eq 0 ] || { echo "gpu_session.sh: unknown argument '$1' (only --dry-run)" >&2; exit 2; }
+
 mkdir -p "$OUT"
 export TRITON_INTERPRET=0 PYTHONUNBUFFERED=1
 [ -d .carry/tiktoken_cache ] && export TIKTOKEN_CACHE_DIR=${TIKTOKEN_CACHE_DIR:-$PWD/.carry/tiktoken_cache}
-BUDGET_S=${BUDGET_S:-570}
-STAGES=("$@")
-[ ${#STAGES[@]} -eq 0 ] && STAGES=(checks bench)
-for stage in "${STAGES[@]}"; do
-    case $stage in
-    checks | bench) ;;
-    *) echo "gpu_session.sh: unknown stage '$stage' (checks, bench)" >&2; exit 2 ;;
-    esac
-done
-status=0
-ADVERSARIAL=(tests/test_guard_bands.py tests/test_fuzz.py tests/test_kernel_contracts.py tests/test_sanitize_driver.py)
-PYTEST=(python -m pytest -v -p no:cacheprovider --durations=15)  # -v: a cut log still names each test
-python -c "import pytest_timeout" >/dev/null 2>&1 && PYTEST+=(--timeout 240)  # one hung test cannot eat a step
-XDIST=() GPU_XDIST=()
-if python -c "import xdist" >/dev/null 2>&1; then  # parallel Triton compiles, one GPU shared
-    XDIST=(-n 8) GPU_XDIST=(-n 4)  # (fewer for the gpu tests: some hold tens of GiB)
-fi
+export HF_HUB_OFFLINE=1
 
-# step NAME CAP_S LOG CMD...: run CMD under `timeout` (CAP_S, or less where the call's budget ends
-# sooner), its output teed into $OUT/LOG. A failure sets the exit status; so does a cut or a step left
-# out for lack of time, unless OPTIONAL=1 is set for the step.
-step() {
-    local name=$1 cap=$2 log=$OUT/$3
-    shift 3
-    local left=$((BUDGET_S - SECONDS - 15)) t0=$SECONDS rc
-    [ "$left" -lt "$cap" ] && cap=$left
-    if [ "$cap" -lt 30 ]; then
-        echo "== $name: NOT RUN, ${left}s left of the ${BUDGET_S}s budget" | tee -a "$log"
-        [ -n "${OPTIONAL:-}" ] || status=1
-        return 0
-    fi
-    echo "== $name (at most ${cap}s): $*" | tee -a "$log"
-    timeout -k 10 "$cap" "$@" 2>&1 | tee -a "$log"
-    rc=${PIPESTATUS[0]}
-    if [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then
-        echo "== $name: CUT by the timeout after ${cap}s (what ran is above)" | tee -a "$log"
-        [ -n "${OPTIONAL:-}" ] || status=1
-    elif [ "$rc" -ne 0 ]; then
-        status=1
-    fi
-    echo "== $name: exit $rc in $((SECONDS - t0))s" | tee -a "$log"
-}
-
+# ---- the steps ------------------------------------------------------------------------------------
 env_info() {
     date -u
-    nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
-    python -c "import torch, triton; print('torch', torch.__version__, '| triton', triton.__version__, '|', torch.cuda.get_device_name())"
-    compute-sanitizer --version 2>&1 | tail -1
+    nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm,clocks.mem,power.limit \
+        --format=csv 2>&1
+    "$PYTHON" -c "import sys, torch, triton; print('python', sys.version.split()[0], '| torch', torch.__version__, \
+'| cuda', torch.version.cuda, '| triton', triton.__version__, '|', torch.cuda.get_device_name() if torch.cuda.is_available() else 'no CUDA device')"
+    "$PYTHON" -c "import xdist, pytest_timeout" 2>&1 | tail -1
+    command -v compute-sanitizer >/dev/null && compute-sanitizer --version 2>&1 | tail -1
+    return 0
 }
 
-# Without PyTorch's caching allocator each tensor is its own cudaMalloc block: a read or write past its
-# end leaves every allocation, which memcheck reports (inside a cached block it would not).
-SANITIZE=(env PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --error-exitcode 3 --print-limit 50)
-if ! command -v compute-sanitizer >/dev/null 2>&1; then
-    SANITIZE=(sh -c 'echo "compute-sanitizer not found: not run"; exit 1' --)
-fi
+# tests/gpu_ready.py's fast subset with this machine's triton: registers, spills, shared memory, HGMMA.
+gate() { "$PYTHON" tests/gpu_ready.py; }
 
-for stage in "${STAGES[@]}"; do
-    case $stage in
-    checks)
-        env_info 2>&1 | tee "$OUT/env.txt"
-        step "adversarial tests, compiled" 300 adversarial-tests.txt \
-            "${PYTEST[@]}" "${XDIST[@]}" -m "not slow" "${ADVERSARIAL[@]}"
-        step "memcheck over tests/sanitize_driver.py" 200 sanitizer-memcheck.txt \
-            "${SANITIZE[@]}" --tool memcheck python tests/sanitize_driver.py
-        step "other gpu tests" 240 gpu-tests.txt \
-            "${PYTEST[@]}" "${GPU_XDIST[@]}" -m gpu tests --ignore=tests/test_guard_bands.py
-        step "racecheck over tests/sanitize_driver.py" 150 sanitizer-racecheck.txt \
-            "${SANITIZE[@]}" --tool racecheck python tests/sanitize_driver.py
-        OPTIONAL=1 FUZZ_MAX_EXAMPLES=${FUZZ_MAX_EXAMPLES:-40} step "slow fuzz" 400 fuzz-slow.txt \
-            "${PYTEST[@]}" "${XDIST[@]}" -m slow tests/test_fuzz.py
-        ;;
-    bench)
-        SECONDS=0
-        { env_info; python -m bench ${QUICK:+--quick} ${BENCH_ONLY:+--only "$BENCH_ONLY"} --out "$OUT"; } 2>&1 \
-            | tee "$OUT/bench.txt"
-        [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
-        ;;
-    esac
-    SECONDS=0
+# The gpu-marked correctness tests in bf16/fp16 (fp32 variants left out: compile hogs, and fp32 is the
+# CPU suite's reference path), parallel compiles, one hung test cannot eat the step.
+gpu_tests() {
+    local extra=() files=(tests/test_attention.py tests/test_decode.py tests/test_layernorm.py tests/test_gelu.py
+        tests/test_cross_entropy.py tests/test_model.py tests/test_guard_bands.py tests/test_generate_batch.py)
+    "$PYTHON" -c "import xdist" 2>/dev/null && extra+=(-n 8)
+    "$PYTHON" -c "import pytest_timeout" 2>/dev/null && extra+=(--timeout 90)
+    "$PYTHON" -m pytest -v -p no:cacheprovider -rfE --durations=10 -m "gpu and not slow" -k "not fp32" \
+        "${extra[@]}" "${files[@]}"
+}
+
+# One python -m bench step (its STEPS), merged into bench.json/bench.md after every finished piece.
+bench() { "$PYTHON" -m bench --only "$1" --json-out "$OUT/bench.json"; }
+
+# compute-sanitizer over tests/sanitize_driver.py (every kernel, fwd and bwd, odd shapes). Without
+# PyTorch's caching allocator each tensor is its own cudaMalloc block, so memcheck sees a stray access.
+sanitize() {
+    if ! command -v compute-sanitizer >/dev/null 2>&1; then
+        echo "compute-sanitizer not found: $1 skipped"
+        return 0
+    fi
+    if ! compute-sanitizer --tool memcheck "$PYTHON" -c "import torch; torch.zeros(1, device='cuda'); torch.cuda.synchronize()" \
+        >/dev/null 2>&1; then
+        echo "compute-sanitizer cannot see the device here (gVisor?): $1 skipped"
+        return 0
+    fi
+    PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool "$1" --error-exitcode 3 --print-limit 50 \
+        "$PYTHON" tests/sanitize_driver.py
+}
+
+# ---- the runner -----------------------------------------------------------------------------------
+export PYTHON OUT
+export -f env_info gate gpu_tests bench sanitize
+status=0
+summary() { echo "$*" | tee -a "$OUT/session.txt"; }
+summary "gpu_session.sh $(date -u +%FT%TZ): budget ${BUDGET_S}s, python '${PYTHON}'"
+for line in "${PLAN[@]}"; do
+    name=$(field "$line" 0) cap=$(field "$line" 1) kind=$(field "$line" 2) log=$OUT/$(field "$line" 3)
+    read -ra cmd <<<"$(field "$line" 4)"
+    left=$((BUDGET_S - SECONDS - RESERVE_S))
+    [ "$left" -lt "$cap" ] && cap=$left
+    if [ "$cap" -lt "$MIN_STEP_S" ] && { [ "$kind" = opt ] || [ "$cap" -lt 5 ]; }; then
+        summary "== $name: not run, ${left}s left"
+        [ "$kind" = req ] && status=1
+        continue
+    fi
+    echo "== $name (at most ${cap}s): ${cmd[*]}" >>"$log"
+    t0=$SECONDS
+    # `timeout` runs the step's function in a child bash (exported); -k: a step that ignores TERM is killed.
+    timeout -k 5 "$cap" bash -c '"$@"' _ "${cmd[@]}" >>"$log" 2>&1
+    rc=$?
+    took=$((SECONDS - t0))
+    if [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then
+        summary "== $name: CUT at its ${cap}s cap (what finished is in $(basename "$log"))"
+        [ "$kind" = req ] && status=1
+    else
+        summary "== $name: exit $rc in ${took}s"
+        [ "$rc" -eq 0 ] || status=1
+    fi
 done
+summary "gpu_session.sh: done in ${SECONDS}s, exit $status"
 exit $status

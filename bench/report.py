@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from bench.common import format_table
@@ -257,6 +258,19 @@ def write(payload: dict, out_dir: Path, stem: str, *, with_plots: bool = True) -
     if with_plots:
         paths += plots(payload, out_dir, stem)
     return paths
+
+
+def write_atomic(payload: dict, json_path: Path) -> list[Path]:
+    """Write ``json_path`` and its ``.md`` through temporary files and a rename: a process killed at any
+    moment leaves the previous complete pair or the new one, never half a file."""
+    json_path = Path(json_path)
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    md_path = json_path.with_suffix(".md")
+    for path, text in ((json_path, json.dumps(payload, indent=2, default=str)), (md_path, markdown(payload))):
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    return [json_path, md_path]
 
 
 # ---------------------------------------------------------------------------------------------------

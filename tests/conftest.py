@@ -56,6 +56,16 @@ _offline_tiktoken_cache()
 
 import pytest  # noqa: E402
 
+_DTYPE_IDS = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64"}
+
+
+def pytest_make_parametrize_id(config, val, argname):
+    """torch dtypes get readable test ids (``[bf16]`` instead of ``[dtype0]``), so ``-k "not fp32"`` selects
+    by dtype (bench/gpu_session.sh leaves the fp32 GPU variants out that way)."""
+    if isinstance(val, torch.dtype):
+        return _DTYPE_IDS.get(val, str(val).removeprefix("torch."))
+    return None
+
 
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():

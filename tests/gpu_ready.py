@@ -1,0 +1,365 @@
+"""Compile every Triton kernel for an H100/H200 (sm_90) as the launchers bind it, on a machine without a GPU.
+
+The interpreter runs the kernels' semantics, not Triton's compiler: layouts, ``tl.dot`` rules, register
+allocation, shared memory. This script compiles them to cubin with the ptxas that the triton wheel carries,
+after passing real-shaped CPU tensors and the launchers' scalars through Triton's own argument binder
+(``create_function_from_signature`` + ``JITFunction._pack_args``, what ``JITFunction.run`` does before it
+compiles), so the 16-byte alignment hints and the stride-1 / int-1 specializations are those of a GPU
+launch. Per variant it reports registers, spill bytes (ptxas ``-v``), shared memory and whether the SASS
+issues wgmma (``HGMMA``, via the wheel's ``cuobjdump``).
+
+    python tests/gpu_ready.py            # the fast subset (default configs, bf16, D=64/128)
+    python tests/gpu_ready.py --full     # every autotune config x dtype x causal/dropout/EVEN flags
+    python tests/gpu_ready.py --json F   # also write the facts as JSON
+    python tests/gpu_ready.py --only attn_fwd,lce   # case-name substrings
+
+Exit status 1 when a variant fails the gate (does not compile, spills in bf16/fp16, needs more than
+227 KB of shared memory, or an attention / linear+CE kernel without HGMMA). fp32 variants must compile
+and fit in shared memory; their spills are reported, not failed (fp32 is the correctness path).
+``tests/test_gpu_ready.py`` runs this in subprocesses (the kernels must be decorated with the interpreter
+off), with a throw-away Triton cache so every variant really compiles.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+
+os.environ["TRITON_INTERPRET"] = "0"  # before importing triton: real JITFunctions, not the interpreter
+os.environ["TRITON_DUMP_PTXAS_LOG"] = "1"  # ptxas -v: registers and spill bytes, printed per compile
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource, make_backend  # noqa: E402
+from triton.runtime.jit import JITFunction, create_function_from_signature  # noqa: E402
+
+TARGET = GPUTarget("cuda", 90, 32)
+SMEM_LIMIT = 232448  # 227 KB: the most shared memory one block may opt into on sm_90
+WGMMA_KERNELS = ("attn_fwd", "attn_dkdv", "attn_dq", "lce_fwd", "lce_dlogits")
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+@dataclass
+class Case:
+    name: str  # kernel family, e.g. attn_fwd
+    label: str  # variant description
+    jit: object
+    args: tuple
+    kwargs: dict
+    dtype: str
+    facts: dict = field(default_factory=dict)
+
+
+def unwrap(k) -> JITFunction:
+    while not isinstance(k, JITFunction):
+        k = k.fn
+    return k
+
+
+def bind(jit: JITFunction, args: tuple, kwargs: dict):
+    """(ASTSource, options) exactly as ``JITFunction.run`` builds them for these arguments on TARGET."""
+    backend = make_backend(TARGET)
+    kwargs = dict(kwargs)
+    kwargs.setdefault("debug", jit.debug or triton.knobs.runtime.debug)
+    comp = triton.knobs.compilation
+    for opt in ("instrumentation_mode", "fpsan_homomorphic_casts"):  # what run() adds (triton >= 3.7)
+        if hasattr(comp, opt):
+            kwargs.setdefault(opt, getattr(comp, opt))
+    binder = create_function_from_signature(jit.signature, jit.params, backend)
+    bound_args, specialization, options = binder(*args, **kwargs)
+    options, signature, constexprs, attrs = jit._pack_args(backend, kwargs, bound_args, specialization, options)
+    return ASTSource(jit, signature, constexprs, attrs), options
+
+
+def _tool(name: str) -> str:
+    tool = getattr(triton.knobs.nvidia, name, None)
+    if tool is not None and getattr(tool, "path", None):
+        return tool.path
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
+
+
+def compile_case(case: Case) -> dict:
+    t0 = time.time()
+    facts: dict = {"ok": False}
+    try:
+        src, options = bind(case.jit, case.args, case.kwargs)
+        log = io.StringIO()
+        with contextlib.redirect_stdout(log):
+            k = triton.compile(src, target=TARGET, options=options.__dict__)
+        text = log.getvalue()
+        regs = [int(x) for x in re.findall(r"Used (\d+) registers", text)]
+        stores = [int(x) for x in re.findall(r"(\d+) bytes spill stores", text)]
+        loads = [int(x) for x in re.findall(r"(\d+) bytes spill loads", text)]
+        stack = [int(x) for x in re.findall(r"(\d+) bytes stack frame", text)]
+        with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+            f.write(k.asm["cubin"])
+        try:
+            sass = subprocess.run([_tool("cuobjdump"), "-sass", f.name], capture_output=True, text=True,
+                                  check=True).stdout
+        finally:
+            os.unlink(f.name)
+        facts.update(ok=True, regs=max(regs) if regs else None, spill_stores=sum(stores),
+                     spill_loads=sum(loads), stack=max(stack) if stack else 0, smem=k.metadata.shared,
+                     hgmma=len(re.findall(r"\bHGMMA\b", sass)), ldl_stl=len(re.findall(r"\b(?:LDL|STL)\b", sass)),
+                     num_warps=k.metadata.num_warps, num_stages=k.metadata.num_stages)
+    except Exception as e:  # noqa: BLE001 - a variant that does not compile is a finding, not a crash
+        facts["error"] = f"{type(e).__name__}: {str(e)[:400]}"
+    facts["seconds"] = round(time.time() - t0, 1)
+    return facts
+
+
+def problems(case: Case) -> list[str]:
+    f = case.facts
+    if not f.get("ok"):
+        return [f"does not compile: {f.get('error')}"]
+    out = []
+    if f["smem"] > SMEM_LIMIT:
+        out.append(f"needs {f['smem']} B of shared memory (> {SMEM_LIMIT})")
+    if case.dtype != "fp32" and (f["spill_stores"] or f["spill_loads"]):
+        out.append(f"spills ({f['spill_stores']} B stores, {f['spill_loads']} B loads)")
+    if case.name in WGMMA_KERNELS and case.dtype != "fp32" and not f["hgmma"]:
+        out.append("no HGMMA (wgmma) in the SASS")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# Variants: each builds the launcher's argument tuple from real-shaped CPU tensors
+# ---------------------------------------------------------------------------------------------------
+
+def _cfg_kwargs(c) -> dict:
+    return dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
+
+
+def _qkv(B, H, T, D, dtype, layout):
+    """q, k, v (B, H, T, D) as the model makes them (packed: views of one (B, T, 3, H, D) GEMM output)
+    or as the benchmark does (contiguous)."""
+    if layout == "packed":
+        qkv = torch.empty((B, T, 3, H, D), dtype=dtype).permute(2, 0, 3, 1, 4)
+        return qkv[0], qkv[1], qkv[2]
+    return tuple(torch.empty((B, H, T, D), dtype=dtype) for _ in range(3))
+
+
+def attention_cases(dtn, D, causal, dropout, T, layout, configs: str) -> list[Case]:
+    import kernels.attention as A
+
+    dtype = DTYPES[dtn]
+    B, H = 2, 12
+    q, k, v = _qkv(B, H, T, D, dtype, layout)
+    o = torch.empty((B, T, H, D), dtype=dtype).transpose(1, 2)
+    do = torch.empty((B, T, H, D), dtype=dtype).transpose(1, 2)  # grad of the merged-heads view
+    lse = torch.empty((B, H, T), dtype=torch.float32)
+    delta = torch.empty_like(lse)
+    seed = torch.empty((1,), dtype=torch.int64) if dropout else lse
+    dq, dk, dv = (torch.empty(t.shape, dtype=dtype) for t in (q, k, v))
+    meta, B, H, Tq, Tk = A._common_meta(q, k, causal, 0.1 if dropout else 0.0)
+    even_m, even_n = A._even(Tq, Tk, None)
+    meta.update(EVEN_M=even_m, EVEN_N=even_n, LARGE=A._spans_large(q, k, v, o))
+    scale = D ** -0.5
+    p = 0.1 if dropout else 0.0
+    tb = A._t_bucket(max(Tq, Tk))
+    s = A._strides
+    fwd_args = (q, k, v, o, lse, seed, *s(q), *s(k), *s(v), *s(o), H, Tq, Tk, scale * A.LOG2E, p, tb)
+    common = (H, Tq, Tk, scale * A.LOG2E, scale, p, tb)
+    dkdv_args = (q, k, v, do, lse, delta, dk, dv, seed, *s(q), *s(k), *s(v), *s(do), *s(dk), *s(dv), *common)
+    dq_args = (q, k, v, do, lse, delta, dq, seed, *s(q), *s(k), *s(v), *s(do), *s(dq), *common)
+    tag = f"{dtn} D={D} T={T} causal={causal} dropout={dropout} even={even_m} {layout}"
+    out = []
+    for name, kern, args in (("attn_fwd", A._attn_fwd_kernel, fwd_args), ("attn_dkdv", A._attn_bwd_dkdv_kernel,
+                                                                            dkdv_args),
+                             ("attn_dq", A._attn_bwd_dq_kernel, dq_args)):
+        cfgs = {"attn_fwd": A._FWD_CONFIGS, "attn_dkdv": A._DKDV_CONFIGS, "attn_dq": A._DQ_CONFIGS}[name]
+        cfgs = getattr(A, "_configs_for", lambda c, _dt: c)(cfgs, dtype)
+        for c in (cfgs if configs == "all" else cfgs[:1]):
+            out.append(Case(name, f"{tag} {c.kwargs} w{c.num_warps}s{c.num_stages}", unwrap(kern), args,
+                            dict(meta, **_cfg_kwargs(c)), dtn))
+    if configs == "all":
+        pre_meta = dict(HEAD_DIM=meta["HEAD_DIM"], BLOCK_D=meta["BLOCK_D"], EVEN_D=meta["EVEN_D"],
+                        LARGE=meta["LARGE"], BLOCK_M=64, num_warps=4)
+        out.append(Case("attn_pre", tag, unwrap(A._bwd_preprocess_kernel),
+                        (o, do, delta, *s(o), *s(do), H, Tq), pre_meta, dtn))
+    return out
+
+
+def decode_cases(dtn, D) -> list[Case]:
+    import kernels.decode as Dm
+
+    dtype = DTYPES[dtn]
+    B, H, Tq, Tmax = 4, 12, 1, 1024
+    q, _, _ = _qkv(B, H, Tq, D, dtype, "packed")
+    kc = torch.empty((B, H, Tmax, D), dtype=dtype)
+    vc = torch.empty((B, H, Tmax, D), dtype=dtype)
+    seqlens = torch.empty((B,), dtype=torch.int32)
+    BLOCK_N, BLOCK_M, BLOCK_D = Dm._BLOCK_N_CUDA, max(16, triton.next_power_of_2(Tq)), max(16, triton.next_power_of_2(D))
+    splits = max(1, min(triton.cdiv(2 * 132, B * H), triton.cdiv(Tmax, BLOCK_N), Dm._MAX_SPLITS))  # 132 SMs
+    chunk = triton.cdiv(triton.cdiv(Tmax, splits), BLOCK_N) * BLOCK_N
+    splits = triton.cdiv(Tmax, chunk)
+    o_part = torch.empty((B * H, splits, BLOCK_M, BLOCK_D), dtype=torch.float32)
+    lse_part = torch.empty((B * H, splits, BLOCK_M), dtype=torch.float32)
+    out = torch.empty((B, Tq, H, D), dtype=dtype).transpose(1, 2)
+    split_args = (q, kc, vc, seqlens, o_part, lse_part, *q.stride(), *kc.stride(), *vc.stride(), seqlens.stride(0),
+                  H, Tq, Tmax, chunk, splits, D ** -0.5 * 1.4426950408889634)
+    tag = f"{dtn} D={D} Tmax={Tmax} splits={splits}"
+    return [
+        Case("decode_split", tag, unwrap(Dm._decode_split_kernel), split_args,
+             dict(HEAD_DIM=D, BLOCK_D=BLOCK_D, EVEN_D=BLOCK_D == D, IEEE=dtn == "fp32", LARGE=False,
+                  BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, num_warps=4, num_stages=3), dtn),
+        Case("decode_combine", tag, unwrap(Dm._decode_combine_kernel), (o_part, lse_part, out, *out.stride(), H, Tq, splits),
+             dict(HEAD_DIM=D, BLOCK_D=BLOCK_D, BLOCK_M=BLOCK_M, BLOCK_S=max(2, triton.next_power_of_2(splits)),
+                  num_warps=4), dtn),
+    ]
+
+
+def layernorm_cases(dtn, N, *, residual=True) -> list[Case]:
+    import kernels.layernorm as LN
+
+    dtype = DTYPES[dtn]
+    M = 8 * 1024  # GPT-2 rows: batch 8 x T 1024
+    cuda = torch.device("cuda")  # _launch_config reads only device.type (no CUDA call)
+    x = torch.empty((M, N), dtype=dtype)
+    res = torch.empty((M, N), dtype=dtype) if residual else None
+    w = torch.empty((N,), dtype=dtype)
+    b = torch.empty((N,), dtype=dtype)
+    s = torch.empty((M, N), dtype=dtype) if residual else x.new_empty(0)
+    y = torch.empty((M, N), dtype=dtype)
+    mean = torch.empty((M,), dtype=torch.float32)
+    rstd = torch.empty((M,), dtype=torch.float32)
+    bm, bn, warps = LN._launch_config(M, N, cuda, LN._TILE_FWD)
+    fwd = Case("ln_fwd", f"{dtn} N={N} res={residual} BLOCK_M={bm} w{warps}", unwrap(LN._layer_norm_fwd_kernel),
+               (x, res, s, y, w, b, mean, rstd, x.stride(0), res.stride(0) if residual else 0, N, N,
+                w.stride(0), b.stride(0), M, N, 1e-5),
+               dict(HAS_RES=residual, HAS_W=True, HAS_B=True, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps), dtn)
+    bm, bn, warps = LN._launch_config(M, N, cuda, LN._TILE_BWD)
+    grid = min(triton.cdiv(M, bm), 132 * max(1, 32 // warps))
+    dy = torch.empty((M, N), dtype=dtype)
+    ds = torch.empty((M, N), dtype=dtype) if residual else None
+    dx = torch.empty((M, N), dtype=dtype)
+    dw = torch.empty((grid, N), dtype=torch.float32)
+    db = torch.empty((grid, N), dtype=torch.float32)
+    bwd = Case("ln_bwd", f"{dtn} N={N} ds={residual} BLOCK_M={bm} w{warps}", unwrap(LN._layer_norm_bwd_kernel),
+               (dy, x, w, mean, rstd, ds, dx, dw, db, dy.stride(0), x.stride(0), ds.stride(0) if residual else 0, N,
+                w.stride(0), M, N),
+               dict(HAS_W=True, HAS_DS=residual, COMPUTE_DW=True, COMPUTE_DB=True, BLOCK_M=bm, BLOCK_N=bn,
+                    num_warps=warps), dtn)
+    return [fwd, bwd]
+
+
+def gelu_cases(dtn, approx=True) -> list[Case]:
+    G = sys.modules.get("kernels.gelu") or __import__("importlib").import_module("kernels.gelu")
+    dtype = DTYPES[dtn]
+    n = 8 * 1024 * 3072  # GPT-2 MLP activations
+    x, y, dy = (torch.empty((n,), dtype=dtype) for _ in range(3))
+    meta = dict(APPROX_TANH=approx, BLOCK=G._BLOCK, INT64=False, num_warps=G._NUM_WARPS)
+    tag = f"{dtn} n={n} tanh={approx} BLOCK={G._BLOCK} w{G._NUM_WARPS}"
+    return [Case("gelu_fwd", tag, unwrap(G._gelu_fwd_kernel), (x, y, n), meta, dtn),
+            Case("gelu_bwd", tag, unwrap(G._gelu_bwd_kernel), (dy, x, y, n), meta, dtn)]
+
+
+def lce_cases(dtn, D, has_bias, configs: str) -> list[Case]:
+    import kernels.cross_entropy as CE
+
+    dtype = DTYPES[dtn]
+    N, V = 8 * 1024, 50257  # GPT-2: batch 8 x T 1024 rows, the unpadded vocabulary
+    x = torch.empty((N, D), dtype=dtype)
+    w = torch.empty((V, D), dtype=dtype)
+    bias = torch.empty((V,), dtype=dtype) if has_bias else None
+    target = torch.empty((N,), dtype=torch.int64)
+    splits = max(1, min(16, triton.cdiv(2 * 132, triton.cdiv(N, 128)), triton.cdiv(V, 1024)))
+    part = torch.empty((splits, N), dtype=torch.float32)
+    meta = dict(HAS_BIAS=has_bias, IEEE=dtn == "fp32", LARGE=CE._spans_large(x, w))
+    fwd_args = (x, w, bias, target, part, part, *x.stride(), *w.stride(), N, V, D, triton.cdiv(V, splits))
+    C = min(N, max(256, CE._CHUNK_BYTES // (V * x.element_size()) // 256 * 256))
+    dz = torch.empty((C, V), dtype=dtype)
+    lse = torch.empty((N,), dtype=torch.float32)
+    g = torch.empty((N,), dtype=torch.float32)
+    dl_args = (x, w, bias, target, lse, g, dz, *x.stride(), *w.stride(), dz.stride(0), 0, C, V, D, -100)
+    tag = f"{dtn} d={D} bias={has_bias}"
+    out = []
+    for name, kern, cfgs, args in (("lce_fwd", CE._lce_fwd_kernel, CE._FWD_CONFIGS, fwd_args),
+                                   ("lce_dlogits", CE._lce_dlogits_kernel, CE._DLOGITS_CONFIGS, dl_args)):
+        cfgs = getattr(CE, "_configs_for", lambda c, _dt: c)(cfgs, dtype)
+        for c in (cfgs if configs == "all" else cfgs[:1]):
+            out.append(Case(name, f"{tag} {c.kwargs} w{c.num_warps}s{c.num_stages}", unwrap(kern), args,
+                            dict(meta, **_cfg_kwargs(c)), dtn))
+    return out
+
+
+GPT2_WIDTHS = (768, 1024, 1280, 1600)
+
+
+def fast_cases() -> list[Case]:
+    """Default configs, bf16: what CI checks on every run."""
+    cases = []
+    for D in (64, 128):
+        cases += attention_cases("bf16", D, True, False, 1024, "packed", "first")
+    cases += decode_cases("bf16", 64)
+    for N in (768, 1600):
+        cases += layernorm_cases("bf16", N)
+    cases += gelu_cases("bf16")
+    cases += lce_cases("bf16", 768, False, "first")
+    return cases
+
+
+def full_cases() -> list[Case]:
+    """Every autotune config x dtype x causal/dropout/EVEN flags x layout, decode, every GPT-2 width."""
+    cases = []
+    for dtn in ("bf16", "fp16", "fp32"):
+        for D in (64, 128):
+            for causal in (True, False):
+                for dropout in (False, True):
+                    cases += attention_cases(dtn, D, causal, dropout, 1024, "packed", "all")
+            cases += attention_cases(dtn, D, True, False, 1000, "contiguous", "all")  # EVEN_M/N off
+        cases += attention_cases(dtn, 80, True, False, 1024, "contiguous", "all")
+        for D in (64, 128):
+            cases += decode_cases(dtn, D)
+        for N in GPT2_WIDTHS:
+            cases += layernorm_cases(dtn, N, residual=True) + layernorm_cases(dtn, N, residual=False)[:1]
+        cases += gelu_cases(dtn, True) + gelu_cases(dtn, False)
+        for D, bias in ((768, False), (768, True), (1600, False)):
+            cases += lce_cases(dtn, D, bias, "all")
+    return cases
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--full", action="store_true", help="every config x dtype x flag (minutes)")
+    ap.add_argument("--only", default="", help="comma list of substrings of 'name label'")
+    ap.add_argument("--shard", default="0/1", help="I/N: compile every N-th case starting at I")
+    ap.add_argument("--json", default=None, help="write the facts of every variant here")
+    args = ap.parse_args(argv)
+    cases = full_cases() if args.full else fast_cases()
+    if args.only:
+        subs = [s for s in args.only.split(",") if s]
+        cases = [c for c in cases if any(s in f"{c.name} {c.label}" for s in subs)]
+    i, n = (int(x) for x in args.shard.split("/"))
+    cases = cases[i::n]
+    failed = 0
+    for c in cases:
+        c.facts = compile_case(c)
+        bad = problems(c)
+        failed += bool(bad)
+        f = c.facts
+        facts = (f"regs={f['regs']} spill={f['spill_stores']}/{f['spill_loads']}B smem={f['smem']} "
+                 f"hgmma={f['hgmma']} ldl/stl={f['ldl_stl']}" if f["ok"] else "")
+        print(f"{'FAIL' if bad else 'ok  '} {c.name:14s} {c.label} | {facts} {f['seconds']}s"
+              + (f" | {'; '.join(bad)}" if bad else ""), flush=True)
+    print(f"\n{len(cases) - failed} ok, {failed} failed; triton {triton.__version__}, sm_90")
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump([dict(name=c.name, label=c.label, dtype=c.dtype, problems=problems(c), **c.facts)
+                       for c in cases], fh, indent=1)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

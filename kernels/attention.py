@@ -384,9 +384,10 @@ def _attn_bwd_dq_kernel(
 # ---------------------------------------------------------------------------------------------------
 # Launch settings
 # ---------------------------------------------------------------------------------------------------
-# Autotune lists (CUDA), keyed on head_dim, causal, dropout and a sequence-length bucket (the dtype is
-# part of Triton's key). Every block size divides _EVEN_BLOCK, so EVEN_M/EVEN_N (decided by the
-# launcher, before the config is known) hold for whichever config wins.
+# Autotune lists (CUDA). The key: head_dim, causal, dropout, a sequence-length bucket, the layout (row
+# strides of q and k: the model's packed q/k/v views and a contiguous (B, H, T, D) tensor tune apart) and
+# the EVEN_M/EVEN_N/LARGE flags (the dtype is part of Triton's key). Every block size divides _EVEN_BLOCK,
+# so EVEN_M/EVEN_N (decided by the launcher, before the config is known) hold for whichever config wins.
 _EVEN_BLOCK = 128
 
 
@@ -394,37 +395,94 @@ def _cfg(bm, bn, warps, stages):
     return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages)
 
 
-# The reasons below come from compiling every candidate for sm_90 (bf16, causal; tests/aot_compile.py
-# and its SASS): all of them issue wgmma (HGMMA), and the ones kept do not spill registers (no LDL/STL)
-# or spill least. The usual 4-warp tiles of the Triton tutorial spill on Hopper with this kernel's two
-# loop instances (e.g. fwd 128x64 at D=64: 180 LDL/STL with 4 warps, none with 8). GPU timings decide
-# among them at run time; an entry that needs more shared memory than the device has (fp32) is skipped.
-_FWD_CONFIGS = [] if not hasattr(triton, "Config") else [
-    _cfg(128, 64, 8, 3),   # D=64: a 128-row Q tile over two warpgroups, no spills, 3-deep K/V pipeline
-    _cfg(128, 128, 8, 3),  # D=64, long T: wider key blocks halve the softmax bookkeeping (light spills)
-    _cfg(128, 32, 8, 4),   # D=80-128: the only 128-row tile that does not spill; deeper pipeline
-    _cfg(64, 64, 4, 4),    # D=64, short T or few heads: twice the programs to fill 132 SMs; no spills
-    _cfg(64, 32, 4, 3),    # D=80-128 with few programs: small tile, no spills
+# Which calls a candidate is tuned for, from (BLOCK_D, DROPOUT): a candidate that spills registers or
+# needs more than 227 KB of shared memory for some calls is left out of those calls' autotuning.
+def _always(block_d, dropout):
+    return True
+
+
+def _d64(block_d, dropout):
+    return block_d <= 64
+
+
+def _d64_or_no_dropout(block_d, dropout):
+    return block_d <= 64 or not dropout
+
+
+def _d64_no_dropout(block_d, dropout):
+    return block_d <= 64 and not dropout
+
+
+# Facts from the as-launched compile for sm_90 (tests/gpu_ready.py: bf16, causal, GPT-2's packed q/k/v,
+# T=1024, triton 3.9; registers per thread, spill bytes stores/loads, shared memory). Every bf16/fp16
+# candidate issues wgmma (HGMMA); tests/test_gpu_ready.py fails on a spill or on > 227 KB. GPU timings
+# decide among the candidates at run time.
+_FWD_TABLE = [] if not hasattr(triton, "Config") else [
+    # D=64: 116 regs, 0 spills, 64 KB (dropout: 255 regs, 0 spills); D=128: 170 regs, 128 KB, but 24/24 B
+    # of spills with dropout
+    (_cfg(128, 64, 8, 3), _d64_or_no_dropout),
+    # D=64 long T, wider key blocks: 203 regs, 112 KB, 0 spills; with dropout 255 regs and 40/60 B of
+    # spills; D=128 needs 224 KB and spills 176/180 B with dropout
+    (_cfg(128, 128, 8, 3), _d64_no_dropout),
+    # the 128-row tile for D=80-128: D=64 99 regs (dropout 168), 48 KB; D=128 with dropout 0 spills
+    (_cfg(128, 32, 8, 4), _always),
+    # short T or few heads (twice the programs): D=64 with dropout 255 regs, 72 KB, 0 spills; D=128
+    # with dropout 255 regs and 12/12 B of spills (144 KB)
+    (_cfg(64, 64, 4, 4), _d64_or_no_dropout),
+    # smallest: D=64 89 regs (dropout 128), 32 KB; D=128 with dropout 238 regs, 64 KB; 0 spills
+    (_cfg(64, 32, 4, 3), _always),
 ]
-_DKDV_CONFIGS = [] if not hasattr(triton, "Config") else [
-    _cfg(32, 128, 8, 3),   # D=64: a 128-key K/V/dK/dV tile stays resident (tutorial), 8 warps: no spills
-    _cfg(64, 64, 8, 3),    # D=64: fewer query-loop trips, no spills
-    _cfg(64, 128, 8, 3),   # D=64, long T: largest resident tile that barely spills
-    _cfg(16, 64, 4, 3),    # D=80-128: the only resident-64-key tile without spills
-    _cfg(16, 128, 8, 3),   # D=80-128, long T: 128 resident keys, light spills
+_DKDV_TABLE = [] if not hasattr(triton, "Config") else [
+    # 128 resident keys: D=64 160 regs, 57 KB; D=128 231 regs (dropout 254), 113 KB; 0 spills
+    (_cfg(32, 128, 8, 3), _always),
+    # D=128: 239 regs, 129 KB, 0 spills, but 168/172 B of spills with dropout
+    (_cfg(64, 64, 8, 3), _d64_or_no_dropout),
+    # D=128: 255 regs and 76/96 B of spills (161 KB): D=64 only
+    (_cfg(64, 128, 8, 3), _d64),
+    # D=128: 202 regs, 56 KB, 0 spills
+    (_cfg(16, 64, 4, 3), _always),
+    # D=128 long T, 128 resident keys: 202 regs, 88 KB, 0 spills
+    (_cfg(16, 128, 8, 3), _always),
 ]
-_DQ_CONFIGS = [] if not hasattr(triton, "Config") else [
-    _cfg(128, 64, 8, 3),   # D=64, long T: a 128-query dQ tile resident, no spills
-    _cfg(128, 32, 8, 3),   # D=80-128: the 128-query tile that does not spill
-    _cfg(64, 64, 8, 3),    # D=64, short T: more programs, no spills
-    _cfg(64, 32, 4, 3),    # D=80-128, few programs: no spills
+_DQ_TABLE = [] if not hasattr(triton, "Config") else [
+    # 128 resident queries: D=64 132 regs, 80 KB; D=128 176 regs, 160 KB; 0 spills
+    (_cfg(128, 64, 8, 3), _always),
+    (_cfg(128, 32, 8, 3), _always),
+    (_cfg(64, 64, 8, 3), _always),
+    (_cfg(64, 32, 4, 3), _always),
 ]
-_KEY = ["HEAD_DIM", "CAUSAL", "DROPOUT", "T_BUCKET"]
+# fp32 (IEEE dots, 4-byte tiles): the bf16 tiles at D=128 need 240-384 KB of shared memory and cannot
+# launch; these fit in 227 KB at D=128.
+_FWD_TABLE_FP32 = [] if not hasattr(triton, "Config") else [
+    (_cfg(64, 32, 4, 3), _always), (_cfg(128, 32, 8, 2), _always), (_cfg(64, 64, 4, 2), _always)]
+_DKDV_TABLE_FP32 = [] if not hasattr(triton, "Config") else [
+    (_cfg(16, 64, 4, 2), _always), (_cfg(32, 64, 4, 2), _always)]
+_DQ_TABLE_FP32 = [] if not hasattr(triton, "Config") else [
+    (_cfg(64, 32, 4, 2), _always), (_cfg(32, 64, 4, 2), _always)]
+
+_FWD_CONFIGS = [c for c, _ in _FWD_TABLE]
+_DKDV_CONFIGS = [c for c, _ in _DKDV_TABLE]
+_DQ_CONFIGS = [c for c, _ in _DQ_TABLE]
+_KEY = ["HEAD_DIM", "CAUSAL", "DROPOUT", "T_BUCKET", "stride_qm", "stride_kn", "EVEN_M", "EVEN_N", "LARGE"]
+
+
+def _candidates(table, table_fp32):
+    """``early_config_prune``: the candidates of the call's dtype (IEEE: fp32) tuned for its BLOCK_D/DROPOUT."""
+    def prune(configs, named_args, **meta):
+        rows = table_fp32 if meta.get("IEEE") else table
+        keep = [c for c, ok in rows if ok(meta.get("BLOCK_D", 128), meta.get("DROPOUT", False))]
+        return keep or [rows[-1][0]]
+    return prune
+
 
 if hasattr(triton, "autotune"):
-    _attn_fwd_tuned = triton.autotune(configs=_FWD_CONFIGS, key=_KEY)(_attn_fwd_kernel)
-    _attn_bwd_dkdv_tuned = triton.autotune(configs=_DKDV_CONFIGS, key=_KEY)(_attn_bwd_dkdv_kernel)
-    _attn_bwd_dq_tuned = triton.autotune(configs=_DQ_CONFIGS, key=_KEY)(_attn_bwd_dq_kernel)
+    def _tuned(kernel, table, table_fp32):
+        return triton.autotune(configs=[c for c, _ in table + table_fp32], key=_KEY,
+                               prune_configs_by={"early_config_prune": _candidates(table, table_fp32)})(kernel)
+
+    _attn_fwd_tuned = _tuned(_attn_fwd_kernel, _FWD_TABLE, _FWD_TABLE_FP32)
+    _attn_bwd_dkdv_tuned = _tuned(_attn_bwd_dkdv_kernel, _DKDV_TABLE, _DKDV_TABLE_FP32)
+    _attn_bwd_dq_tuned = _tuned(_attn_bwd_dq_kernel, _DQ_TABLE, _DQ_TABLE_FP32)
 
 # The interpreter runs programs one after another in Python: one fixed small config that still
 # exercises every path (BLOCK_M != BLOCK_N, unmasked + diagonal loops, masked tails).

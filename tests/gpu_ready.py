@@ -137,6 +137,15 @@ def problems(case: Case) -> list[str]:
 # Variants: each builds the launcher's argument tuple from real-shaped CPU tensors
 # ---------------------------------------------------------------------------------------------------
 
+def candidates(tuned, jit: JITFunction, args: tuple, meta: dict) -> list:
+    """The configs the autotuner would try for this call (its ``early_config_prune`` applied, as in
+    ``Autotuner.prune_configs``); the first is the default."""
+    prune = getattr(tuned, "early_config_prune", None)
+    if prune is None:
+        return list(tuned.configs)
+    return prune(tuned.configs, dict(zip(jit.arg_names, args)), **meta)
+
+
 def _cfg_kwargs(c) -> dict:
     return dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
 
@@ -178,8 +187,8 @@ def attention_cases(dtn, D, causal, dropout, T, layout, configs: str) -> list[Ca
     for name, kern, args in (("attn_fwd", A._attn_fwd_kernel, fwd_args), ("attn_dkdv", A._attn_bwd_dkdv_kernel,
                                                                             dkdv_args),
                              ("attn_dq", A._attn_bwd_dq_kernel, dq_args)):
-        cfgs = {"attn_fwd": A._FWD_CONFIGS, "attn_dkdv": A._DKDV_CONFIGS, "attn_dq": A._DQ_CONFIGS}[name]
-        cfgs = getattr(A, "_configs_for", lambda c, _dt: c)(cfgs, dtype)
+        tuned = {"attn_fwd": A._attn_fwd_tuned, "attn_dkdv": A._attn_bwd_dkdv_tuned, "attn_dq": A._attn_bwd_dq_tuned}[name]
+        cfgs = candidates(tuned, unwrap(kern), args, meta)
         for c in (cfgs if configs == "all" else cfgs[:1]):
             out.append(Case(name, f"{tag} {c.kwargs} w{c.num_warps}s{c.num_stages}", unwrap(kern), args,
                             dict(meta, **_cfg_kwargs(c)), dtn))
@@ -285,9 +294,9 @@ def lce_cases(dtn, D, has_bias, configs: str) -> list[Case]:
     dl_args = (x, w, bias, target, lse, g, dz, *x.stride(), *w.stride(), dz.stride(0), 0, C, V, D, -100)
     tag = f"{dtn} d={D} bias={has_bias}"
     out = []
-    for name, kern, cfgs, args in (("lce_fwd", CE._lce_fwd_kernel, CE._FWD_CONFIGS, fwd_args),
-                                   ("lce_dlogits", CE._lce_dlogits_kernel, CE._DLOGITS_CONFIGS, dl_args)):
-        cfgs = getattr(CE, "_configs_for", lambda c, _dt: c)(cfgs, dtype)
+    for name, kern, args in (("lce_fwd", CE._lce_fwd_kernel, fwd_args), ("lce_dlogits", CE._lce_dlogits_kernel, dl_args)):
+        cfgs = candidates({"lce_fwd": CE._lce_fwd_tuned, "lce_dlogits": CE._lce_dlogits_tuned}[name], unwrap(kern),
+                          args, meta)
         for c in (cfgs if configs == "all" else cfgs[:1]):
             out.append(Case(name, f"{tag} {c.kwargs} w{c.num_warps}s{c.num_stages}", unwrap(kern), args,
                             dict(meta, **_cfg_kwargs(c)), dtn))
@@ -334,6 +343,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--full", action="store_true", help="every config x dtype x flag (minutes)")
     ap.add_argument("--only", default="", help="comma list of substrings of 'name label'")
+    ap.add_argument("--match", default="", help="regular expression searched in 'name label'")
     ap.add_argument("--shard", default="0/1", help="I/N: compile every N-th case starting at I")
     ap.add_argument("--json", default=None, help="write the facts of every variant here")
     args = ap.parse_args(argv)
@@ -341,6 +351,8 @@ def main(argv=None) -> int:
     if args.only:
         subs = [s for s in args.only.split(",") if s]
         cases = [c for c in cases if any(s in f"{c.name} {c.label}" for s in subs)]
+    if args.match:
+        cases = [c for c in cases if re.search(args.match, f"{c.name} {c.label}")]
     i, n = (int(x) for x in args.shard.split("/"))
     cases = cases[i::n]
     failed = 0

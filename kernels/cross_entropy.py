@@ -169,12 +169,13 @@ def _cfg(bn, bv, bk, warps, stages):
 # CUDA autotune lists (GEMM-shaped tiles; the dtype is part of Triton's key, and so is the row count: N
 # for the forward, the chunk's rows for dlogits, since few rows want smaller row blocks to fill the GPU).
 # Facts from the as-launched compile for sm_90 (tests/gpu_ready.py: bf16, d=768, V=50257, N=8192, triton
-# 3.9): every tile issues wgmma (HGMMA); none spills.
+# 3.9): every tile issues wgmma (HGMMA); none spills. A 128x256 forward tile spills (8 warps: 255 regs,
+# 636/628 B; 16 warps: 128 regs, 432/424 B): the (128, 256) logits tile plus the online-softmax state do
+# not fit the register file, so it is not a candidate.
 _FWD_CONFIGS = [] if not hasattr(triton, "Config") else [
     _cfg(128, 128, 64, 8, 3),   # the classic Hopper GEMM tile, two warpgroups: 254 regs, 96 KB
     _cfg(64, 128, 64, 4, 4),    # more programs for small N: 254 regs, 96 KB
     _cfg(64, 256, 32, 8, 4),    # fewer online-softmax steps per row block: 244 regs, 80 KB
-    _cfg(128, 256, 64, 16, 3),  # 128x256 over four warpgroups (with 8 warps it spilled 636/628 B)
 ]
 _DLOGITS_CONFIGS = [] if not hasattr(triton, "Config") else [
     _cfg(128, 128, 64, 8, 3),   # 128 regs, 96 KB

@@ -44,6 +44,8 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource, make_backend  # noqa: E402
 from triton.runtime.jit import JITFunction, create_function_from_signature  # noqa: E402
 
+from kernels._utils import needs_int64  # noqa: E402
+
 TARGET = GPUTarget("cuda", 90, 32)
 SMEM_LIMIT = 232448  # 227 KB: the most shared memory one block may opt into on sm_90
 WGMMA_KERNELS = ("attn_fwd", "attn_dkdv", "attn_dq", "lce_fwd", "lce_dlogits")
@@ -173,7 +175,7 @@ def attention_cases(dtn, D, causal, dropout, T, layout, configs: str) -> list[Ca
     dq, dk, dv = (torch.empty(t.shape, dtype=dtype) for t in (q, k, v))
     meta, B, H, Tq, Tk = A._common_meta(q, k, causal, 0.1 if dropout else 0.0)
     even_m, even_n = A._even(Tq, Tk, None)
-    meta.update(EVEN_M=even_m, EVEN_N=even_n, LARGE=A._spans_large(q, k, v, o))
+    meta.update(EVEN_M=even_m, EVEN_N=even_n, LARGE=needs_int64(q, k, v, o, start_dim=2))
     scale = D ** -0.5
     p = 0.1 if dropout else 0.0
     tb = A._t_bucket(max(Tq, Tk))
@@ -285,7 +287,7 @@ def lce_cases(dtn, D, has_bias, configs: str) -> list[Case]:
     target = torch.empty((N,), dtype=torch.int64)
     splits = max(1, min(16, triton.cdiv(2 * 132, triton.cdiv(N, 128)), triton.cdiv(V, 1024)))
     part = torch.empty((splits, N), dtype=torch.float32)
-    meta = dict(HAS_BIAS=has_bias, IEEE=dtn == "fp32", LARGE=CE._spans_large(x, w))
+    meta = dict(HAS_BIAS=has_bias, IEEE=dtn == "fp32", LARGE=needs_int64(x, w))
     fwd_args = (x, w, bias, target, part, part, *x.stride(), *w.stride(), N, V, D, triton.cdiv(V, splits))
     C = min(N, max(256, CE._CHUNK_BYTES // (V * x.element_size()) // 256 * 256))
     dz = torch.empty((C, V), dtype=dtype)

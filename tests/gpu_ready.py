@@ -96,6 +96,10 @@ def compile_case(case: Case) -> dict:
     facts: dict = {"ok": False}
     try:
         src, options = bind(case.jit, case.args, case.kwargs)
+        # what the binder specialized: int arguments folded to constants (stride 1), 16-divisible arguments
+        facts["folded"] = sorted(n for n, t in src.signature.items() if t == "constexpr" and n not in case.kwargs)
+        facts["aligned"] = sorted(case.jit.arg_names[k[0]] for k, v in src.attrs.items()
+                                  if any(a and a[0] == "tt.divisibility" for a in v))
         log = io.StringIO()
         with contextlib.redirect_stdout(log):
             k = triton.compile(src, target=TARGET, options=options.__dict__)

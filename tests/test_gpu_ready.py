@@ -97,26 +97,21 @@ def test_attention_and_linear_ce_use_wgmma(fast_facts):
     assert not bad, _report(bad)
 
 
-def test_binding_specializes_like_a_gpu_launch():
+def test_binding_specializes_like_a_gpu_launch(fast_facts):
     """The binder folds stride 1 into a constant and marks 16-byte-aligned pointers and strides divisible
-    by 16: what tests/aot_compile.py (hand-built signatures, every int i32) missed."""
-    pytest.importorskip("triton.backends.nvidia")
-    if not _triton_ok():
-        pytest.skip("needs triton >= 3.7")
-    code = ("import tests.gpu_ready as g\n"
-            "c = [c for c in g.fast_cases() if c.name == 'attn_fwd'][0]\n"
-            "src, _ = g.bind(c.jit, c.args, c.kwargs)\n"
-            "print(src.signature['stride_qd'], src.signature['stride_qm'], sorted(src.attrs.get((0,), [])))\n")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT,
-                       env=dict(os.environ, TRITON_INTERPRET="0", PYTHONPATH=str(ROOT)))
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert r.stdout.split()[:2] == ["constexpr", "i32"], r.stdout
-    assert "tt.divisibility" in r.stdout and "16" in r.stdout, r.stdout
+    by 16 (what the removed tests/aot_compile.py, with hand-built all-i32 signatures, missed)."""
+    fwd = [f for f in fast_facts if f["name"] == "attn_fwd" and f["ok"]]
+    assert fwd
+    for f in fwd:
+        assert {"stride_qd", "stride_kd", "stride_vd", "stride_od"} <= set(f["folded"]), f["folded"]
+        assert {"Q", "K", "V", "O", "LSE", "stride_qm", "stride_kn"} <= set(f["aligned"]), f["aligned"]
+        assert "TQ" in f["aligned"] and "stride_qm" not in f["folded"]
 
 
 @pytest.mark.slow
 def test_full_sweep_every_config_dtype_and_flag(tmp_path):
-    """Every autotune config x bf16/fp16/fp32 x causal/dropout/EVEN x layout (about 10-40 min on 2 cores)."""
+    """Every autotune candidate x bf16/fp16/fp32 x causal/dropout/EVEN x layout (~600 variants: most of an
+    hour on 2 idle cores; fp32 D=128 compiles are the slow ones)."""
     pytest.importorskip("triton.backends.nvidia")
     if not _triton_ok():
         pytest.skip("needs triton >= 3.7")

@@ -424,31 +424,37 @@ _FWD_TABLE = [] if not hasattr(triton, "Config") else [
     # D=64 long T, wider key blocks: 203 regs, 112 KB, 0 spills; with dropout 255 regs and 40/60 B of
     # spills; D=128 needs 224 KB and spills 176/180 B with dropout
     (_cfg(128, 128, 8, 3), _d64_no_dropout),
-    # the 128-row tile for D=80-128: D=64 99 regs (dropout 168), 48 KB; D=128 with dropout 0 spills
+    # the 128-row tile for D=80-128: D=64 99 regs (dropout 168), 48 KB; D=128 127 regs (dropout 243),
+    # 96 KB; 0 spills
     (_cfg(128, 32, 8, 4), _always),
     # short T or few heads (twice the programs): D=64 with dropout 255 regs, 72 KB, 0 spills; D=128
     # with dropout 255 regs and 12/12 B of spills (144 KB)
     (_cfg(64, 64, 4, 4), _d64_or_no_dropout),
-    # smallest: D=64 89 regs (dropout 128), 32 KB; D=128 with dropout 238 regs, 64 KB; 0 spills
+    # smallest: D=64 89 regs (dropout 128), 32 KB; D=128 128 regs (dropout 238), 64 KB; 0 spills
     (_cfg(64, 32, 4, 3), _always),
 ]
 _DKDV_TABLE = [] if not hasattr(triton, "Config") else [
     # 128 resident keys: D=64 160 regs, 57 KB; D=128 231 regs (dropout 254), 113 KB; 0 spills
     (_cfg(32, 128, 8, 3), _always),
-    # D=128: 239 regs, 129 KB, 0 spills, but 168/172 B of spills with dropout
+    # D=64 with dropout 254 regs, 69 KB; D=128 239 regs, 129 KB, 0 spills, but 168/172 B of spills
+    # with dropout
     (_cfg(64, 64, 8, 3), _d64_or_no_dropout),
-    # D=128: 255 regs and 76/96 B of spills (161 KB): D=64 only
-    (_cfg(64, 128, 8, 3), _d64),
+    # D=64 long T: 223 regs, 81 KB, 0 spills; with dropout 124/124 B of spills; D=128 255 regs and
+    # 76/96 B of spills (161 KB): D=64 without dropout only
+    (_cfg(64, 128, 8, 3), _d64_no_dropout),
     # D=128: 202 regs, 56 KB, 0 spills
     (_cfg(16, 64, 4, 3), _always),
     # D=128 long T, 128 resident keys: 202 regs, 88 KB, 0 spills
     (_cfg(16, 128, 8, 3), _always),
 ]
 _DQ_TABLE = [] if not hasattr(triton, "Config") else [
-    # 128 resident queries: D=64 132 regs, 80 KB; D=128 176 regs, 160 KB; 0 spills
+    # 128 resident queries: D=64 132 regs, 80 KB; D=128 176 regs, 160 KB; 0 spills (also with dropout)
     (_cfg(128, 64, 8, 3), _always),
+    # D=64 106 regs, 56 KB; D=128 130 regs, 112 KB
     (_cfg(128, 32, 8, 3), _always),
+    # D=128 with dropout 255 regs, 132 KB, 0 spills
     (_cfg(64, 64, 8, 3), _always),
+    # D=64 92 regs, 40 KB; D=128 with dropout 224 regs, 80 KB
     (_cfg(64, 32, 4, 3), _always),
 ]
 # fp32 (IEEE dots, 4-byte tiles): the bf16 tiles at D=128 need 240-384 KB of shared memory and cannot

@@ -457,8 +457,9 @@ _DQ_TABLE = [] if not hasattr(triton, "Config") else [
     # D=64 92 regs, 40 KB; D=128 with dropout 224 regs, 80 KB
     (_cfg(64, 32, 4, 3), _always),
 ]
-# fp32 (IEEE dots, 4-byte tiles): the bf16 tiles at D=128 need 240-384 KB of shared memory and cannot
-# launch; these fit in 227 KB at D=128.
+# fp32 (IEEE dots, 4-byte tiles, no wgmma): the bf16 tiles at D=128 need up to 240-384 KB of shared memory
+# (over the 227 KB a block may use) or spill heavily (fwd 128x64: 225 KB and 5,596/13,480 B of spills),
+# so fp32 tunes its own smaller tiles, sized to fit 227 KB at D=128 (K/V/Q stages x 4-byte rows).
 _FWD_TABLE_FP32 = [] if not hasattr(triton, "Config") else [
     (_cfg(64, 32, 4, 3), _always), (_cfg(128, 32, 8, 2), _always), (_cfg(64, 64, 4, 2), _always)]
 _DKDV_TABLE_FP32 = [] if not hasattr(triton, "Config") else [

@@ -428,7 +428,7 @@ _FWD_TABLE = [] if not hasattr(triton, "Config") else [
     # 96 KB; 0 spills
     (_cfg(128, 32, 8, 4), _always),
     # short T or few heads (twice the programs): D=64 with dropout 255 regs, 72 KB, 0 spills; D=128
-    # with dropout 255 regs and 12/12 B of spills (144 KB)
+    # 167 regs, 144 KB, 0 spills, but with dropout 255 regs and 12/12 B of spills
     (_cfg(64, 64, 4, 4), _d64_or_no_dropout),
     # smallest: D=64 89 regs (dropout 128), 32 KB; D=128 128 regs (dropout 238), 64 KB; 0 spills
     (_cfg(64, 32, 4, 3), _always),

@@ -442,9 +442,9 @@ _DKDV_TABLE = [] if not hasattr(triton, "Config") else [
     # D=64 long T: 223 regs, 81 KB, 0 spills; with dropout 124/124 B of spills; D=128 255 regs and
     # 76/96 B of spills (161 KB): D=64 without dropout only
     (_cfg(64, 128, 8, 3), _d64_no_dropout),
-    # D=128: 202 regs, 56 KB, 0 spills
+    # D=128: 202 regs (dropout 244), 56 KB, 0 spills
     (_cfg(16, 64, 4, 3), _always),
-    # D=128 long T, 128 resident keys: 202 regs, 88 KB, 0 spills
+    # D=128 long T, 128 resident keys: 202 regs (dropout 244), 88 KB, 0 spills
     (_cfg(16, 128, 8, 3), _always),
 ]
 _DQ_TABLE = [] if not hasattr(triton, "Config") else [

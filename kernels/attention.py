@@ -401,10 +401,6 @@ def _always(block_d, dropout):
     return True
 
 
-def _d64(block_d, dropout):
-    return block_d <= 64
-
-
 def _d64_or_no_dropout(block_d, dropout):
     return block_d <= 64 or not dropout
 

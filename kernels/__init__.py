@@ -1,11 +1,11 @@
 """Hand-written Triton kernels for GPT-2, importable on their own (no import of ``gpt``).
 
-Public API (docs/design.md): ``flash_attention``, ``decode_attention``, ``layer_norm``, ``add_layer_norm``,
+Public API (docs/design.md): ``flash_attention``, ``flash_attention_varlen``, ``decode_attention``, ``layer_norm``, ``add_layer_norm``,
 ``gelu``, ``linear_cross_entropy`` and the drop-in modules ``LayerNorm``, ``GELU``, ``CausalSelfAttention``;
 ``register_hf_attention`` and ``replace_modules`` put them into other models (transformers imported lazily).
 """
 
-from .attention import CausalSelfAttention, flash_attention
+from .attention import CausalSelfAttention, flash_attention, flash_attention_varlen
 from .cross_entropy import linear_cross_entropy
 from .decode import decode_attention
 from .gelu import GELU, gelu
@@ -13,7 +13,7 @@ from .integrations import register_hf_attention, replace_modules
 from .layernorm import LayerNorm, add_layer_norm, layer_norm
 
 __all__ = [
-    "flash_attention", "decode_attention", "CausalSelfAttention",
+    "flash_attention", "flash_attention_varlen", "decode_attention", "CausalSelfAttention",
     "layer_norm", "add_layer_norm", "LayerNorm", "gelu", "GELU", "linear_cross_entropy",
     "register_hf_attention", "replace_modules",
 ]

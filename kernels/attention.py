@@ -522,7 +522,14 @@ def _even(Tq, Tk, blocks):
 # Launchers
 # ---------------------------------------------------------------------------------------------------
 
-def _attn_fwd_launch(q, k, v, seed, causal, softmax_scale, dropout_p):
+def _not_yet(k, q, window_size, softcap):
+    if k.shape[1] != q.shape[1] or window_size > 0 or softcap > 0.0:
+        raise NotImplementedError("the Triton attention kernels do not support GQA, window_size or softcap "
+                                  "yet (the PyTorch fallback does: TRITON_INTERPRET=0 on CPU)")
+
+
+def _attn_fwd_launch(q, k, v, seed, causal, softmax_scale, dropout_p, window_size=0, softcap=0.0):
+    _not_yet(k, q, window_size, softcap)
     meta, B, H, Tq, Tk = _common_meta(q, k, causal, dropout_p)
     D = q.shape[-1]
     # (B, Tq, H, D) storage: merging heads afterwards ((B, H, T, D) -> (B, T, H*D)) is a free view.
@@ -542,7 +549,8 @@ def _attn_fwd_launch(q, k, v, seed, causal, softmax_scale, dropout_p):
     return o, lse
 
 
-def _attn_bwd_launch(do, q, k, v, o, lse, seed, causal, softmax_scale, dropout_p):
+def _attn_bwd_launch(do, q, k, v, o, lse, seed, causal, softmax_scale, dropout_p, window_size=0, softcap=0.0):
+    _not_yet(k, q, window_size, softcap)
     meta, B, H, Tq, Tk = _common_meta(q, k, causal, dropout_p)
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
@@ -582,33 +590,97 @@ def _attn_bwd_launch(do, q, k, v, o, lse, seed, causal, softmax_scale, dropout_p
            dispatch_arg=1)
 def _flash_attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                          o: torch.Tensor, lse: torch.Tensor, seed: torch.Tensor | None, causal: bool,
-                         softmax_scale: float, dropout_p: float
+                         softmax_scale: float, dropout_p: float, window_size: int = 0, softcap: float = 0.0
                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dq, dk, dv) in the dtypes of q, k, v."""
+    """(dq, dk, dv) in the dtypes and shapes of q, k, v (dK/dV summed over each K/V head's group)."""
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, seed, causal, softmax_scale, dropout_p = inputs
+    q, k, v, seed, causal, softmax_scale, dropout_p, *opts = inputs
     o, lse = output
     ctx.mark_non_differentiable(lse)
     ctx.causal, ctx.softmax_scale, ctx.dropout_p = causal, softmax_scale, dropout_p
+    ctx.opts = tuple(opts)  # (window_size, softcap) when given
     ctx.save_for_backward(q, k, v, o, lse, seed)
 
 
 def _backward(ctx, do, _dlse):
     q, k, v, o, lse, seed = ctx.saved_tensors
     dq, dk, dv = torch.ops.gpt_kernels.flash_attention_bwd(
-        do, q, k, v, o, lse, seed, ctx.causal, ctx.softmax_scale, ctx.dropout_p)
-    return dq, dk, dv, None, None, None, None
+        do, q, k, v, o, lse, seed, ctx.causal, ctx.softmax_scale, ctx.dropout_p, *ctx.opts)
+    return (dq, dk, dv, None, None, None, None) + (None,) * len(ctx.opts)
 
 
 @kernel_op("gpt_kernels::flash_attention_fwd", launch=_attn_fwd_launch, fallback=ref.flash_attention_fwd_ref,
            backward=_backward, setup_context=_setup_context)
 def _flash_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seed: torch.Tensor | None,
-                         causal: bool, softmax_scale: float, dropout_p: float
-                         ) -> tuple[torch.Tensor, torch.Tensor]:
+                         causal: bool, softmax_scale: float, dropout_p: float, window_size: int = 0,
+                         softcap: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """(o, lse): o (B, H, Tq, D) stored as (B, Tq, H, D); lse (B, H, Tq) fp32 log-sum-exp of the scaled
-    scores in the log2 domain (log2 Σ_j exp2(s_j · log2 e), +inf for a query that sees no key)."""
+    scores in the log2 domain (log2 Σ_j exp2(s_j · log2 e), +inf for a query that sees no key).
+    k/v (B, Hk, Tk, D) with H % Hk == 0 (GQA); window_size 0 = unlimited; softcap 0 = off."""
+
+
+# Varlen (packed sequences): q (total_q, H, D), k/v (total_k, Hk, D), cu_seqlens int32 (n+1,).
+def _varlen_fwd_launch(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seed, causal,
+                       softmax_scale, dropout_p, window_size=0, softcap=0.0):
+    raise NotImplementedError("the Triton varlen attention kernels are not there yet (the PyTorch "
+                              "fallback is: TRITON_INTERPRET=0 on CPU)")
+
+
+def _varlen_bwd_launch(do, q, k, v, o, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seed,
+                       causal, softmax_scale, dropout_p, window_size=0, softcap=0.0):
+    raise NotImplementedError("the Triton varlen attention kernels are not there yet")
+
+
+def _varlen_fwd_ref(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seed, causal,
+                    softmax_scale, dropout_p, window_size=0, softcap=0.0):
+    return ref.flash_attention_varlen_fwd_ref(q, k, v, cu_seqlens_q, cu_seqlens_k, seed, causal, softmax_scale,
+                                              dropout_p, window_size, softcap)
+
+
+def _varlen_bwd_ref(do, q, k, v, o, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seed,
+                    causal, softmax_scale, dropout_p, window_size=0, softcap=0.0):
+    return ref.flash_attention_varlen_bwd_ref(do, q, k, v, o, lse, cu_seqlens_q, cu_seqlens_k, seed, causal,
+                                              softmax_scale, dropout_p, window_size, softcap)
+
+
+@kernel_op("gpt_kernels::flash_attention_varlen_bwd", launch=_varlen_bwd_launch, fallback=_varlen_bwd_ref,
+           dispatch_arg=1)
+def _flash_attention_varlen_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                                o: torch.Tensor, lse: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                                cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int,
+                                seed: torch.Tensor | None, causal: bool, softmax_scale: float,
+                                dropout_p: float, window_size: int, softcap: float
+                                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv) in the packed layouts of q, k, v."""
+
+
+def _varlen_setup_context(ctx, inputs, output):
+    q, k, v, cu_q, cu_k, max_q, max_k, seed, causal, softmax_scale, dropout_p, window_size, softcap = inputs
+    o, lse = output
+    ctx.mark_non_differentiable(lse)
+    ctx.args = (max_q, max_k, causal, softmax_scale, dropout_p, window_size, softcap)
+    ctx.save_for_backward(q, k, v, o, lse, cu_q, cu_k, seed)
+
+
+def _varlen_backward(ctx, do, _dlse):
+    q, k, v, o, lse, cu_q, cu_k, seed = ctx.saved_tensors
+    max_q, max_k, causal, softmax_scale, dropout_p, window_size, softcap = ctx.args
+    dq, dk, dv = torch.ops.gpt_kernels.flash_attention_varlen_bwd(
+        do, q, k, v, o, lse, cu_q, cu_k, max_q, max_k, seed, causal, softmax_scale, dropout_p, window_size,
+        softcap)
+    return (dq, dk, dv) + (None,) * 10
+
+
+@kernel_op("gpt_kernels::flash_attention_varlen_fwd", launch=_varlen_fwd_launch, fallback=_varlen_fwd_ref,
+           backward=_varlen_backward, setup_context=_varlen_setup_context)
+def _flash_attention_varlen_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                                cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int,
+                                seed: torch.Tensor | None, causal: bool, softmax_scale: float,
+                                dropout_p: float, window_size: int, softcap: float
+                                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(o, lse): o (total_q, H, D) in q's dtype; lse (H, total_q) fp32, log2 domain (+inf: no key)."""
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -620,52 +692,143 @@ def check_head_dim(name: str, d: int) -> None:
         raise ValueError(f"{name}: head_dim must be in [{MIN_HEAD_DIM}, {MAX_HEAD_DIM}], got {d}")
 
 
-def _check_attention_args(q, k, v, causal, softmax_scale, dropout_p, deterministic):
+def _check_options(causal, softmax_scale, dropout_p, window_size, softcap):
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+    if softmax_scale is not None and not (isinstance(softmax_scale, (int, float)) and math.isfinite(softmax_scale)):
+        raise ValueError(f"softmax_scale must be a finite float or None, got {softmax_scale!r}")
+    if not (isinstance(dropout_p, (int, float)) and 0.0 <= dropout_p < 1.0):
+        raise ValueError(f"dropout_p must be a float in [0, 1), got {dropout_p!r}")
+    if window_size is not None:
+        if isinstance(window_size, bool) or not isinstance(window_size, int) or window_size < 1:
+            raise ValueError(f"window_size must be an int >= 1 or None, got {window_size!r}")
+        if not causal:
+            raise ValueError("window_size needs causal=True (the sliding window is causal: query i sees keys "
+                             "p_i - W < j <= p_i)")
+    if isinstance(softcap, bool) or not (isinstance(softcap, (int, float)) and math.isfinite(softcap)
+                                         and softcap >= 0.0):
+        raise ValueError(f"softcap must be a finite float >= 0 (0 = off), got {softcap!r}")
+
+
+def _check_heads(H: int, Hk: int) -> None:
+    if Hk == 0 or H % Hk != 0:
+        raise ValueError(f"k/v heads must divide q's heads (GQA/MQA: H % Hk == 0), got H={H}, Hk={Hk}")
+
+
+def _check_attention_args(q, k, v, causal, softmax_scale, dropout_p, deterministic, window_size=None,
+                          softcap=0.0):
     for name, t in (("q", q), ("k", k), ("v", v)):
         check_tensor(name, t, ndim=4)
     if not (q.dtype == k.dtype == v.dtype):
         raise TypeError(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     check_same_device(q=q, k=k, v=v)
     B, H, _Tq, D = q.shape
-    if k.shape[:2] != (B, H) or v.shape[:2] != (B, H):
-        raise ValueError(f"k and v must have batch and heads {(B, H)} like q (B, H, T, D), got "
+    if k.shape[0] != B or v.shape[0] != B:
+        raise ValueError(f"k and v must have batch {B} like q (B, H, T, D), got "
                          f"k {tuple(k.shape)}, v {tuple(v.shape)}")
     if k.shape != v.shape:
-        raise ValueError(f"k and v must have the same shape (B, H, Tk, D), got {tuple(k.shape)} and "
+        raise ValueError(f"k and v must have the same shape (B, Hk, Tk, D), got {tuple(k.shape)} and "
                          f"{tuple(v.shape)}")
+    if H > 0 or k.shape[1] > 0:
+        _check_heads(H, k.shape[1])
     if k.shape[-1] != D:
         raise ValueError(f"q and k must have the same head_dim, got {D} and {k.shape[-1]}")
     check_head_dim("q", D)
-    if not isinstance(causal, bool):
-        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
     if not isinstance(deterministic, bool):
         raise TypeError(f"deterministic must be a bool, got {type(deterministic).__name__}")
-    if softmax_scale is not None and not (isinstance(softmax_scale, (int, float)) and math.isfinite(softmax_scale)):
-        raise ValueError(f"softmax_scale must be a finite float or None, got {softmax_scale!r}")
-    if not (isinstance(dropout_p, (int, float)) and 0.0 <= dropout_p < 1.0):
-        raise ValueError(f"dropout_p must be a float in [0, 1), got {dropout_p!r}")
+    _check_options(causal, softmax_scale, dropout_p, window_size, softcap)
 
 
 def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = True,
                     softmax_scale: float | None = None, dropout_p: float = 0.0,
-                    deterministic: bool = False) -> torch.Tensor:
+                    deterministic: bool = False, window_size: int | None = None,
+                    softcap: float = 0.0) -> torch.Tensor:
     """Scaled dot-product attention without materializing the T×T matrix.
 
-    q ``(B, H, Tq, D)``, k/v ``(B, H, Tk, D)``; returns ``(B, H, Tq, D)`` in q's dtype (stored as
-    ``(B, Tq, H, D)``, so ``out.transpose(1, 2).reshape(B, Tq, H * D)`` is free). ``causal`` masks are
-    bottom-right aligned (query i sees keys ``<= i + Tk - Tq``). ``softmax_scale`` defaults to
-    ``D ** -0.5``. ``dropout_p`` drops attention weights (seeded from torch's RNG, so
+    q ``(B, H, Tq, D)``, k/v ``(B, Hk, Tk, D)`` with ``H % Hk == 0`` (GQA/MQA: query head h reads K/V
+    head ``h // (H // Hk)``, no copy of K/V; their gradients come back in k/v's shape, summed over the
+    group); returns ``(B, H, Tq, D)`` in q's dtype (stored as ``(B, Tq, H, D)``, so
+    ``out.transpose(1, 2).reshape(B, Tq, H * D)`` is free). ``causal`` masks are bottom-right aligned
+    (query i sees keys ``<= p_i = i + Tk - Tq``). ``window_size=W`` (causal only) restricts query i to
+    the W keys ``p_i - W < j <= p_i``; the kernels skip key blocks outside it (O(T·W)). ``softcap=c``
+    > 0 caps the scores to ``c · tanh(s / c)`` before masking and softmax (Gemma 2). ``softmax_scale``
+    defaults to ``D ** -0.5``. ``dropout_p`` drops attention weights (seeded from torch's RNG, so
     ``torch.manual_seed`` reproduces a mask; the backward uses the same mask). Gradients are always
     deterministic (no atomics); ``deterministic`` is accepted for API compatibility.
     """
-    _check_attention_args(q, k, v, causal, softmax_scale, dropout_p, deterministic)
+    _check_attention_args(q, k, v, causal, softmax_scale, dropout_p, deterministic, window_size, softcap)
     scale = float(q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale)
-    if _eager_cpu.attention_applies(q, k, v, causal, scale, dropout_p):  # fp32 eager CPU: torch's flash kernel
+    window, cap = int(window_size or 0), float(softcap)
+    plain = k.shape[1] == q.shape[1] and window == 0 and cap == 0.0
+    if plain and _eager_cpu.attention_applies(q, k, v, causal, scale, dropout_p):  # fp32 eager CPU: ATen's flash kernel
         return _eager_cpu.attention(q, k, v, causal, scale)
     seed = None
     if dropout_p > 0.0:
         seed = torch.randint(0, 2**62, (1,), dtype=torch.int64, device=q.device)
-    o, _lse = torch.ops.gpt_kernels.flash_attention_fwd(q, k, v, seed, causal, scale, float(dropout_p))
+    if plain:  # the original op call (its schema's defaults cover the new options)
+        o, _lse = torch.ops.gpt_kernels.flash_attention_fwd(q, k, v, seed, causal, scale, float(dropout_p))
+    else:
+        o, _lse = torch.ops.gpt_kernels.flash_attention_fwd(q, k, v, seed, causal, scale, float(dropout_p),
+                                                            window, cap)
+    return o
+
+
+def _check_cu_seqlens(name: str, cu: torch.Tensor, device) -> None:
+    if not isinstance(cu, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(cu).__name__}")
+    if cu.dtype != torch.int32:
+        raise ValueError(f"{name} must be int32 prefix sums (n+1,), got dtype {str(cu.dtype).replace('torch.', '')}")
+    if cu.dim() != 1 or cu.shape[0] < 1:
+        raise ValueError(f"{name} must be 1-D (n+1,) prefix sums starting at 0, got shape {tuple(cu.shape)}")
+    if cu.device != device:
+        raise ValueError(f"{name} is on {cu.device} but q is on {device}; all inputs must be on the same device")
+
+
+def flash_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                           cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, *,
+                           causal: bool = True, softmax_scale: float | None = None, dropout_p: float = 0.0,
+                           window_size: int | None = None, softcap: float = 0.0) -> torch.Tensor:
+    """Attention over packed variable-length sequences (FlashAttention's ``varlen`` layout).
+
+    q ``(total_q, H, D)``, k/v ``(total_k, Hk, D)`` (``H % Hk == 0``), ``cu_seqlens_q``/``cu_seqlens_k``
+    int32 ``(n+1,)`` prefix sums from 0 (sequence b's tokens are rows ``cu[b]:cu[b+1]``; empty sequences
+    allowed), ``max_seqlen_q``/``max_seqlen_k`` Python ints bounding the lengths (they size the grid: no
+    host sync reads the offsets). Sequence b's queries attend only its own keys; ``causal`` is
+    bottom-right aligned within the sequence (query i sees keys ``<= i + len_k - len_q``); GQA,
+    ``window_size`` and ``softcap`` as in :func:`flash_attention`. Returns ``(total_q, H, D)`` in q's
+    dtype, differentiable. Contract (not checked, that would sync): ``cu[-1]`` equals ``total`` and every
+    length is at most its ``max_seqlen``; rows of q outside every sequence get zeros.
+    """
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        check_tensor(name, t, ndim=3)
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    check_same_device(q=q, k=k, v=v)
+    _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.device)
+    _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, q.device)
+    if cu_seqlens_q.shape != cu_seqlens_k.shape:
+        raise ValueError(f"cu_seqlens_q and cu_seqlens_k must both be (n+1,), got {tuple(cu_seqlens_q.shape)} "
+                         f"and {tuple(cu_seqlens_k.shape)}")
+    for name, m in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
+        if isinstance(m, bool) or not isinstance(m, int) or m < 0:
+            raise ValueError(f"{name} must be an int >= 0 (a Python int: no host sync), got {m!r}")
+    _total, H, D = q.shape
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape (total_k, Hk, D), got {tuple(k.shape)} and "
+                         f"{tuple(v.shape)}")
+    if H > 0 or k.shape[1] > 0:
+        _check_heads(H, k.shape[1])
+    if k.shape[-1] != D:
+        raise ValueError(f"q and k must have the same head_dim, got {D} and {k.shape[-1]}")
+    check_head_dim("q", D)
+    _check_options(causal, softmax_scale, dropout_p, window_size, softcap)
+    scale = float(D ** -0.5 if softmax_scale is None else softmax_scale)
+    seed = None
+    if dropout_p > 0.0:
+        seed = torch.randint(0, 2**62, (1,), dtype=torch.int64, device=q.device)
+    o, _lse = torch.ops.gpt_kernels.flash_attention_varlen_fwd(
+        q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k), seed, causal, scale,
+        float(dropout_p), int(window_size or 0), float(softcap))
     return o
 
 

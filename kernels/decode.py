@@ -37,7 +37,7 @@ from ._utils import (
     tl,
     triton,
 )
-from .attention import check_head_dim
+from .attention import _check_heads, _check_options, check_head_dim
 
 #: Most new tokens per call (the query tile is padded to at least 16 rows for ``tl.dot``).
 MAX_DECODE_QUERIES = 64
@@ -151,7 +151,10 @@ def num_splits_for(batch_heads: int, tmax: int, device: torch.device, block_n: i
     return max(1, min(triton.cdiv(target, batch_heads), max_useful, _MAX_SPLITS))
 
 
-def _decode_launch(q, k_cache, v_cache, cache_seqlens, softmax_scale):
+def _decode_launch(q, k_cache, v_cache, cache_seqlens, softmax_scale, window_size=0, softcap=0.0):
+    if k_cache.shape[1] != q.shape[1] or window_size > 0 or softcap > 0.0:
+        raise NotImplementedError("the Triton decode kernel does not support GQA, window_size or softcap "
+                                  "yet (the PyTorch fallback does: TRITON_INTERPRET=0 on CPU)")
     B, H, Tq, D = q.shape
     Tmax = k_cache.shape[2]
     out = torch.empty((B, Tq, H, D), dtype=q.dtype, device=q.device).transpose(1, 2)  # (B, H, Tq, D)
@@ -184,17 +187,19 @@ def _decode_launch(q, k_cache, v_cache, cache_seqlens, softmax_scale):
 # Op registration (no autograd: inference only)
 # ---------------------------------------------------------------------------------------------------
 
-def _decode_ref_layout(q, k_cache, v_cache, cache_seqlens, softmax_scale):
+def _decode_ref_layout(q, k_cache, v_cache, cache_seqlens, softmax_scale, window_size=0, softcap=0.0):
     B, H, Tq, D = q.shape
     out = torch.empty((B, Tq, H, D), dtype=q.dtype, device=q.device).transpose(1, 2)
-    out.copy_(ref.decode_attention_ref(q, k_cache, v_cache, cache_seqlens, softmax_scale))
+    out.copy_(ref.decode_attention_ref(q, k_cache, v_cache, cache_seqlens, softmax_scale, window_size, softcap))
     return out
 
 
 @kernel_op("gpt_kernels::decode_attention", launch=_decode_launch, fallback=_decode_ref_layout)
 def _decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                      cache_seqlens: torch.Tensor, softmax_scale: float) -> torch.Tensor:
-    """(B, H, Tq, D) in q's dtype, stored as (B, Tq, H, D)."""
+                      cache_seqlens: torch.Tensor, softmax_scale: float, window_size: int = 0,
+                      softcap: float = 0.0) -> torch.Tensor:
+    """(B, H, Tq, D) in q's dtype, stored as (B, Tq, H, D). Caches (B, Hk, Tmax, D), H % Hk == 0;
+    window_size 0 = unlimited; softcap 0 = off."""
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -202,10 +207,12 @@ def _decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
 # ---------------------------------------------------------------------------------------------------
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                     cache_seqlens: torch.Tensor, *, softmax_scale: float | None = None) -> torch.Tensor:
+                     cache_seqlens: torch.Tensor, *, softmax_scale: float | None = None,
+                     window_size: int | None = None, softcap: float = 0.0) -> torch.Tensor:
     """Attention of the new tokens ``q (B, H, Tq, D)`` over each row's valid KV-cache prefix.
 
-    ``k_cache``/``v_cache`` ``(B, H, Tmax, D)`` (any strides), ``cache_seqlens (B,)`` int32 (or int64):
+    ``k_cache``/``v_cache`` ``(B, Hk, Tmax, D)`` (any strides; ``H % Hk == 0``, GQA/MQA: query head h
+    reads cache head ``h // (H // Hk)``), ``cache_seqlens (B,)`` int32 (or int64):
     row b's valid length including the ``Tq`` new tokens, which must already be written at positions
     ``L_b - Tq .. L_b - 1``. Returns ``(B, H, Tq, D)`` in q's dtype (stored as ``(B, Tq, H, D)``).
     Not differentiable.
@@ -213,7 +220,9 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     Lengths are not checked on the host (that would sync): each ``L_b`` is clamped to ``[0, Tmax]``
     (past the cache = a full cache; negative = an empty row); new token t sits at ``L_b - Tq + t`` and a
     token at a negative position sees no key and outputs zeros. Slots past ``L_b`` are never read, so
-    NaN/inf there (an uninitialized cache) cannot leak into the output.
+    NaN/inf there (an uninitialized cache) cannot leak into the output. ``window_size=W``: token t at
+    position p sees only keys ``p - W < j <= p`` (only those are read); ``softcap=c`` > 0 caps the
+    scores to ``c · tanh(s / c)`` (as :func:`kernels.flash_attention`).
     """
     check_tensor("q", q, ndim=4)
     check_tensor("k_cache", k_cache, ndim=4)
@@ -227,9 +236,11 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     if k_cache.shape != v_cache.shape:
         raise ValueError(f"k_cache and v_cache must have the same shape, got {tuple(k_cache.shape)} and "
                          f"{tuple(v_cache.shape)}")
-    if k_cache.shape[:2] != (B, H) or k_cache.shape[3] != D:
-        raise ValueError(f"k_cache must be (B, H, Tmax, D) = ({B}, {H}, Tmax, {D}) to match q, "
+    if k_cache.shape[0] != B or k_cache.shape[3] != D:
+        raise ValueError(f"k_cache must be (B, Hk, Tmax, D) = ({B}, Hk, Tmax, {D}) to match q, "
                          f"got {tuple(k_cache.shape)}")
+    if H > 0 or k_cache.shape[1] > 0:
+        _check_heads(H, k_cache.shape[1])
     if tuple(cache_seqlens.shape) != (B,):
         raise ValueError(f"cache_seqlens must have shape ({B},), got {tuple(cache_seqlens.shape)}")
     check_head_dim("q", D)
@@ -238,6 +249,10 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                          "(use flash_attention for a prefill)")
     if Tq > k_cache.shape[2]:
         raise ValueError(f"q has {Tq} new tokens but the cache holds only {k_cache.shape[2]} positions")
+    _check_options(True, softmax_scale, 0.0, window_size, softcap)
     scale = float(D ** -0.5 if softmax_scale is None else softmax_scale)
     with torch.no_grad():
-        return torch.ops.gpt_kernels.decode_attention(q, k_cache, v_cache, cache_seqlens, scale)
+        if k_cache.shape[1] == H and window_size is None and softcap == 0.0:
+            return torch.ops.gpt_kernels.decode_attention(q, k_cache, v_cache, cache_seqlens, scale)
+        return torch.ops.gpt_kernels.decode_attention(q, k_cache, v_cache, cache_seqlens, scale,
+                                                      int(window_size or 0), float(softcap))

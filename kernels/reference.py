@@ -120,16 +120,24 @@ def causal_mask(Tq: int, Tk: int, device=None) -> torch.Tensor:
 
 def attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = True,
                   softmax_scale: float | None = None, dropout_mask: torch.Tensor | None = None,
-                  dropout_p: float = 0.0) -> torch.Tensor:
+                  dropout_p: float = 0.0, window_size: int | None = None, softcap: float = 0.0) -> torch.Tensor:
     """Differentiable attention oracle: ``softmax(q kᵀ · scale, masked) [∘ mask / (1 - p)] v``.
 
     Math in at least fp32 (pass fp64 tensors for an fp64 oracle); the result has ``q``'s dtype.
     ``dropout_mask`` (bool, broadcastable to ``(B, H, Tq, Tk)``, True = keep) applies the given mask.
+    k/v may have ``Hk`` heads dividing q's ``H`` (GQA: head h reads ``h // (H // Hk)``);
+    ``window_size`` is a causal sliding window, ``softcap`` > 0 caps scores to ``c · tanh(s / c)``.
     """
     dt = _stat_dtype(q.dtype)
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
+    H = q.shape[-3]
+    k, v = expand_kv(k, H, q.dim() - 3), expand_kv(v, H, q.dim() - 3)
     s = (q.to(dt) @ k.to(dt).transpose(-2, -1)) * scale  # (B, H, Tq, Tk)
-    if causal:
+    if softcap > 0.0:
+        s = softcap * torch.tanh(s / softcap)
+    if window_size is not None:
+        s = s.masked_fill(~window_mask(q.shape[-2], k.shape[-2], window_size, q.device), float("-inf"))
+    elif causal:
         allowed = causal_mask(q.shape[-2], k.shape[-2], q.device)
         s = s.masked_fill(~allowed, float("-inf"))
     p = torch.softmax(s, dim=-1).nan_to_num(0.0)  # rows that see no key: zeros, not NaN
@@ -156,23 +164,67 @@ def _dropout_keep_ref(seed: torch.Tensor, shape, dropout_p: float, device) -> to
     return u >= dropout_p
 
 
-def _scores_ref(q, k, causal, softmax_scale):
-    s = (q.float() @ k.float().transpose(-2, -1)) * softmax_scale  # (B, H, Tq, Tk) fp32
-    if causal:
-        s = s.masked_fill(~causal_mask(q.shape[-2], k.shape[-2], q.device), float("-inf"))
-    return s
+def window_mask(Tq: int, Tk: int, window_size: int, device=None) -> torch.Tensor:
+    """``(Tq, Tk)`` bool, True where query i may attend key j under a causal sliding window of
+    ``window_size`` keys: with ``p_i = i + Tk - Tq``, ``p_i - W < j <= p_i`` (itself included)."""
+    i = torch.arange(Tq, device=device)[:, None]
+    j = torch.arange(Tk, device=device)[None, :]
+    p = i + (Tk - Tq)
+    return (j <= p) & (j > p - window_size)
 
 
-def flash_attention_fwd_ref(q, k, v, seed, causal: bool, softmax_scale: float, dropout_p: float):
+def expand_kv(k: torch.Tensor, n_heads: int, dim: int = 1) -> torch.Tensor:
+    """GQA/MQA by index mapping: query head h reads K/V head ``h // (H // Hk)`` (transformers'
+    ``repeat_kv``). Returns ``k`` itself when ``Hk == H``; the fallback's copy, never the kernels'."""
+    hk = k.shape[dim]
+    if hk == n_heads:
+        return k
+    idx = torch.arange(n_heads, device=k.device) // (n_heads // hk)
+    return k.index_select(dim, idx)
+
+
+def reduce_kv_grad(dk: torch.Tensor, n_kv_heads: int, dim: int = 1) -> torch.Tensor:
+    """Sum a gradient over the query heads of each K/V head's group (inverse of :func:`expand_kv`)."""
+    h = dk.shape[dim]
+    if h == n_kv_heads:
+        return dk
+    shape = list(dk.shape)
+    shape[dim:dim + 1] = [n_kv_heads, h // n_kv_heads]
+    return dk.reshape(shape).sum(dim + 1)
+
+
+def _scores_ref(q, k, causal, softmax_scale, window_size: int = 0, softcap: float = 0.0, dt=None):
+    """Scaled (and soft-capped) scores ``(B, H, Tq, Tk)`` in fp32 (fp64 for fp64 inputs), masked; also
+    the raw tanh term (``tanh(s/c)``, or None) the backward needs. ``k`` already has q's heads."""
+    dt = dt or _stat_dtype(q.dtype)
+    s = (q.to(dt) @ k.to(dt).transpose(-2, -1)) * softmax_scale
+    t = None
+    if softcap > 0.0:
+        t = torch.tanh(s / softcap)
+        s = softcap * t
+    Tq, Tk = q.shape[-2], k.shape[-2]
+    if window_size > 0:
+        s = s.masked_fill(~window_mask(Tq, Tk, window_size, q.device), float("-inf"))
+    elif causal:
+        s = s.masked_fill(~causal_mask(Tq, Tk, q.device), float("-inf"))
+    return s, t
+
+
+def flash_attention_fwd_ref(q, k, v, seed, causal: bool, softmax_scale: float, dropout_p: float,
+                            window_size: int = 0, softcap: float = 0.0):
     """Fallback of the flash-attention forward: ``(o, lse)`` with the launcher's layouts.
 
     ``o`` is ``(B, H, Tq, D)`` in ``q.dtype`` stored as ``(B, Tq, H, D)`` (so merging heads is free);
     ``lse`` is the fp32 log-sum-exp of the scaled, masked scores ``(B, H, Tq)`` in the log2 domain, as
     the kernel saves it (``log2 Σ exp(s) = logsumexp(s) · log2 e``), ``+inf`` for a row that sees no key
-    (its probabilities ``exp(s - lse · ln 2)`` are then all zero).
+    (its probabilities ``exp(s - lse · ln 2)`` are then all zero). k/v may have fewer heads (GQA:
+    head h reads ``h // (H // Hk)``); ``window_size`` > 0 is a causal sliding window, ``softcap`` > 0
+    caps the scores (``c · tanh(s / c)``) before masking. fp64 inputs compute in fp64.
     """
     B, H, Tq, D = q.shape
-    s = _scores_ref(q, k, causal, softmax_scale)
+    dt = _stat_dtype(q.dtype)
+    k, v = expand_kv(k, H), expand_kv(v, H)
+    s, _ = _scores_ref(q, k, causal, softmax_scale, window_size, softcap, dt)
     lse = torch.logsumexp(s, dim=-1)
     lse = torch.where(torch.isneginf(lse), torch.full_like(lse, float("inf")), lse)
     p = torch.exp(s - lse[..., None])
@@ -180,51 +232,163 @@ def flash_attention_fwd_ref(q, k, v, seed, causal: bool, softmax_scale: float, d
         p = p * _dropout_keep_ref(seed, p.shape, dropout_p, q.device) / (1.0 - dropout_p)
     lse = lse * LOG2E  # the kernel's log2 domain
     o = torch.empty((B, Tq, H, D), dtype=q.dtype, device=q.device).transpose(1, 2)
-    o.copy_(p @ v.float())
-    return o, lse.contiguous()
+    o.copy_(p @ v.to(dt))
+    return o, lse.float().contiguous()
 
 
-def flash_attention_bwd_ref(do, q, k, v, o, lse, seed, causal: bool, softmax_scale: float, dropout_p: float):
+def flash_attention_bwd_ref(do, q, k, v, o, lse, seed, causal: bool, softmax_scale: float, dropout_p: float,
+                            window_size: int = 0, softcap: float = 0.0):
     """Fallback of the flash-attention backward: ``(dq, dk, dv)`` in the inputs' dtypes.
 
     With P = exp(S - lse · ln 2) (``lse`` in the log2 domain, as saved by the forward), Z the dropout mask scaled by 1/(1-p) (all ones without dropout) and
     O = (P∘Z) V:  dV = (P∘Z)ᵀ dO,  dP = (dO Vᵀ)∘Z,  dS = P∘(dP − rowsum(dO∘O)),
-    dQ = scale · dS K,  dK = scale · dSᵀ Q.
+    dQ = scale · dS' K,  dK = scale · dS'ᵀ Q, where dS' = dS ∘ (1 − tanh²(S₀/c)) with a softcap c
+    (S = c·tanh(S₀/c), S₀ the scaled raw scores), else dS. With GQA dK/dV are summed over each K/V
+    head's group of query heads.
     """
-    s = _scores_ref(q, k, causal, softmax_scale)
-    p = torch.exp(s - lse[..., None] * LN2)
-    dof = do.float()
-    dp = dof @ v.float().transpose(-2, -1)
+    H, Hk = q.shape[1], k.shape[1]
+    dt = _stat_dtype(q.dtype)
+    k_, v_ = expand_kv(k, H), expand_kv(v, H)
+    s, t = _scores_ref(q, k_, causal, softmax_scale, window_size, softcap, dt)
+    lse_n = lse.to(dt) * LN2
+    p = torch.exp(s - lse_n[..., None])
+    dof = do.to(dt)
+    dp = dof @ v_.to(dt).transpose(-2, -1)
     if dropout_p > 0.0:
         z = _dropout_keep_ref(seed, p.shape, dropout_p, q.device) / (1.0 - dropout_p)
         pd, dp = p * z, dp * z
     else:
         pd = p
     dv = pd.transpose(-2, -1) @ dof
-    delta = (dof * o.float()).sum(-1, keepdim=True)
+    delta = (dof * o.to(dt)).sum(-1, keepdim=True)
     ds = p * (dp - delta)
-    dq = (ds @ k.float()) * softmax_scale
-    dk = (ds.transpose(-2, -1) @ q.float()) * softmax_scale
-    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+    if t is not None:
+        ds = ds * (1.0 - t * t)
+    dq = (ds @ k_.to(dt)) * softmax_scale
+    dk = (ds.transpose(-2, -1) @ q.to(dt)) * softmax_scale
+    return dq.to(q.dtype), reduce_kv_grad(dk, Hk).to(k.dtype), reduce_kv_grad(dv, Hk).to(v.dtype)
 
 
-def decode_attention_ref(q, k_cache, v_cache, cache_seqlens, softmax_scale: float | None = None):
+def varlen_ids(cu_seqlens: torch.Tensor, total: int):
+    """Per token of a packed ``(total, ...)`` tensor: ``(seq, pos, length)`` int64, from the prefix sums
+    ``cu_seqlens (n+1,)`` (no host sync). Tokens at or past ``cu_seqlens[-1]`` get ``seq = n``."""
+    cu = cu_seqlens.to(torch.int64)
+    idx = torch.arange(total, device=cu.device)
+    seq = torch.searchsorted(cu, idx, right=True) - 1  # empty sequences (repeated offsets) are skipped
+    seq = seq.clamp(0, cu.numel() - 1)
+    lens = torch.cat((cu[1:] - cu[:-1], cu.new_zeros(1)))  # seq = n (past the end): length 0
+    return seq, idx - cu[seq], lens[seq]
+
+
+def varlen_mask(cu_seqlens_q, cu_seqlens_k, total_q: int, total_k: int, causal: bool,
+                window_size: int = 0) -> torch.Tensor:
+    """``(total_q, total_k)`` bool: query token i may attend key token j — same sequence b (< n), and
+    with causal, ``pos_k <= p_i`` where ``p_i = pos_q + len_k(b) - len_q(b)`` (bottom-right within the
+    sequence), and with a window also ``pos_k > p_i - W``."""
+    n = cu_seqlens_q.numel() - 1
+    sq, pq, lq = varlen_ids(cu_seqlens_q, total_q)
+    sk, pk, _ = varlen_ids(cu_seqlens_k, total_k)
+    cu_k = cu_seqlens_k.to(torch.int64)
+    lk_of_q = torch.cat((cu_k[1:] - cu_k[:-1], cu_k.new_zeros(1)))[sq]
+    allowed = (sq[:, None] == sk[None, :]) & (sq[:, None] < n)
+    p = (pq + lk_of_q - lq)[:, None]
+    if causal or window_size > 0:
+        allowed = allowed & (pk[None, :] <= p)
+    if window_size > 0:
+        allowed = allowed & (pk[None, :] > p - window_size)
+    return allowed
+
+
+def _varlen_scores(q, k, cu_q, cu_k, causal, softmax_scale, window_size, softcap, dt):
+    """(H, total_q, total_k) scores of packed q (total_q, H, D), k (total_k, H, D), masked; tanh term."""
+    s = (q.to(dt).transpose(0, 1) @ k.to(dt).permute(1, 2, 0)) * softmax_scale
+    t = None
+    if softcap > 0.0:
+        t = torch.tanh(s / softcap)
+        s = softcap * t
+    allowed = varlen_mask(cu_q, cu_k, q.shape[0], k.shape[0], causal, window_size)
+    return s.masked_fill(~allowed, float("-inf")), t
+
+
+def flash_attention_varlen_fwd_ref(q, k, v, cu_seqlens_q, cu_seqlens_k, seed, causal: bool,
+                                   softmax_scale: float, dropout_p: float, window_size: int = 0,
+                                   softcap: float = 0.0):
+    """Fallback of the varlen forward: ``(o (total_q, H, D), lse (H, total_q) log2 domain)``.
+
+    One dense ``(H, total_q, total_k)`` score matrix under the block-diagonal mask of
+    :func:`varlen_mask` (no host sync; the kernels never form it). Rows outside every sequence and
+    queries that see no key give zeros (lse ``+inf``). Dropout: the hash mask of the dense fallback,
+    over the packed ``(H, total_q, total_k)`` positions.
+    """
+    H = q.shape[1]
+    dt = _stat_dtype(q.dtype)
+    k, v = expand_kv(k, H), expand_kv(v, H)
+    s, _ = _varlen_scores(q, k, cu_seqlens_q, cu_seqlens_k, causal, softmax_scale, window_size, softcap, dt)
+    lse = torch.logsumexp(s, dim=-1)
+    lse = torch.where(torch.isneginf(lse), torch.full_like(lse, float("inf")), lse)
+    p = torch.exp(s - lse[..., None])
+    if dropout_p > 0.0:
+        p = p * _dropout_keep_ref(seed, p.shape, dropout_p, q.device) / (1.0 - dropout_p)
+    o = (p @ v.to(dt).transpose(0, 1)).transpose(0, 1).to(q.dtype).contiguous()
+    return o, (lse * LOG2E).float().contiguous()
+
+
+def flash_attention_varlen_bwd_ref(do, q, k, v, o, lse, cu_seqlens_q, cu_seqlens_k, seed, causal: bool,
+                                   softmax_scale: float, dropout_p: float, window_size: int = 0,
+                                   softcap: float = 0.0):
+    """Fallback of the varlen backward: ``(dq, dk, dv)`` in the packed layouts (math as
+    :func:`flash_attention_bwd_ref`, dK/dV summed over each K/V head's group)."""
+    H, Hk = q.shape[1], k.shape[1]
+    dt = _stat_dtype(q.dtype)
+    k_, v_ = expand_kv(k, H), expand_kv(v, H)
+    s, t = _varlen_scores(q, k_, cu_seqlens_q, cu_seqlens_k, causal, softmax_scale, window_size, softcap, dt)
+    p = torch.exp(s - (lse.to(dt) * LN2)[..., None])  # (H, Tq, Tk)
+    dof = do.to(dt).transpose(0, 1)  # (H, Tq, D)
+    dp = dof @ v_.to(dt).permute(1, 2, 0)
+    if dropout_p > 0.0:
+        z = _dropout_keep_ref(seed, p.shape, dropout_p, q.device) / (1.0 - dropout_p)
+        pd, dp = p * z, dp * z
+    else:
+        pd = p
+    dv = pd.transpose(-2, -1) @ dof  # (H, Tk, D)
+    delta = (dof * o.to(dt).transpose(0, 1)).sum(-1, keepdim=True)
+    ds = p * (dp - delta)
+    if t is not None:
+        ds = ds * (1.0 - t * t)
+    dq = (ds @ k_.to(dt).transpose(0, 1)) * softmax_scale
+    dk = (ds.transpose(-2, -1) @ q.to(dt).transpose(0, 1)) * softmax_scale
+    dk, dv = reduce_kv_grad(dk, Hk, 0), reduce_kv_grad(dv, Hk, 0)
+    return (dq.transpose(0, 1).to(q.dtype).contiguous(), dk.transpose(0, 1).to(k.dtype).contiguous(),
+            dv.transpose(0, 1).to(v.dtype).contiguous())
+
+
+def decode_attention_ref(q, k_cache, v_cache, cache_seqlens, softmax_scale: float | None = None,
+                         window_size: int = 0, softcap: float = 0.0):
     """Attention of the ``Tq`` new queries over each row's valid cache prefix.
 
     Row b's cache holds ``L = cache_seqlens[b]`` valid positions, the last ``Tq`` of them the new tokens;
-    query t sits at position ``L - Tq + t`` and sees keys ``j <= L - Tq + t`` (and ``j < L``). ``L`` is
-    clamped to ``[0, Tmax]`` (as the kernel does, without a host sync); slots ``j >= L`` never reach the
-    output, even when they hold NaN/inf (values there are replaced, not multiplied by a zero weight).
+    query t sits at position ``p = L - Tq + t`` and sees keys ``j <= p`` (and ``j < L``), with a window
+    ``W`` > 0 only ``j > p - W``. ``L`` is clamped to ``[0, Tmax]`` (as the kernel does, without a host
+    sync); slots ``j >= L`` never reach the output, even when they hold NaN/inf (values there are
+    replaced, not multiplied by a zero weight). Caches may have ``Hk`` heads dividing q's ``H`` (GQA);
+    ``softcap`` > 0 caps the scores to ``c · tanh(s / c)``.
     """
     B, H, Tq, D = q.shape
     Tmax = k_cache.shape[-2]
     scale = D ** -0.5 if softmax_scale is None else softmax_scale
     dt = _stat_dtype(q.dtype)
-    s = (q.to(dt) @ k_cache.to(dt).transpose(-2, -1)) * scale  # (B, H, Tq, Tmax)
+    k_cache, v_cache = expand_kv(k_cache, H), expand_kv(v_cache, H)
     L = cache_seqlens.to(torch.long).clamp(0, Tmax).reshape(B, 1, 1, 1)
     j = torch.arange(Tmax, device=q.device).view(1, 1, 1, Tmax)
     t = torch.arange(Tq, device=q.device).view(1, 1, Tq, 1)
-    allowed = (j < L) & (j <= L - Tq + t)
+    k = torch.where((j < L).transpose(-2, -1), k_cache.to(dt), 0.0)  # unused slots -> 0 (NaN-safe)
+    s = (q.to(dt) @ k.transpose(-2, -1)) * scale  # (B, H, Tq, Tmax)
+    if softcap > 0.0:
+        s = softcap * torch.tanh(s / softcap)
+    pos = L - Tq + t
+    allowed = (j < L) & (j <= pos)
+    if window_size > 0:
+        allowed = allowed & (j > pos - window_size)
     s = s.masked_fill(~allowed, float("-inf"))
     p = torch.softmax(s, dim=-1).nan_to_num(0.0)
     v = torch.where((j < L).transpose(-2, -1), v_cache.to(dt), 0.0)  # (B, H, Tmax, D); unused slots -> 0

@@ -86,3 +86,35 @@ def _online_softmax_step(s, m_i, l_i):
     p = tl.math.exp2(s - m_safe[:, None])
     alpha = tl.math.exp2(m_i - m_safe)
     return p, alpha, l_i * alpha + tl.sum(p, 1), m_new
+
+
+@triton.jit
+def _tanh(x):
+    # tanh(x) = 1 - 2 / (exp(2x) + 1) in fp32: exact limits ±1 (exp2 overflows to inf -> 1, underflows
+    # to 0 -> -1), absolute error ~1 ulp of 1 near 0. (tl has no tanh; libdevice's is not in the interpreter.)
+    return 1.0 - 2.0 / (tl.math.exp2(x * (2.0 * LOG2E)) + 1.0)
+
+
+@triton.jit
+def _scores(a, b, qk_scale, cap2, SOFTCAP: tl.constexpr, IEEE: tl.constexpr):
+    # Attention scores of a @ b in the log2 domain, and the tanh term the softcap backward needs:
+    #   no softcap:  s = (a·b) · qk_scale            (qk_scale = scale · log2 e);  returns (s, s)
+    #   softcap c:   t = tanh((a·b) · qk_scale),  s = cap2 · t   (qk_scale = scale / c, cap2 = c · log2 e)
+    x = _dot(a, b, IEEE) * qk_scale
+    if SOFTCAP:
+        t = _tanh(x)
+        return cap2 * t, t
+    else:
+        return x, x
+
+
+@triton.jit
+def _visible(rows, cols, n_cols, shift, window, CAUSAL: tl.constexpr, WINDOW: tl.constexpr):
+    # (rows, cols) bool: key `col` (< n_cols) is visible to query `row` at position p = row + shift —
+    # causal: col <= p; sliding window of `window` keys: also col > p - window.
+    vis = cols[None, :] < n_cols
+    if CAUSAL:
+        vis = vis & (cols[None, :] <= rows[:, None] + shift)
+    if WINDOW:
+        vis = vis & (cols[None, :] > rows[:, None] + (shift - window))
+    return vis

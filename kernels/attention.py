@@ -36,7 +36,7 @@ from torch import nn
 
 from . import _eager_cpu
 from . import reference as ref
-from ._blocks import _dot, _load_tile, _online_softmax_step, _store_tile
+from ._blocks import _dot, _load_tile, _online_softmax_step, _scores, _store_tile, _visible
 from ._utils import (
     INTERPRETED,
     LOG2E,
@@ -65,23 +65,33 @@ def _dropout_keep(seed, rng_offsets, dropout_p):
 
 
 @triton.jit
+def _seq_bounds(CU_Q, CU_K, off_b, TQ, TK, VARLEN: tl.constexpr):
+    # (q_start, seqlen_q, k_start, seqlen_k) of batch entry / packed sequence `off_b`. Varlen: from the
+    # int32 prefix sums in device memory (no host sync), starts in int64; dense: (0, TQ, 0, TK).
+    if VARLEN:
+        q0 = tl.load(CU_Q + off_b)
+        k0 = tl.load(CU_K + off_b)
+        return q0.to(tl.int64), tl.load(CU_Q + off_b + 1) - q0, k0.to(tl.int64), tl.load(CU_K + off_b + 1) - k0
+    else:
+        return 0, TQ, 0, TK
+
+
+@triton.jit
 def _fwd_inner(acc, l_i, m_i, q, K_ptr, V_ptr, stride_kn, stride_kd, stride_vn, stride_vd,
-               rows, offs_n, offs_d, lo, hi, TK, causal_shift, qk_scale, seed, dropout_p,
-               HEAD_DIM: tl.constexpr, MASK: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
-               IEEE: tl.constexpr, EVEN_D: tl.constexpr, LARGE: tl.constexpr, BLOCK_N: tl.constexpr):
+               rows, offs_n, offs_d, lo, hi, TK, causal_shift, window, qk_scale, cap2, seed, dropout_p,
+               HEAD_DIM: tl.constexpr, MASK: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
+               SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr, IEEE: tl.constexpr, EVEN_D: tl.constexpr,
+               LARGE: tl.constexpr, BLOCK_N: tl.constexpr):
     # Online softmax over key blocks [lo, hi). MASK=False blocks are entirely visible to every query
-    # of the tile (no causal cut, no tail), so the mask arithmetic is skipped there.
+    # of the tile (no causal cut, no window edge, no tail), so the mask arithmetic is skipped there.
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
         cols_o = cols.to(tl.int64) if LARGE else cols
         kT = _load_tile(K_ptr + offs_d[:, None] * stride_kd + cols_o[None, :] * stride_kn,
                         offs_d, HEAD_DIM, cols, TK, EVEN_D, not MASK)  # (BLOCK_D, BLOCK_N)
-        s = _dot(q, kT, IEEE) * qk_scale  # (BLOCK_M, BLOCK_N), log2 domain
+        s, _t = _scores(q, kT, qk_scale, cap2, SOFTCAP, IEEE)  # (BLOCK_M, BLOCK_N), log2 domain
         if MASK:
-            visible = cols[None, :] < TK
-            if CAUSAL:
-                visible = visible & (cols[None, :] <= rows[:, None] + causal_shift)
-            s = tl.where(visible, s, float("-inf"))
+            s = tl.where(_visible(rows, cols, TK, causal_shift, window, CAUSAL, WINDOW), s, float("-inf"))
         p, alpha, l_i, m_new = _online_softmax_step(s, m_i, l_i)
         acc = acc * alpha[:, None]
         v = _load_tile(V_ptr + cols_o[:, None] * stride_vn + offs_d[None, :] * stride_vd,
@@ -94,39 +104,75 @@ def _fwd_inner(acc, l_i, m_i, q, K_ptr, V_ptr, stride_kn, stride_kd, stride_vn, 
     return acc, l_i, m_i
 
 
+@triton.jit
+def _key_ranges(start_m, seqlen_k, causal_shift, window, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    # Key blocks a query tile [start_m, start_m + BLOCK_M) visits, as (w_lo, w_full, lo, hi):
+    #   [w_lo, w_full) masked (the window's left edge), [w_full, lo) unmasked (every row sees every key),
+    #   [lo, hi) masked (the causal diagonal and the tail). Keys < w_lo are outside every row's window
+    #   and never visited: O(T·W) work with a window. Without a window w_lo = w_full = 0.
+    if CAUSAL:
+        lo = (tl.maximum(start_m + causal_shift + 1, 0) // BLOCK_N) * BLOCK_N
+        hi = tl.maximum(tl.minimum(start_m + BLOCK_M + causal_shift, seqlen_k), 0)
+    else:
+        lo = (seqlen_k // BLOCK_N) * BLOCK_N
+        hi = seqlen_k
+    if WINDOW:
+        # row i (position p = i + shift) sees keys j > p - window: the first row needs j >= w_lo, the
+        # last row of the tile sees every key >= start_m + BLOCK_M + shift - window
+        w_full = tl.minimum(tl.cdiv(tl.maximum(start_m + BLOCK_M + causal_shift - window, 0), BLOCK_N) * BLOCK_N, lo)
+        w_lo = tl.minimum((tl.maximum(start_m + causal_shift - window + 1, 0) // BLOCK_N) * BLOCK_N, w_full)
+    else:
+        w_full = 0
+        w_lo = 0
+    return w_lo, w_full, lo, hi
+
+
 # Forward (per query tile of BLOCK_M rows, all in fp32 registers):
-#   s_j = q k_jᵀ · scale · log2(e);  m = running max;  l = Σ exp2(s - m);  acc = Σ exp2(s - m) v
+#   s_j = q k_jᵀ · scale · log2(e)  (softcap c: s_j = c · log2(e) · tanh(q k_jᵀ · scale / c));
+#   m = running max;  l = Σ exp2(s - m);  acc = Σ exp2(s - m) v
 #   o = acc / l;  lse = m + log2 l  (log2 domain, the domain of s: saved as is for the backward, which
 #   recomputes p = exp2(s - lse); +inf if l == 0).
-# Causal tiles run two loops: keys every row of the tile sees (no mask), then the diagonal band.
+# Causal tiles run the unmasked loop over keys every row of the tile sees, then the diagonal band; a
+# sliding window adds a masked loop over its left edge and starts there (see _key_ranges).
+# GQA: query head h reads K/V head h // GROUP (pointer math, no copy). Varlen: one program per
+# (query block, head, sequence); the sequence's offsets come from cu_seqlens; blocks past its length exit.
 @triton.jit
 def _attn_fwd_kernel(
-    Q, K, V, O, LSE, SEED,
+    Q, K, V, O, LSE, SEED, CU_Q, CU_K,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_ob, stride_oh, stride_om, stride_od,
-    H, TQ, TK, qk_scale, dropout_p,
+    stride_lb, stride_lh,
+    H, GROUP, TQ, TK, qk_scale, cap2, window, dropout_p,
     T_BUCKET,  # autotune key only (sequence-length bucket)
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
+    WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, VARLEN: tl.constexpr,
     IEEE: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, EVEN_D: tl.constexpr,
     LARGE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     start_m = tl.program_id(0) * BLOCK_M
     off_bh = tl.program_id(1)
-    off_b = (off_bh // H).to(tl.int64)
-    off_h = (off_bh % H).to(tl.int64)
-    Q_ptr = Q + off_b * stride_qb + off_h * stride_qh
-    K_ptr = K + off_b * stride_kb + off_h * stride_kh
-    V_ptr = V + off_b * stride_vb + off_h * stride_vh
-    O_ptr = O + off_b * stride_ob + off_h * stride_oh
+    off_b = off_bh // H
+    off_h = off_bh % H
+    q_start, seqlen_q, k_start, seqlen_k = _seq_bounds(CU_Q, CU_K, off_b, TQ, TK, VARLEN)
+    if start_m >= seqlen_q:  # varlen: past this sequence's queries (grid sized by max_seqlen_q)
+        return
+    off_b = off_b.to(tl.int64)
+    off_hk = (off_h // GROUP).to(tl.int64)
+    off_h = off_h.to(tl.int64)
+    Q_ptr = Q + off_b * stride_qb + off_h * stride_qh + q_start * stride_qm
+    K_ptr = K + off_b * stride_kb + off_hk * stride_kh + k_start * stride_kn
+    V_ptr = V + off_b * stride_vb + off_hk * stride_vh + k_start * stride_vn
+    O_ptr = O + off_b * stride_ob + off_h * stride_oh + q_start * stride_om
 
     rows = start_m + tl.arange(0, BLOCK_M)
     rows_o = rows.to(tl.int64) if LARGE else rows
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     q = _load_tile(Q_ptr + rows_o[:, None] * stride_qm + offs_d[None, :] * stride_qd,
-                   rows, TQ, offs_d, HEAD_DIM, EVEN_M, EVEN_D)  # (BLOCK_M, BLOCK_D)
+                   rows, seqlen_q, offs_d, HEAD_DIM, EVEN_M, EVEN_D)  # (BLOCK_M, BLOCK_D)
     seed = 0
     if DROPOUT:
         seed = tl.load(SEED) + off_bh
@@ -134,33 +180,34 @@ def _attn_fwd_kernel(
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
-    causal_shift = TK - TQ  # bottom-right alignment: row i sees keys <= i + shift
-    if CAUSAL:
-        # keys < lo are visible to every row of the tile; keys >= hi to none of them
-        lo = (tl.maximum(start_m + causal_shift + 1, 0) // BLOCK_N) * BLOCK_N
-        hi = tl.maximum(tl.minimum(start_m + BLOCK_M + causal_shift, TK), 0)
-    else:
-        lo = (TK // BLOCK_N) * BLOCK_N
-        hi = TK
+    causal_shift = seqlen_k - seqlen_q  # bottom-right alignment: row i sees keys <= i + shift
+    w_lo, w_full, lo, hi = _key_ranges(start_m, seqlen_k, causal_shift, window, CAUSAL, WINDOW,
+                                       BLOCK_M, BLOCK_N)
+    if WINDOW:
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K_ptr, V_ptr, stride_kn, stride_kd, stride_vn,
+                                   stride_vd, rows, offs_n, offs_d, w_lo, w_full, seqlen_k, causal_shift,
+                                   window, qk_scale, cap2, seed, dropout_p, HEAD_DIM, True, CAUSAL, WINDOW,
+                                   SOFTCAP, DROPOUT, IEEE, EVEN_D, LARGE, BLOCK_N)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K_ptr, V_ptr, stride_kn, stride_kd, stride_vn, stride_vd,
-                               rows, offs_n, offs_d, 0, lo, TK, causal_shift, qk_scale, seed, dropout_p,
-                               HEAD_DIM, False, CAUSAL, DROPOUT, IEEE, EVEN_D, LARGE, BLOCK_N)
+                               rows, offs_n, offs_d, w_full, lo, seqlen_k, causal_shift, window, qk_scale,
+                               cap2, seed, dropout_p, HEAD_DIM, False, CAUSAL, WINDOW, SOFTCAP, DROPOUT,
+                               IEEE, EVEN_D, LARGE, BLOCK_N)
     if (not EVEN_N) or CAUSAL:
         acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K_ptr, V_ptr, stride_kn, stride_kd, stride_vn,
-                                   stride_vd, rows, offs_n, offs_d, lo, hi, TK, causal_shift, qk_scale,
-                                   seed, dropout_p, HEAD_DIM, True, CAUSAL, DROPOUT, IEEE, EVEN_D, LARGE,
-                                   BLOCK_N)
+                                   stride_vd, rows, offs_n, offs_d, lo, hi, seqlen_k, causal_shift, window,
+                                   qk_scale, cap2, seed, dropout_p, HEAD_DIM, True, CAUSAL, WINDOW, SOFTCAP,
+                                   DROPOUT, IEEE, EVEN_D, LARGE, BLOCK_N)
 
     empty = l_i == 0.0  # no visible key: output 0, lse +inf (so the backward's p = exp(s - lse) = 0)
     acc = acc / tl.where(empty, 1.0, l_i)[:, None]
     lse = tl.where(empty, float("inf"), m_i + tl.math.log2(tl.where(empty, 1.0, l_i)))
     _store_tile(O_ptr + rows_o[:, None] * stride_om + offs_d[None, :] * stride_od, acc.to(O.dtype.element_ty),
-                rows, TQ, offs_d, HEAD_DIM, EVEN_M, EVEN_D)
-    lse_ptrs = LSE + off_bh.to(tl.int64) * TQ + rows
+                rows, seqlen_q, offs_d, HEAD_DIM, EVEN_M, EVEN_D)
+    lse_ptrs = LSE + off_b * stride_lb + off_h * stride_lh + q_start + rows
     if EVEN_M:
         tl.store(lse_ptrs, lse)
     else:
-        tl.store(lse_ptrs, lse, mask=rows < TQ)
+        tl.store(lse_ptrs, lse, mask=rows < seqlen_q)
 
 
 @triton.jit
@@ -173,6 +220,7 @@ def _bwd_preprocess_kernel(
     BLOCK_M: tl.constexpr,
 ):
     # delta_i = Σ_d o_id · do_id  (= Σ_j p_ij dp_ij, also with dropout), fp32, (B·H, Tq)
+    # (varlen: the packed (total_q, H, D) tensors are seen as B = 1, Tq = total_q: delta (H, total_q))
     off_bh = tl.program_id(1)
     off_b = (off_bh // H).to(tl.int64)
     off_h = (off_bh % H).to(tl.int64)
@@ -187,21 +235,26 @@ def _bwd_preprocess_kernel(
     tl.store(DELTA + off_bh.to(tl.int64) * TQ + rows, delta, mask=rows < TQ)
 
 
-# Backward math, with S = q kᵀ · scale, P = exp(S - lse) = exp2(S·log2(e) - lse2) (recomputed from the
-# saved log2-domain lse2), Z = keep / (1 - p_drop)
-# (all ones without dropout) and O = (P∘Z) V:
+# Backward math, with S₀ = q kᵀ · scale, S = S₀ (or c·tanh(S₀/c) with a softcap c),
+# P = exp(S - lse) = exp2(S·log2(e) - lse2) (recomputed from the saved log2-domain lse2),
+# Z = keep / (1 - p_drop) (all ones without dropout) and O = (P∘Z) V:
 #   dV = (P∘Z)ᵀ dO
 #   dP = (dO Vᵀ) ∘ Z
 #   dS = P ∘ (dP − delta),   delta_i = Σ_d O_id dO_id
-#   dQ = scale · dS K,       dK = scale · dSᵀ Q
-# Pass 1 (_attn_bwd_dkdv_kernel): one program per key block keeps K, V, dK, dV in registers and walks
-# the query blocks that can see it. Pass 2 (_attn_bwd_dq_kernel): one program per query block walks
-# the key blocks, like the forward. Each output tile has one owner: deterministic without atomics.
+#   dS₀ = dS ∘ (1 − tanh²(S₀/c))   (softcap: d/dx c·tanh(x/c) = 1 − tanh²(x/c); else dS₀ = dS)
+#   dQ = scale · dS₀ K,       dK = scale · dS₀ᵀ Q
+# GQA: dK/dV of K/V head hk are Σ over its GROUP query heads h = hk·GROUP + g of the above.
+# Pass 1 (_attn_bwd_dkdv_kernel): one program per (key block, K/V head) keeps K, V, dK, dV in registers
+# and walks, for each query head of the group in turn, the query blocks that can see it (a window
+# bounds them on both sides). Pass 2 (_attn_bwd_dq_kernel): one program per query block walks the key
+# blocks, like the forward. Each output tile has one owner and a fixed summation order:
+# deterministic without atomics.
 @triton.jit
 def _dkdv_inner(dk, dv, k, v, Q_ptr, DO_ptr, LSE_ptr, DELTA_ptr,
                 stride_qm, stride_qd, stride_dom, stride_dod,
-                cols, offs_m, offs_d, lo, hi, TQ, TK, causal_shift, qk_scale, seed, dropout_p,
-                HEAD_DIM: tl.constexpr, MASK: tl.constexpr, DROPOUT: tl.constexpr, IEEE: tl.constexpr,
+                cols, offs_m, offs_d, lo, hi, TQ, TK, causal_shift, window, qk_scale, cap2, seed, dropout_p,
+                HEAD_DIM: tl.constexpr, MASK: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
+                DROPOUT: tl.constexpr, IEEE: tl.constexpr,
                 EVEN_M: tl.constexpr, EVEN_D: tl.constexpr, LARGE: tl.constexpr, BLOCK_M: tl.constexpr):
     # Transposed tiles: sT/pT are (BLOCK_N keys, BLOCK_M queries). Rows past Tq load lse = +inf -> p = 0.
     for start_m in range(lo, hi, BLOCK_M):
@@ -215,10 +268,13 @@ def _dkdv_inner(dk, dv, k, v, Q_ptr, DO_ptr, LSE_ptr, DELTA_ptr,
         else:
             lse = tl.load(LSE_ptr + rows, mask=rows < TQ, other=float("inf"))
             delta = tl.load(DELTA_ptr + rows, mask=rows < TQ, other=0.0)
-        sT = _dot(k, qT, IEEE) * qk_scale
+        sT, tT = _scores(k, qT, qk_scale, cap2, SOFTCAP, IEEE)
         pT = tl.math.exp2(sT - lse[None, :])
         if MASK:
-            pT = tl.where(cols[:, None] <= rows[None, :] + causal_shift, pT, 0.0)
+            vis = cols[:, None] <= rows[None, :] + causal_shift
+            if WINDOW:
+                vis = vis & (cols[:, None] > rows[None, :] + (causal_shift - window))
+            pT = tl.where(vis, pT, 0.0)
         do = _load_tile(DO_ptr + rows_o[:, None] * stride_dom + offs_d[None, :] * stride_dod,
                         rows, TQ, offs_d, HEAD_DIM, EVEN_M, EVEN_D)  # (BLOCK_M, BLOCK_D)
         dpT = _dot(v, tl.trans(do), IEEE)  # (BLOCK_N, BLOCK_M)
@@ -230,76 +286,109 @@ def _dkdv_inner(dk, dv, k, v, Q_ptr, DO_ptr, LSE_ptr, DELTA_ptr,
         else:
             dv += _dot(pT.to(do.dtype), do, IEEE)
         dsT = pT * (dpT - delta[None, :])
+        if SOFTCAP:
+            dsT = dsT * (1.0 - tT * tT)
         dk += _dot(dsT.to(qT.dtype), tl.trans(qT), IEEE)
     return dk, dv
 
 
 @triton.jit
 def _attn_bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV, SEED,
+    Q, K, V, DO, LSE, DELTA, DK, DV, SEED, CU_Q, CU_K,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_dob, stride_doh, stride_dom, stride_dod,
     stride_dkb, stride_dkh, stride_dkn, stride_dkd,
     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
-    H, TQ, TK, qk_scale, sm_scale, dropout_p,
+    stride_lb, stride_lh,
+    H, GROUP, TQ, TK, qk_scale, cap2, window, sm_scale, dropout_p,
     T_BUCKET,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
+    WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, VARLEN: tl.constexpr,
     IEEE: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, EVEN_D: tl.constexpr,
     LARGE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     start_n = tl.program_id(0) * BLOCK_N
-    off_bh = tl.program_id(1)
-    off_b = (off_bh // H).to(tl.int64)
-    off_h = (off_bh % H).to(tl.int64)
+    off_bhk = tl.program_id(1)  # (batch or sequence) · Hk + K/V head
+    HK = H // GROUP
+    off_b = off_bhk // HK
+    off_hk = off_bhk % HK
+    q_start, seqlen_q, k_start, seqlen_k = _seq_bounds(CU_Q, CU_K, off_b, TQ, TK, VARLEN)
+    if start_n >= seqlen_k:  # varlen: past this sequence's keys
+        return
+    off_b = off_b.to(tl.int64)
+    off_hk = off_hk.to(tl.int64)
     cols = start_n + tl.arange(0, BLOCK_N)
     cols_o = cols.to(tl.int64) if LARGE else cols
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    k = _load_tile(K + off_b * stride_kb + off_h * stride_kh + cols_o[:, None] * stride_kn
-                   + offs_d[None, :] * stride_kd, cols, TK, offs_d, HEAD_DIM, EVEN_N, EVEN_D)
-    v = _load_tile(V + off_b * stride_vb + off_h * stride_vh + cols_o[:, None] * stride_vn
-                   + offs_d[None, :] * stride_vd, cols, TK, offs_d, HEAD_DIM, EVEN_N, EVEN_D)
-    Q_ptr = Q + off_b * stride_qb + off_h * stride_qh
-    DO_ptr = DO + off_b * stride_dob + off_h * stride_doh
-    LSE_ptr = LSE + off_bh.to(tl.int64) * TQ
-    DELTA_ptr = DELTA + off_bh.to(tl.int64) * TQ
-    seed = 0
-    if DROPOUT:
-        seed = tl.load(SEED) + off_bh
+    k = _load_tile(K + off_b * stride_kb + off_hk * stride_kh + k_start * stride_kn + cols_o[:, None] * stride_kn
+                   + offs_d[None, :] * stride_kd, cols, seqlen_k, offs_d, HEAD_DIM, EVEN_N, EVEN_D)
+    v = _load_tile(V + off_b * stride_vb + off_hk * stride_vh + k_start * stride_vn + cols_o[:, None] * stride_vn
+                   + offs_d[None, :] * stride_vd, cols, seqlen_k, offs_d, HEAD_DIM, EVEN_N, EVEN_D)
     dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
     dv = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
-    causal_shift = TK - TQ
+    causal_shift = seqlen_k - seqlen_q
+    # Query blocks, as for every head of the group: [lo, mid) masked (causal diagonal), [mid, w_mid)
+    # unmasked (rows that see every key of the block), [w_mid, hi) masked (window's far edge). Rows < lo
+    # see none of these keys (causal); rows >= hi none either (window): neither is visited.
     if CAUSAL:
-        # query rows < lo see none of these keys; rows >= mid see all of them
         lo = (tl.maximum(start_n - causal_shift, 0) // BLOCK_M) * BLOCK_M
         mid = tl.cdiv(tl.maximum(start_n + BLOCK_N - 1 - causal_shift, 0), BLOCK_M) * BLOCK_M
-        mid = tl.minimum(mid, TQ)
+        mid = tl.minimum(mid, seqlen_q)
+    else:
+        lo = 0
+        mid = 0
+    if WINDOW:
+        # key j is seen by row i iff i < j - shift + window; the last key of the block bounds hi
+        hi = tl.maximum(tl.minimum(start_n + BLOCK_N - 1 + window - causal_shift, seqlen_q), mid)
+        w_mid = tl.minimum(tl.maximum(((start_n + window - causal_shift) // BLOCK_M) * BLOCK_M, mid), hi)
+    else:
+        hi = seqlen_q
+        w_mid = seqlen_q
+    for g in range(0, GROUP):
+        off_h = off_hk * GROUP + g
+        Q_ptr = Q + off_b * stride_qb + off_h * stride_qh + q_start * stride_qm
+        DO_ptr = DO + off_b * stride_dob + off_h * stride_doh + q_start * stride_dom
+        LSE_ptr = LSE + off_b * stride_lb + off_h * stride_lh + q_start
+        DELTA_ptr = DELTA + off_b * stride_lb + off_h * stride_lh + q_start
+        if DROPOUT:
+            seed_g = tl.load(SEED) + (off_b * H + off_h).to(tl.int32)
+        else:
+            seed_g = 0
+        if CAUSAL:
+            dk, dv = _dkdv_inner(dk, dv, k, v, Q_ptr, DO_ptr, LSE_ptr, DELTA_ptr,
+                                 stride_qm, stride_qd, stride_dom, stride_dod, cols, offs_m, offs_d,
+                                 lo, mid, seqlen_q, seqlen_k, causal_shift, window, qk_scale, cap2, seed_g,
+                                 dropout_p, HEAD_DIM, True, WINDOW, SOFTCAP, DROPOUT, IEEE, EVEN_M, EVEN_D,
+                                 LARGE, BLOCK_M)
         dk, dv = _dkdv_inner(dk, dv, k, v, Q_ptr, DO_ptr, LSE_ptr, DELTA_ptr,
                              stride_qm, stride_qd, stride_dom, stride_dod, cols, offs_m, offs_d,
-                             lo, mid, TQ, TK, causal_shift, qk_scale, seed, dropout_p,
-                             HEAD_DIM, True, DROPOUT, IEEE, EVEN_M, EVEN_D, LARGE, BLOCK_M)
-    else:
-        mid = 0
-    dk, dv = _dkdv_inner(dk, dv, k, v, Q_ptr, DO_ptr, LSE_ptr, DELTA_ptr,
-                         stride_qm, stride_qd, stride_dom, stride_dod, cols, offs_m, offs_d,
-                         mid, TQ, TQ, TK, causal_shift, qk_scale, seed, dropout_p,
-                         HEAD_DIM, False, DROPOUT, IEEE, EVEN_M, EVEN_D, LARGE, BLOCK_M)
+                             mid, w_mid, seqlen_q, seqlen_k, causal_shift, window, qk_scale, cap2, seed_g,
+                             dropout_p, HEAD_DIM, False, WINDOW, SOFTCAP, DROPOUT, IEEE, EVEN_M, EVEN_D,
+                             LARGE, BLOCK_M)
+        if WINDOW:
+            dk, dv = _dkdv_inner(dk, dv, k, v, Q_ptr, DO_ptr, LSE_ptr, DELTA_ptr,
+                                 stride_qm, stride_qd, stride_dom, stride_dod, cols, offs_m, offs_d,
+                                 w_mid, hi, seqlen_q, seqlen_k, causal_shift, window, qk_scale, cap2, seed_g,
+                                 dropout_p, HEAD_DIM, True, WINDOW, SOFTCAP, DROPOUT, IEEE, EVEN_M, EVEN_D,
+                                 LARGE, BLOCK_M)
     dk = dk * sm_scale
-    _store_tile(DK + off_b * stride_dkb + off_h * stride_dkh + cols_o[:, None] * stride_dkn
-                + offs_d[None, :] * stride_dkd, dk.to(DK.dtype.element_ty), cols, TK, offs_d, HEAD_DIM,
+    _store_tile(DK + off_b * stride_dkb + off_hk * stride_dkh + k_start * stride_dkn + cols_o[:, None] * stride_dkn
+                + offs_d[None, :] * stride_dkd, dk.to(DK.dtype.element_ty), cols, seqlen_k, offs_d, HEAD_DIM,
                 EVEN_N, EVEN_D)
-    _store_tile(DV + off_b * stride_dvb + off_h * stride_dvh + cols_o[:, None] * stride_dvn
-                + offs_d[None, :] * stride_dvd, dv.to(DV.dtype.element_ty), cols, TK, offs_d, HEAD_DIM,
+    _store_tile(DV + off_b * stride_dvb + off_hk * stride_dvh + k_start * stride_dvn + cols_o[:, None] * stride_dvn
+                + offs_d[None, :] * stride_dvd, dv.to(DV.dtype.element_ty), cols, seqlen_k, offs_d, HEAD_DIM,
                 EVEN_N, EVEN_D)
 
 
 @triton.jit
 def _dq_inner(dq, q, do, lse, delta, K_ptr, V_ptr, stride_kn, stride_kd, stride_vn, stride_vd,
-              rows, offs_n, offs_d, lo, hi, TK, causal_shift, qk_scale, seed, dropout_p,
-              HEAD_DIM: tl.constexpr, MASK: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
-              IEEE: tl.constexpr, EVEN_D: tl.constexpr, LARGE: tl.constexpr, BLOCK_N: tl.constexpr):
+              rows, offs_n, offs_d, lo, hi, TK, causal_shift, window, qk_scale, cap2, seed, dropout_p,
+              HEAD_DIM: tl.constexpr, MASK: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
+              SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr, IEEE: tl.constexpr, EVEN_D: tl.constexpr,
+              LARGE: tl.constexpr, BLOCK_N: tl.constexpr):
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
         cols_o = cols.to(tl.int64) if LARGE else cols
@@ -307,77 +396,89 @@ def _dq_inner(dq, q, do, lse, delta, K_ptr, V_ptr, stride_kn, stride_kd, stride_
                         offs_d, HEAD_DIM, cols, TK, EVEN_D, not MASK)  # (BLOCK_D, BLOCK_N)
         vT = _load_tile(V_ptr + offs_d[:, None] * stride_vd + cols_o[None, :] * stride_vn,
                         offs_d, HEAD_DIM, cols, TK, EVEN_D, not MASK)
-        s = _dot(q, kT, IEEE) * qk_scale
+        s, t = _scores(q, kT, qk_scale, cap2, SOFTCAP, IEEE)
         p = tl.math.exp2(s - lse[:, None])
         if MASK:
-            visible = cols[None, :] < TK
-            if CAUSAL:
-                visible = visible & (cols[None, :] <= rows[:, None] + causal_shift)
-            p = tl.where(visible, p, 0.0)
+            p = tl.where(_visible(rows, cols, TK, causal_shift, window, CAUSAL, WINDOW), p, 0.0)
         dp = _dot(do, vT, IEEE)  # (BLOCK_M, BLOCK_N)
         if DROPOUT:
             keep = _dropout_keep(seed, rows[:, None] * TK + cols[None, :], dropout_p)
             dp = tl.where(keep, dp * (1.0 / (1.0 - dropout_p)), 0.0)
         ds = p * (dp - delta[:, None])
+        if SOFTCAP:
+            ds = ds * (1.0 - t * t)
         dq += _dot(ds.to(kT.dtype), tl.trans(kT), IEEE)
     return dq
 
 
 @triton.jit
 def _attn_bwd_dq_kernel(
-    Q, K, V, DO, LSE, DELTA, DQ, SEED,
+    Q, K, V, DO, LSE, DELTA, DQ, SEED, CU_Q, CU_K,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_dob, stride_doh, stride_dom, stride_dod,
     stride_dqb, stride_dqh, stride_dqm, stride_dqd,
-    H, TQ, TK, qk_scale, sm_scale, dropout_p,
+    stride_lb, stride_lh,
+    H, GROUP, TQ, TK, qk_scale, cap2, window, sm_scale, dropout_p,
     T_BUCKET,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
+    WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, VARLEN: tl.constexpr,
     IEEE: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, EVEN_D: tl.constexpr,
     LARGE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     start_m = tl.program_id(0) * BLOCK_M
     off_bh = tl.program_id(1)
-    off_b = (off_bh // H).to(tl.int64)
-    off_h = (off_bh % H).to(tl.int64)
+    off_b = off_bh // H
+    off_h = off_bh % H
+    q_start, seqlen_q, k_start, seqlen_k = _seq_bounds(CU_Q, CU_K, off_b, TQ, TK, VARLEN)
+    if start_m >= seqlen_q:
+        return
+    off_b = off_b.to(tl.int64)
+    off_hk = (off_h // GROUP).to(tl.int64)
+    off_h = off_h.to(tl.int64)
     rows = start_m + tl.arange(0, BLOCK_M)
     rows_o = rows.to(tl.int64) if LARGE else rows
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    q = _load_tile(Q + off_b * stride_qb + off_h * stride_qh + rows_o[:, None] * stride_qm
-                   + offs_d[None, :] * stride_qd, rows, TQ, offs_d, HEAD_DIM, EVEN_M, EVEN_D)
-    do = _load_tile(DO + off_b * stride_dob + off_h * stride_doh + rows_o[:, None] * stride_dom
-                    + offs_d[None, :] * stride_dod, rows, TQ, offs_d, HEAD_DIM, EVEN_M, EVEN_D)
+    q = _load_tile(Q + off_b * stride_qb + off_h * stride_qh + q_start * stride_qm + rows_o[:, None] * stride_qm
+                   + offs_d[None, :] * stride_qd, rows, seqlen_q, offs_d, HEAD_DIM, EVEN_M, EVEN_D)
+    do = _load_tile(DO + off_b * stride_dob + off_h * stride_doh + q_start * stride_dom
+                    + rows_o[:, None] * stride_dom + offs_d[None, :] * stride_dod,
+                    rows, seqlen_q, offs_d, HEAD_DIM, EVEN_M, EVEN_D)
+    LSE_ptr = LSE + off_b * stride_lb + off_h * stride_lh + q_start
+    DELTA_ptr = DELTA + off_b * stride_lb + off_h * stride_lh + q_start
     if EVEN_M:
-        lse = tl.load(LSE + off_bh.to(tl.int64) * TQ + rows)
-        delta = tl.load(DELTA + off_bh.to(tl.int64) * TQ + rows)
+        lse = tl.load(LSE_ptr + rows)
+        delta = tl.load(DELTA_ptr + rows)
     else:
-        lse = tl.load(LSE + off_bh.to(tl.int64) * TQ + rows, mask=rows < TQ, other=float("inf"))
-        delta = tl.load(DELTA + off_bh.to(tl.int64) * TQ + rows, mask=rows < TQ, other=0.0)
-    K_ptr = K + off_b * stride_kb + off_h * stride_kh
-    V_ptr = V + off_b * stride_vb + off_h * stride_vh
+        lse = tl.load(LSE_ptr + rows, mask=rows < seqlen_q, other=float("inf"))
+        delta = tl.load(DELTA_ptr + rows, mask=rows < seqlen_q, other=0.0)
+    K_ptr = K + off_b * stride_kb + off_hk * stride_kh + k_start * stride_kn
+    V_ptr = V + off_b * stride_vb + off_hk * stride_vh + k_start * stride_vn
     seed = 0
     if DROPOUT:
         seed = tl.load(SEED) + off_bh
     dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
-    causal_shift = TK - TQ
-    if CAUSAL:
-        lo = (tl.maximum(start_m + causal_shift + 1, 0) // BLOCK_N) * BLOCK_N
-        hi = tl.maximum(tl.minimum(start_m + BLOCK_M + causal_shift, TK), 0)
-    else:
-        lo = (TK // BLOCK_N) * BLOCK_N
-        hi = TK
+    causal_shift = seqlen_k - seqlen_q
+    w_lo, w_full, lo, hi = _key_ranges(start_m, seqlen_k, causal_shift, window, CAUSAL, WINDOW,
+                                       BLOCK_M, BLOCK_N)
+    if WINDOW:
+        dq = _dq_inner(dq, q, do, lse, delta, K_ptr, V_ptr, stride_kn, stride_kd, stride_vn, stride_vd,
+                       rows, offs_n, offs_d, w_lo, w_full, seqlen_k, causal_shift, window, qk_scale, cap2,
+                       seed, dropout_p, HEAD_DIM, True, CAUSAL, WINDOW, SOFTCAP, DROPOUT, IEEE, EVEN_D,
+                       LARGE, BLOCK_N)
     dq = _dq_inner(dq, q, do, lse, delta, K_ptr, V_ptr, stride_kn, stride_kd, stride_vn, stride_vd,
-                   rows, offs_n, offs_d, 0, lo, TK, causal_shift, qk_scale, seed, dropout_p,
-                   HEAD_DIM, False, CAUSAL, DROPOUT, IEEE, EVEN_D, LARGE, BLOCK_N)
+                   rows, offs_n, offs_d, w_full, lo, seqlen_k, causal_shift, window, qk_scale, cap2, seed,
+                   dropout_p, HEAD_DIM, False, CAUSAL, WINDOW, SOFTCAP, DROPOUT, IEEE, EVEN_D, LARGE, BLOCK_N)
     if (not EVEN_N) or CAUSAL:
         dq = _dq_inner(dq, q, do, lse, delta, K_ptr, V_ptr, stride_kn, stride_kd, stride_vn, stride_vd,
-                       rows, offs_n, offs_d, lo, hi, TK, causal_shift, qk_scale, seed, dropout_p,
-                       HEAD_DIM, True, CAUSAL, DROPOUT, IEEE, EVEN_D, LARGE, BLOCK_N)
+                       rows, offs_n, offs_d, lo, hi, seqlen_k, causal_shift, window, qk_scale, cap2, seed,
+                       dropout_p, HEAD_DIM, True, CAUSAL, WINDOW, SOFTCAP, DROPOUT, IEEE, EVEN_D, LARGE,
+                       BLOCK_N)
     dq = dq * sm_scale
-    _store_tile(DQ + off_b * stride_dqb + off_h * stride_dqh + rows_o[:, None] * stride_dqm
-                + offs_d[None, :] * stride_dqd, dq.to(DQ.dtype.element_ty), rows, TQ, offs_d, HEAD_DIM,
+    _store_tile(DQ + off_b * stride_dqb + off_h * stride_dqh + q_start * stride_dqm + rows_o[:, None] * stride_dqm
+                + offs_d[None, :] * stride_dqd, dq.to(DQ.dtype.element_ty), rows, seqlen_q, offs_d, HEAD_DIM,
                 EVEN_M, EVEN_D)
 
 
@@ -466,7 +567,8 @@ _DQ_TABLE_FP32 = [] if not hasattr(triton, "Config") else [
 _FWD_CONFIGS = [c for c, _ in _FWD_TABLE]
 _DKDV_CONFIGS = [c for c, _ in _DKDV_TABLE]
 _DQ_CONFIGS = [c for c, _ in _DQ_TABLE]
-_KEY = ["HEAD_DIM", "CAUSAL", "DROPOUT", "T_BUCKET", "stride_qm", "stride_kn", "EVEN_M", "EVEN_N", "LARGE"]
+_KEY = ["HEAD_DIM", "CAUSAL", "DROPOUT", "T_BUCKET", "stride_qm", "stride_kn", "EVEN_M", "EVEN_N", "LARGE",
+        "WINDOW", "SOFTCAP", "VARLEN"]
 
 
 def _candidates(table, table_fp32):
@@ -500,16 +602,18 @@ def _t_bucket(t: int) -> int:
     return min(max(next_power_of_2(t), 256), 16384)
 
 
-def _strides(t: torch.Tensor) -> tuple[int, int, int, int]:
-    return tuple(t.stride())
-
-
-def _common_meta(q, k, causal, dropout_p):
-    B, H, Tq, D = q.shape
-    Tk = k.shape[2]
+def _meta(D, dtype, causal, dropout_p, window, softcap, varlen):
     BLOCK_D = max(16, next_power_of_2(D))
     return dict(HEAD_DIM=D, BLOCK_D=BLOCK_D, CAUSAL=bool(causal), DROPOUT=dropout_p > 0.0,
-                IEEE=q.dtype == torch.float32, EVEN_D=BLOCK_D == D), B, H, Tq, Tk
+                WINDOW=window > 0, SOFTCAP=softcap > 0.0, VARLEN=varlen,
+                IEEE=dtype == torch.float32, EVEN_D=BLOCK_D == D)
+
+
+def _score_scales(softmax_scale: float, softcap: float) -> tuple[float, float]:
+    """(qk_scale, cap2) of the kernels' ``_scores``: log2-domain scores, or the softcap's two factors."""
+    if softcap > 0.0:
+        return softmax_scale / softcap, softcap * LOG2E
+    return softmax_scale * LOG2E, 1.0
 
 
 def _even(Tq, Tk, blocks):
@@ -518,20 +622,83 @@ def _even(Tq, Tk, blocks):
     return Tq % blocks["BLOCK_M"] == 0, Tk % blocks["BLOCK_N"] == 0
 
 
+def _bhmd(t: torch.Tensor, varlen: bool) -> tuple[int, int, int, int]:
+    """Strides as the kernels index them, (batch, head, row, dim): a packed (total, H, D) tensor has
+    no batch stride (its sequences are offsets along the rows)."""
+    return (0, t.stride(1), t.stride(0), t.stride(2)) if varlen else tuple(t.stride())
+
+
+def _fwd(q, k, v, o, lse, seed, cu_q, cu_k, nb, Tq, Tk, causal, softmax_scale, dropout_p, window, softcap):
+    # One launch of the forward; dense: nb = B, Tq/Tk the lengths; varlen: nb = sequences, Tq/Tk the
+    # max_seqlens (grid size; each program reads its sequence's bounds from cu_q/cu_k).
+    varlen = cu_q is not None
+    H, Hk, D = q.shape[1], k.shape[1], q.shape[-1]
+    meta = _meta(D, q.dtype, causal, dropout_p, window, softcap, varlen)
+    if varlen:
+        even_m = even_n = False
+        large = needs_int64(q, k, v, o)
+        lse_strides = (0, lse.stride(0))
+    else:
+        even_m, even_n = _even(Tq, Tk, _INTERPRET_FWD if INTERPRETED else None)
+        large = needs_int64(q, k, v, o, start_dim=2)
+        lse_strides = (lse.stride(0), lse.stride(1))
+    meta.update(EVEN_M=even_m, EVEN_N=even_n, LARGE=large)
+    qk_scale, cap2 = _score_scales(softmax_scale, softcap)
+    args = (q, k, v, o, lse, lse if seed is None else seed, lse if cu_q is None else cu_q,
+            lse if cu_k is None else cu_k,
+            *_bhmd(q, varlen), *_bhmd(k, varlen), *_bhmd(v, varlen), *_bhmd(o, varlen), *lse_strides,
+            H, H // Hk, Tq, Tk, qk_scale, cap2, window, dropout_p, _t_bucket(max(Tq, Tk)))
+    launch(_attn_fwd_kernel, lambda m: (triton.cdiv(Tq, m["BLOCK_M"]), nb * H), args, meta,
+           tuned=_attn_fwd_tuned, interpret=_INTERPRET_FWD)
+
+
+def _bwd(do, q, k, v, o, lse, seed, dq, dk, dv, cu_q, cu_k, nb, Tq, Tk, causal, softmax_scale, dropout_p,
+         window, softcap):
+    # The three backward launches (delta, dK/dV, dQ) into dq, dk, dv; nb/Tq/Tk as in _fwd.
+    varlen = cu_q is not None
+    H, Hk, D = q.shape[1], k.shape[1], q.shape[-1]
+    meta = _meta(D, q.dtype, causal, dropout_p, window, softcap, varlen)
+    if varlen:
+        large = needs_int64(q, k, v, o, do)
+        o4, do4 = o.permute(1, 0, 2).unsqueeze(0), do.permute(1, 0, 2).unsqueeze(0)  # (1, H, total_q, D)
+        lse_strides = (0, lse.stride(0))
+    else:
+        large = needs_int64(q, k, v, o, do, start_dim=2)
+        o4, do4 = o, do
+        lse_strides = (lse.stride(0), lse.stride(1))
+    nb4, _, T4, _ = o4.shape
+    delta = torch.empty((nb4, H, T4), dtype=torch.float32, device=q.device)
+    launch(_bwd_preprocess_kernel, lambda m: (triton.cdiv(T4, m["BLOCK_M"]), nb4 * H),
+           (o4, do4, delta, *o4.stride(), *do4.stride(), H, T4),
+           dict(HEAD_DIM=D, BLOCK_D=meta["BLOCK_D"], EVEN_D=meta["EVEN_D"], LARGE=large,
+                BLOCK_M=64, num_warps=4), interpret=_INTERPRET_PRE)
+    qk_scale, cap2 = _score_scales(softmax_scale, softcap)
+    seed_arg = lse if seed is None else seed
+    cu_args = (lse if cu_q is None else cu_q, lse if cu_k is None else cu_k)
+    common = (*lse_strides, H, H // Hk, Tq, Tk, qk_scale, cap2, window, softmax_scale, dropout_p,
+              _t_bucket(max(Tq, Tk)))
+    strides = (*_bhmd(q, varlen), *_bhmd(k, varlen), *_bhmd(v, varlen), *_bhmd(do, varlen))
+
+    even_m, even_n = (False, False) if varlen else _even(Tq, Tk, _INTERPRET_DKDV if INTERPRETED else None)
+    launch(_attn_bwd_dkdv_kernel, lambda m: (triton.cdiv(Tk, m["BLOCK_N"]), nb * Hk),
+           (q, k, v, do, lse, delta, dk, dv, seed_arg, *cu_args, *strides, *_bhmd(dk, varlen),
+            *_bhmd(dv, varlen), *common), dict(meta, EVEN_M=even_m, EVEN_N=even_n, LARGE=large),
+           tuned=_attn_bwd_dkdv_tuned, interpret=_INTERPRET_DKDV)
+
+    even_m, even_n = (False, False) if varlen else _even(Tq, Tk, _INTERPRET_DQ if INTERPRETED else None)
+    launch(_attn_bwd_dq_kernel, lambda m: (triton.cdiv(Tq, m["BLOCK_M"]), nb * H),
+           (q, k, v, do, lse, delta, dq, seed_arg, *cu_args, *strides, *_bhmd(dq, varlen), *common),
+           dict(meta, EVEN_M=even_m, EVEN_N=even_n, LARGE=large),
+           tuned=_attn_bwd_dq_tuned, interpret=_INTERPRET_DQ)
+
+
 # ---------------------------------------------------------------------------------------------------
 # Launchers
 # ---------------------------------------------------------------------------------------------------
 
-def _not_yet(k, q, window_size, softcap):
-    if k.shape[1] != q.shape[1] or window_size > 0 or softcap > 0.0:
-        raise NotImplementedError("the Triton attention kernels do not support GQA, window_size or softcap "
-                                  "yet (the PyTorch fallback does: TRITON_INTERPRET=0 on CPU)")
-
-
 def _attn_fwd_launch(q, k, v, seed, causal, softmax_scale, dropout_p, window_size=0, softcap=0.0):
-    _not_yet(k, q, window_size, softcap)
-    meta, B, H, Tq, Tk = _common_meta(q, k, causal, dropout_p)
-    D = q.shape[-1]
+    B, H, Tq, D = q.shape
+    Tk = k.shape[2]
     # (B, Tq, H, D) storage: merging heads afterwards ((B, H, T, D) -> (B, T, H*D)) is a free view.
     o = torch.empty((B, Tq, H, D), dtype=q.dtype, device=q.device).transpose(1, 2)
     lse = torch.empty((B, H, Tq), dtype=torch.float32, device=q.device)
@@ -539,46 +706,20 @@ def _attn_fwd_launch(q, k, v, seed, causal, softmax_scale, dropout_p, window_siz
         return o, lse
     if Tk == 0:  # nothing to attend to
         return o.zero_(), lse.fill_(float("inf"))
-    even_m, even_n = _even(Tq, Tk, _INTERPRET_FWD if INTERPRETED else None)
-    meta.update(EVEN_M=even_m, EVEN_N=even_n, LARGE=needs_int64(q, k, v, o, start_dim=2))
-    args = (q, k, v, o, lse, seed if seed is not None else lse,
-            *_strides(q), *_strides(k), *_strides(v), *_strides(o),
-            H, Tq, Tk, softmax_scale * LOG2E, dropout_p, _t_bucket(max(Tq, Tk)))
-    launch(_attn_fwd_kernel, lambda m: (triton.cdiv(Tq, m["BLOCK_M"]), B * H), args, meta,
-           tuned=_attn_fwd_tuned, interpret=_INTERPRET_FWD)
+    _fwd(q, k, v, o, lse, seed, None, None, B, Tq, Tk, causal, softmax_scale, dropout_p, window_size, softcap)
     return o, lse
 
 
 def _attn_bwd_launch(do, q, k, v, o, lse, seed, causal, softmax_scale, dropout_p, window_size=0, softcap=0.0):
-    _not_yet(k, q, window_size, softcap)
-    meta, B, H, Tq, Tk = _common_meta(q, k, causal, dropout_p)
+    B, H, Tq, D = q.shape
+    Tk = k.shape[2]
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
     if dq.numel() == 0 or dk.numel() == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
-    large = needs_int64(q, k, v, o, do, start_dim=2)
-    delta = torch.empty((B, H, Tq), dtype=torch.float32, device=q.device)
-    launch(_bwd_preprocess_kernel, lambda m: (triton.cdiv(Tq, m["BLOCK_M"]), B * H),
-           (o, do, delta, *_strides(o), *_strides(do), H, Tq),
-           dict(HEAD_DIM=meta["HEAD_DIM"], BLOCK_D=meta["BLOCK_D"], EVEN_D=meta["EVEN_D"], LARGE=large,
-                BLOCK_M=64, num_warps=4), interpret=_INTERPRET_PRE)
-    seed_arg = seed if seed is not None else lse
-    common = (H, Tq, Tk, softmax_scale * LOG2E, softmax_scale, dropout_p, _t_bucket(max(Tq, Tk)))
-
-    even_m, even_n = _even(Tq, Tk, _INTERPRET_DKDV if INTERPRETED else None)
-    meta_kv = dict(meta, EVEN_M=even_m, EVEN_N=even_n, LARGE=large)
-    launch(_attn_bwd_dkdv_kernel, lambda m: (triton.cdiv(Tk, m["BLOCK_N"]), B * H),
-           (q, k, v, do, lse, delta, dk, dv, seed_arg, *_strides(q), *_strides(k), *_strides(v),
-            *_strides(do), *_strides(dk), *_strides(dv), *common), meta_kv,
-           tuned=_attn_bwd_dkdv_tuned, interpret=_INTERPRET_DKDV)
-
-    even_m, even_n = _even(Tq, Tk, _INTERPRET_DQ if INTERPRETED else None)
-    meta_q = dict(meta, EVEN_M=even_m, EVEN_N=even_n, LARGE=large)
-    launch(_attn_bwd_dq_kernel, lambda m: (triton.cdiv(Tq, m["BLOCK_M"]), B * H),
-           (q, k, v, do, lse, delta, dq, seed_arg, *_strides(q), *_strides(k), *_strides(v),
-            *_strides(do), *_strides(dq), *common), meta_q,
-           tuned=_attn_bwd_dq_tuned, interpret=_INTERPRET_DQ)
+    _bwd(do, q, k, v, o, lse, seed, dq, dk, dv, None, None, B, Tq, Tk, causal, softmax_scale, dropout_p,
+         window_size, softcap)
     return dq, dk, dv
 
 
@@ -624,13 +765,28 @@ def _flash_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seed
 # Varlen (packed sequences): q (total_q, H, D), k/v (total_k, Hk, D), cu_seqlens int32 (n+1,).
 def _varlen_fwd_launch(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seed, causal,
                        softmax_scale, dropout_p, window_size=0, softcap=0.0):
-    raise NotImplementedError("the Triton varlen attention kernels are not there yet (the PyTorch "
-                              "fallback is: TRITON_INTERPRET=0 on CPU)")
+    total_q, H, D = q.shape
+    n = cu_seqlens_q.shape[0] - 1
+    o = torch.zeros((total_q, H, D), dtype=q.dtype, device=q.device)  # rows outside every sequence: 0
+    lse = torch.full((H, total_q), float("inf"), dtype=torch.float32, device=q.device)
+    if o.numel() == 0 or n == 0 or max_seqlen_q == 0 or k.shape[0] == 0 or max_seqlen_k == 0:
+        return o, lse
+    _fwd(q, k, v, o, lse, seed, cu_seqlens_q, cu_seqlens_k, n, max_seqlen_q, max_seqlen_k, causal,
+         softmax_scale, dropout_p, window_size, softcap)
+    return o, lse
 
 
 def _varlen_bwd_launch(do, q, k, v, o, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seed,
                        causal, softmax_scale, dropout_p, window_size=0, softcap=0.0):
-    raise NotImplementedError("the Triton varlen attention kernels are not there yet")
+    n = cu_seqlens_q.shape[0] - 1
+    dq = torch.zeros(q.shape, dtype=q.dtype, device=q.device)  # rows outside every sequence: 0
+    dk = torch.zeros(k.shape, dtype=k.dtype, device=k.device)
+    dv = torch.zeros(v.shape, dtype=v.dtype, device=v.device)
+    if dq.numel() == 0 or dk.numel() == 0 or n == 0 or max_seqlen_q == 0 or max_seqlen_k == 0:
+        return dq, dk, dv
+    _bwd(do, q, k, v, o, lse, seed, dq, dk, dv, cu_seqlens_q, cu_seqlens_k, n, max_seqlen_q, max_seqlen_k,
+         causal, softmax_scale, dropout_p, window_size, softcap)
+    return dq, dk, dv
 
 
 def _varlen_fwd_ref(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seed, causal,

@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 
 from . import reference as ref
-from ._blocks import _dot, _load_tile, _online_softmax_step
+from ._blocks import _dot, _load_tile, _online_softmax_step, _scores
 from ._utils import (
     INTERPRETED,
     LOG2E,
@@ -47,7 +47,10 @@ MAX_DECODE_QUERIES = 64
 # Kernels
 # ---------------------------------------------------------------------------------------------------
 
-# Split kernel, program (split s, batch·head bh), keys [s·CHUNK, min((s+1)·CHUNK, L)) in the log2 domain:
+# Split kernel, program (split s, batch·head bh), keys [base + s·CHUNK, min(base + (s+1)·CHUNK, L)) in the
+# log2 domain (base = 0; with a window W, base = max(L - Tq - W + 1, 0), the first key any new token
+# sees, so only the last W + Tq - 1 cached keys are read and the splits cover just them):
+#   s_tj = q_t k_jᵀ · scale · log2 e  (softcap c: c · log2 e · tanh(q_t k_jᵀ · scale / c)),
 #   m = max_j s_tj,  l = Σ_j exp2(s_tj - m),  o_part = Σ_j exp2(s_tj - m) v_j / l,  lse_part = m + log2 l
 # (lse_part = -inf and o_part = 0 for an empty chunk or a query that sees none of its keys).
 @triton.jit
@@ -56,14 +59,17 @@ def _decode_split_kernel(
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
-    stride_sl, H, TQ, TMAX, CHUNK, NUM_SPLITS, qk_scale,
+    stride_sl, H, GROUP, TQ, TMAX, CHUNK, NUM_SPLITS, qk_scale, cap2, window,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, IEEE: tl.constexpr,
+    WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
     LARGE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     split = tl.program_id(0)
     off_bh = tl.program_id(1)
     off_b = (off_bh // H).to(tl.int64)
-    off_h = (off_bh % H).to(tl.int64)
+    off_h = off_bh % H
+    off_hk = (off_h // GROUP).to(tl.int64)  # GQA: the cache head of this query head, no copy
+    off_h = off_h.to(tl.int64)
     # Lengths are clamped to [0, Tmax] (in their own int32/int64 type, before narrowing): a length past
     # the cache never reads past it, and no host sync is needed to check it (CUDA-graph safe).
     L = tl.load(SEQLENS + off_b * stride_sl)
@@ -73,10 +79,13 @@ def _decode_split_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     q = _load_tile(Q + off_b * stride_qb + off_h * stride_qh + rows[:, None] * stride_qm
                    + offs_d[None, :] * stride_qd, rows, TQ, offs_d, HEAD_DIM, False, EVEN_D)
-    K_ptr = K + off_b * stride_kb + off_h * stride_kh
-    V_ptr = V + off_b * stride_vb + off_h * stride_vh
+    K_ptr = K + off_b * stride_kb + off_hk * stride_kh
+    V_ptr = V + off_b * stride_vb + off_hk * stride_vh
     last_visible = L - TQ + rows  # position of new token t; it sees keys <= that
-    start = split * CHUNK
+    if WINDOW:  # ... and > that - window: keys before the first token's window are never read
+        start = tl.maximum(L - TQ - window + 1, 0) + split * CHUNK
+    else:
+        start = split * CHUNK
     end = tl.minimum(start + CHUNK, L)
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
@@ -86,8 +95,10 @@ def _decode_split_kernel(
         cols_o = cols.to(tl.int64) if LARGE else cols
         kT = _load_tile(K_ptr + offs_d[:, None] * stride_kd + cols_o[None, :] * stride_kn,
                         offs_d, HEAD_DIM, cols, end, EVEN_D, False)  # (BLOCK_D, BLOCK_N)
-        s = _dot(q, kT, IEEE) * qk_scale
+        s, _t = _scores(q, kT, qk_scale, cap2, SOFTCAP, IEEE)
         visible = (cols[None, :] < end) & (cols[None, :] <= last_visible[:, None])
+        if WINDOW:
+            visible = visible & (cols[None, :] > last_visible[:, None] - window)
         s = tl.where(visible, s, float("-inf"))
         p, alpha, l_i, m_new = _online_softmax_step(s, m_i, l_i)
         v = _load_tile(V_ptr + cols_o[:, None] * stride_vn + offs_d[None, :] * stride_vd,
@@ -152,10 +163,8 @@ def num_splits_for(batch_heads: int, tmax: int, device: torch.device, block_n: i
 
 
 def _decode_launch(q, k_cache, v_cache, cache_seqlens, softmax_scale, window_size=0, softcap=0.0):
-    if k_cache.shape[1] != q.shape[1] or window_size > 0 or softcap > 0.0:
-        raise NotImplementedError("the Triton decode kernel does not support GQA, window_size or softcap "
-                                  "yet (the PyTorch fallback does: TRITON_INTERPRET=0 on CPU)")
     B, H, Tq, D = q.shape
+    Hk = k_cache.shape[1]
     Tmax = k_cache.shape[2]
     out = torch.empty((B, Tq, H, D), dtype=q.dtype, device=q.device).transpose(1, 2)  # (B, H, Tq, D)
     if out.numel() == 0:
@@ -165,16 +174,20 @@ def _decode_launch(q, k_cache, v_cache, cache_seqlens, softmax_scale, window_siz
     BLOCK_N = _BLOCK_N_INTERPRET if INTERPRETED else _BLOCK_N_CUDA
     BLOCK_M = max(16, next_power_of_2(Tq))
     BLOCK_D = max(16, next_power_of_2(D))
-    splits = num_splits_for(B * H, Tmax, q.device, BLOCK_N)
-    chunk = triton.cdiv(triton.cdiv(Tmax, splits), BLOCK_N) * BLOCK_N
-    splits = triton.cdiv(Tmax, chunk)
+    # keys a row can need: all Tmax, or with a window the W + Tq - 1 from its first token's window start
+    span = min(Tmax, window_size + Tq - 1) if window_size > 0 else Tmax
+    splits = num_splits_for(B * H, span, q.device, BLOCK_N)
+    chunk = triton.cdiv(triton.cdiv(span, splits), BLOCK_N) * BLOCK_N
+    splits = triton.cdiv(span, chunk)
+    qk_scale, cap2 = (softmax_scale / softcap, softcap * LOG2E) if softcap > 0.0 else (softmax_scale * LOG2E, 1.0)
     o_part = torch.empty((B * H, splits, BLOCK_M, BLOCK_D), dtype=torch.float32, device=q.device)
     lse_part = torch.empty((B * H, splits, BLOCK_M), dtype=torch.float32, device=q.device)
     launch(_decode_split_kernel, (splits, B * H),
            (q, k_cache, v_cache, cache_seqlens, o_part, lse_part,
             *q.stride(), *k_cache.stride(), *v_cache.stride(),
-            cache_seqlens.stride(0), H, Tq, Tmax, chunk, splits, softmax_scale * LOG2E),
+            cache_seqlens.stride(0), H, H // Hk, Tq, Tmax, chunk, splits, qk_scale, cap2, window_size),
            dict(HEAD_DIM=D, BLOCK_D=BLOCK_D, EVEN_D=BLOCK_D == D, IEEE=q.dtype == torch.float32,
+                WINDOW=window_size > 0, SOFTCAP=softcap > 0.0,
                 LARGE=needs_int64(k_cache, v_cache, start_dim=2), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
                 **({"num_warps": 1} if INTERPRETED else {"num_warps": 4, "num_stages": 3})))
     launch(_decode_combine_kernel, (B * H,), (o_part, lse_part, out, *out.stride(), H, Tq, splits),

@@ -381,7 +381,11 @@ def decode_attention_ref(q, k_cache, v_cache, cache_seqlens, softmax_scale: floa
     L = cache_seqlens.to(torch.long).clamp(0, Tmax).reshape(B, 1, 1, 1)
     j = torch.arange(Tmax, device=q.device).view(1, 1, 1, Tmax)
     t = torch.arange(Tq, device=q.device).view(1, 1, Tq, 1)
-    k = torch.where((j < L).transpose(-2, -1), k_cache.to(dt), 0.0)  # unused slots -> 0 (NaN-safe)
+    used = j < L  # slots a new token may read: the valid prefix, with a window only its last W + Tq - 1
+    if window_size > 0:
+        used = used & (j > L - Tq - window_size)
+    used = used.transpose(-2, -1)
+    k = torch.where(used, k_cache.to(dt), 0.0)  # unread slots -> 0 (NaN-safe, as the kernel never loads them)
     s = (q.to(dt) @ k.transpose(-2, -1)) * scale  # (B, H, Tq, Tmax)
     if softcap > 0.0:
         s = softcap * torch.tanh(s / softcap)
@@ -391,7 +395,7 @@ def decode_attention_ref(q, k_cache, v_cache, cache_seqlens, softmax_scale: floa
         allowed = allowed & (j > pos - window_size)
     s = s.masked_fill(~allowed, float("-inf"))
     p = torch.softmax(s, dim=-1).nan_to_num(0.0)
-    v = torch.where((j < L).transpose(-2, -1), v_cache.to(dt), 0.0)  # (B, H, Tmax, D); unused slots -> 0
+    v = torch.where(used, v_cache.to(dt), 0.0)  # (B, H, Tmax, D); unread slots -> 0
     return (p @ v).to(q.dtype)
 
 

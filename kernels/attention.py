@@ -1,7 +1,7 @@
 """Fused causal flash attention, forward and backward, in Triton (FlashAttention-2 algorithm).
 
-``flash_attention(q, k, v, causal=True, softmax_scale=None, dropout_p=0.0, deterministic=False)``:
-q ``(B, H, Tq, D)``, k/v ``(B, H, Tk, D)``, any strides (q, k, v may be transposed views of one fused
+``flash_attention(q, k, v, causal=True, softmax_scale=None, dropout_p=0.0, deterministic=False,
+window_size=None, softcap=0.0)``: q ``(B, H, Tq, D)``, k/v ``(B, Hk, Tk, D)`` (``H % Hk == 0``), any strides (q, k, v may be transposed views of one fused
 QKV projection: no copy), any lengths (masked tails; the fast path skips masks where the lengths divide
 the block), head_dim 16..128 including 80 and 96 (padded to a power of two in registers), fp32 (IEEE
 dot products, no TF32), fp16 and bf16 with fp32 accumulation and statistics.
@@ -16,6 +16,17 @@ dot products, no TF32), fp16 and bf16 with fp32 accumulation and statistics.
   (seed + batch·head, query·Tk + key); the backward regenerates exactly the same mask from the seed.
 * The backward is two passes that each own their output tile (dK/dV per key block, dQ per query block):
   no atomics, so gradients are bit-identical run to run whatever ``deterministic`` says.
+* GQA/MQA: query head h reads K/V head ``h // (H // Hk)`` by pointer arithmetic (no repeated copy).
+  The dK/dV pass runs one program per (key block, K/V head) that walks the query blocks of every query
+  head of its group in turn, accumulating in registers: dK/dV in k/v's shape, deterministic, no atomics.
+* Sliding window ``W`` (causal): each query block computes the key-block range its rows' windows
+  cover, and each key block of the dK/dV pass the query-block range that sees it; blocks outside are
+  never visited (O(T·W) work), blocks cut by the window edge are masked, the rest run mask-free.
+* Softcap ``c``: scores ``c · tanh(s / c)`` before masking/softmax; the backward recomputes tanh and
+  multiplies dS by ``1 - tanh²``.
+* ``flash_attention_varlen``: packed ``(total, H, D)`` sequences; the same kernels with ``VARLEN``:
+  grid (max_seqlen blocks, sequences × heads), each program loads its sequence's offsets from the
+  int32 ``cu_seqlens`` (no host sync) and exits when its block lies past the sequence's length.
 * Element offsets of each (batch, head) slice are int64; row offsets inside a slice switch to int64
   (``LARGE``) when a slice spans more than 2**31 elements.
 
@@ -628,9 +639,10 @@ def _bhmd(t: torch.Tensor, varlen: bool) -> tuple[int, int, int, int]:
     return (0, t.stride(1), t.stride(0), t.stride(2)) if varlen else tuple(t.stride())
 
 
-def _fwd(q, k, v, o, lse, seed, cu_q, cu_k, nb, Tq, Tk, causal, softmax_scale, dropout_p, window, softcap):
-    # One launch of the forward; dense: nb = B, Tq/Tk the lengths; varlen: nb = sequences, Tq/Tk the
-    # max_seqlens (grid size; each program reads its sequence's bounds from cu_q/cu_k).
+def _fwd_call(q, k, v, o, lse, seed, cu_q, cu_k, nb, Tq, Tk, causal, softmax_scale, dropout_p, window, softcap):
+    """(grid, args, meta) of the forward kernel: the launcher's one source of its arguments (the GPU
+    compile gate binds the same). Dense: nb = B, Tq/Tk the lengths; varlen: nb = sequences, Tq/Tk the
+    max_seqlens (grid size; each program reads its sequence's bounds from cu_q/cu_k)."""
     varlen = cu_q is not None
     H, Hk, D = q.shape[1], k.shape[1], q.shape[-1]
     meta = _meta(D, q.dtype, causal, dropout_p, window, softcap, varlen)
@@ -648,13 +660,18 @@ def _fwd(q, k, v, o, lse, seed, cu_q, cu_k, nb, Tq, Tk, causal, softmax_scale, d
             lse if cu_k is None else cu_k,
             *_bhmd(q, varlen), *_bhmd(k, varlen), *_bhmd(v, varlen), *_bhmd(o, varlen), *lse_strides,
             H, H // Hk, Tq, Tk, qk_scale, cap2, window, dropout_p, _t_bucket(max(Tq, Tk)))
-    launch(_attn_fwd_kernel, lambda m: (triton.cdiv(Tq, m["BLOCK_M"]), nb * H), args, meta,
-           tuned=_attn_fwd_tuned, interpret=_INTERPRET_FWD)
+    return (lambda m: (triton.cdiv(Tq, m["BLOCK_M"]), nb * H)), args, meta
 
 
-def _bwd(do, q, k, v, o, lse, seed, dq, dk, dv, cu_q, cu_k, nb, Tq, Tk, causal, softmax_scale, dropout_p,
-         window, softcap):
-    # The three backward launches (delta, dK/dV, dQ) into dq, dk, dv; nb/Tq/Tk as in _fwd.
+def _fwd(*call):
+    grid, args, meta = _fwd_call(*call)
+    launch(_attn_fwd_kernel, grid, args, meta, tuned=_attn_fwd_tuned, interpret=_INTERPRET_FWD)
+
+
+def _bwd_calls(do, q, k, v, o, lse, seed, dq, dk, dv, cu_q, cu_k, nb, Tq, Tk, causal, softmax_scale, dropout_p,
+               window, softcap):
+    """The three backward launches (delta, dK/dV, dQ) into dq, dk, dv as (kernel, tuned, grid, args,
+    meta, interpret) tuples, in order; nb/Tq/Tk as in _fwd_call."""
     varlen = cu_q is not None
     H, Hk, D = q.shape[1], k.shape[1], q.shape[-1]
     meta = _meta(D, q.dtype, causal, dropout_p, window, softcap, varlen)
@@ -668,10 +685,10 @@ def _bwd(do, q, k, v, o, lse, seed, dq, dk, dv, cu_q, cu_k, nb, Tq, Tk, causal, 
         lse_strides = (lse.stride(0), lse.stride(1))
     nb4, _, T4, _ = o4.shape
     delta = torch.empty((nb4, H, T4), dtype=torch.float32, device=q.device)
-    launch(_bwd_preprocess_kernel, lambda m: (triton.cdiv(T4, m["BLOCK_M"]), nb4 * H),
+    pre = (_bwd_preprocess_kernel, None, lambda m: (triton.cdiv(T4, m["BLOCK_M"]), nb4 * H),
            (o4, do4, delta, *o4.stride(), *do4.stride(), H, T4),
-           dict(HEAD_DIM=D, BLOCK_D=meta["BLOCK_D"], EVEN_D=meta["EVEN_D"], LARGE=large,
-                BLOCK_M=64, num_warps=4), interpret=_INTERPRET_PRE)
+           dict(HEAD_DIM=D, BLOCK_D=meta["BLOCK_D"], EVEN_D=meta["EVEN_D"], LARGE=large, BLOCK_M=64, num_warps=4),
+           _INTERPRET_PRE)
     qk_scale, cap2 = _score_scales(softmax_scale, softcap)
     seed_arg = lse if seed is None else seed
     cu_args = (lse if cu_q is None else cu_q, lse if cu_k is None else cu_k)
@@ -680,16 +697,19 @@ def _bwd(do, q, k, v, o, lse, seed, dq, dk, dv, cu_q, cu_k, nb, Tq, Tk, causal, 
     strides = (*_bhmd(q, varlen), *_bhmd(k, varlen), *_bhmd(v, varlen), *_bhmd(do, varlen))
 
     even_m, even_n = (False, False) if varlen else _even(Tq, Tk, _INTERPRET_DKDV if INTERPRETED else None)
-    launch(_attn_bwd_dkdv_kernel, lambda m: (triton.cdiv(Tk, m["BLOCK_N"]), nb * Hk),
-           (q, k, v, do, lse, delta, dk, dv, seed_arg, *cu_args, *strides, *_bhmd(dk, varlen),
-            *_bhmd(dv, varlen), *common), dict(meta, EVEN_M=even_m, EVEN_N=even_n, LARGE=large),
-           tuned=_attn_bwd_dkdv_tuned, interpret=_INTERPRET_DKDV)
-
+    dkdv = (_attn_bwd_dkdv_kernel, _attn_bwd_dkdv_tuned, lambda m: (triton.cdiv(Tk, m["BLOCK_N"]), nb * Hk),
+            (q, k, v, do, lse, delta, dk, dv, seed_arg, *cu_args, *strides, *_bhmd(dk, varlen),
+             *_bhmd(dv, varlen), *common), dict(meta, EVEN_M=even_m, EVEN_N=even_n, LARGE=large), _INTERPRET_DKDV)
     even_m, even_n = (False, False) if varlen else _even(Tq, Tk, _INTERPRET_DQ if INTERPRETED else None)
-    launch(_attn_bwd_dq_kernel, lambda m: (triton.cdiv(Tq, m["BLOCK_M"]), nb * H),
-           (q, k, v, do, lse, delta, dq, seed_arg, *cu_args, *strides, *_bhmd(dq, varlen), *common),
-           dict(meta, EVEN_M=even_m, EVEN_N=even_n, LARGE=large),
-           tuned=_attn_bwd_dq_tuned, interpret=_INTERPRET_DQ)
+    dq_call = (_attn_bwd_dq_kernel, _attn_bwd_dq_tuned, lambda m: (triton.cdiv(Tq, m["BLOCK_M"]), nb * H),
+               (q, k, v, do, lse, delta, dq, seed_arg, *cu_args, *strides, *_bhmd(dq, varlen), *common),
+               dict(meta, EVEN_M=even_m, EVEN_N=even_n, LARGE=large), _INTERPRET_DQ)
+    return [pre, dkdv, dq_call]
+
+
+def _bwd(*call):
+    for kernel, tuned, grid, args, meta, interpret in _bwd_calls(*call):
+        launch(kernel, grid, args, meta, tuned=tuned, interpret=interpret)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -885,8 +905,9 @@ def _check_attention_args(q, k, v, causal, softmax_scale, dropout_p, determinist
     if k.shape != v.shape:
         raise ValueError(f"k and v must have the same shape (B, Hk, Tk, D), got {tuple(k.shape)} and "
                          f"{tuple(v.shape)}")
-    if H > 0 or k.shape[1] > 0:
-        _check_heads(H, k.shape[1])
+    if (H > 0 or k.shape[1] > 0) and (k.shape[1] == 0 or H % k.shape[1] != 0):
+        raise ValueError(f"k and v must have batch and heads compatible with q: batch {B} and Hk dividing H "
+                         f"(GQA/MQA: H % Hk == 0), got H={H}, Hk={k.shape[1]}")
     if k.shape[-1] != D:
         raise ValueError(f"q and k must have the same head_dim, got {D} and {k.shape[-1]}")
     check_head_dim("q", D)

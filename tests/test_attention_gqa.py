@@ -162,6 +162,23 @@ def test_strided_nan_guarded_views(kernel_path, layout):
     _compare(got, want, f"{layout} [{kernel_path}]")
 
 
+def test_window_never_reads_keys_outside_every_window(kernel_path):
+    """Queries at the end of a long key sequence with a small window: the first 64 keys are outside
+    every query's window and poisoned with NaN. The kernels skip those key blocks (never load them), so
+    output and gradients stay finite and exact; a kernel that only masked them would compute 0·NaN.
+    (The fallback materializes every score, so it gets finite poison instead: same expectation.)"""
+    H, Hk, Tq, Tk, D, W = 4, 2, 8, 200, 16, 5
+    q, k, v, do = _rand(1, H, Tq, D, seed=1), _rand(1, Hk, Tk, D, seed=2), _rand(1, Hk, Tk, D, seed=3), \
+        _rand(1, H, Tq, D, seed=4)
+    want = _fwd_bwd(lambda q, k, v: _oracle(q, k, v, window=W), q.double(), k.double(), v.double(), do.double())
+    poison = float("nan") if kernel_path == "interpreter" else 1e4
+    k[:, :, :64], v[:, :, :64] = poison, poison
+    got = _fwd_bwd(lambda q, k, v: kernels.flash_attention(q, k, v, window_size=W), q, k, v, do)
+    want[2][:, :, :64] = 0.0  # unseen keys get zero gradients
+    want[3][:, :, :64] = 0.0
+    _compare(got, want, f"[{kernel_path}]")
+
+
 def test_gqa_gradients_are_bitwise_deterministic(kernel_path):
     q, k, v, do = _rand(1, 4, 24, 16, seed=1), _rand(1, 1, 24, 16, seed=2), _rand(1, 1, 24, 16, seed=3), \
         _rand(1, 4, 24, 16, seed=4)
@@ -171,15 +188,24 @@ def test_gqa_gradients_are_bitwise_deterministic(kernel_path):
         assert torch.equal(x, y)
 
 
-def test_gqa_equals_repeated_kv(kernel_path):
-    """GQA is exactly the dense kernel on repeated K/V (same fp32 arithmetic per head); dK/dV are the
-    repeated gradients summed over the group."""
+@pytest.mark.parametrize("dropout_p", [0.0, 0.3])
+def test_gqa_equals_repeated_kv(kernel_path, dropout_p):
+    """GQA is exactly the dense kernel on repeated K/V (same fp32 arithmetic per head, and with dropout
+    the same per-query-head mask from the same seed); dK/dV are the repeated gradients summed over the
+    group."""
     q, k, v, do = _rand(1, 6, 21, 16, seed=1), _rand(1, 2, 21, 16, seed=2), _rand(1, 2, 21, 16, seed=3), \
         _rand(1, 6, 21, 16, seed=4)
-    got = _fwd_bwd(lambda q, k, v: kernels.flash_attention(q, k, v), q, k, v, do)
-    rep = _fwd_bwd(lambda q, k, v: kernels.flash_attention(q, k.repeat_interleave(3, 1), v.repeat_interleave(3, 1)),
-                   q, k, v, do)
-    _compare(got, rep, f"[{kernel_path}]", atol=1e-6, rtol=1e-6)
+
+    def gqa(q, k, v):
+        torch.manual_seed(5)
+        return kernels.flash_attention(q, k, v, dropout_p=dropout_p)
+
+    def repeated(q, k, v):
+        torch.manual_seed(5)
+        return kernels.flash_attention(q, k.repeat_interleave(3, 1), v.repeat_interleave(3, 1), dropout_p=dropout_p)
+
+    got, rep = _fwd_bwd(gqa, q, k, v, do), _fwd_bwd(repeated, q, k, v, do)
+    _compare(got, rep, f"dropout={dropout_p} [{kernel_path}]", atol=1e-6, rtol=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -124,6 +124,80 @@ def _case_decode(B, H, Tq, Tmax, lens=None, d=D):
     return run
 
 
+def _gqa_ref(q, k, v, causal, window=None, softcap=0.0):
+    """fp64 by hand: query head h reads k/v head h // (H // Hk); p_i = i + Tk - Tq; causal j <= p_i,
+    window j > p_i - W; softcap c·tanh(s/c); rows that see no key give zeros."""
+    import torch
+
+    H, Hk = q.shape[-3], k.shape[-3]
+    if Hk and H != Hk:
+        k, v = k.repeat_interleave(H // Hk, -3), v.repeat_interleave(H // Hk, -3)
+    Tq, Tk = q.shape[-2], k.shape[-2]
+    s = q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5
+    if softcap:
+        s = softcap * torch.tanh(s / softcap)
+    i = torch.arange(Tq)[:, None] + (Tk - Tq)
+    j = torch.arange(Tk)[None, :]
+    keep = torch.ones(Tq, Tk, dtype=torch.bool)
+    if causal:
+        keep &= j <= i
+    if window is not None:
+        keep &= j > i - window
+    return s.masked_fill(~keep, float("-inf")).softmax(-1).nan_to_num(0.0) @ v
+
+
+def _case_flash_gqa(B, H, Hk, Tq, Tk, window, softcap):
+    def run(dt):
+        import kernels
+
+        q, k, v = _randn((B, H, Tq, D), dt), _randn((B, Hk, Tk, D), dt), _randn((B, Hk, Tk, D), dt)
+        return _fwd_bwd(lambda q, k, v: kernels.flash_attention(q, k, v, window_size=window, softcap=softcap),
+                        lambda q, k, v: _gqa_ref(q, k, v, True, window, softcap), [q, k, v], "qkv")
+    return run
+
+
+def _case_varlen(H, Hk, lens_q, lens_k, window=None, softcap=0.0):
+    def run(dt):
+        import torch
+
+        import kernels
+
+        def cu(lens):
+            return torch.tensor([0, *[sum(lens[:i + 1]) for i in range(len(lens))]], dtype=torch.int32)
+
+        q = _randn((sum(lens_q), H, D), dt)
+        k, v = _randn((sum(lens_k), Hk, D), dt), _randn((sum(lens_k), Hk, D), dt)
+
+        def ref_fn(q, k, v):
+            outs, a, b = [q.new_zeros(0, H, D)], 0, 0
+            for nq, nk in zip(lens_q, lens_k):
+                o = _gqa_ref(q[a:a + nq].transpose(0, 1), k[b:b + nk].transpose(0, 1), v[b:b + nk].transpose(0, 1),
+                             True, window, softcap)
+                outs.append(o.transpose(0, 1))
+                a, b = a + nq, b + nk
+            return torch.cat(outs)
+
+        return _fwd_bwd(lambda q, k, v: kernels.flash_attention_varlen(
+            q, k, v, cu(lens_q), cu(lens_k), max(lens_q, default=0), max(lens_k, default=0), window_size=window,
+            softcap=softcap), ref_fn, [q, k, v], "qkv")
+    return run
+
+
+def _case_decode_gqa(B, H, Hk, Tq, Tmax, window, softcap):
+    def run(dt):
+        import torch
+
+        import kernels
+
+        q = _randn((B, H, Tq, D), dt, grad=False)
+        k, v = _randn((B, Hk, Tmax, D), dt, grad=False), _randn((B, Hk, Tmax, D), dt, grad=False)
+        L = torch.full((B,), Tmax, dtype=torch.int32)
+        out = kernels.decode_attention(q, k, v, L, window_size=window, softcap=softcap)
+        want = _gqa_ref(q.double(), k.double(), v.double(), True, window, softcap)
+        return [("out", out, want)]
+    return run
+
+
 def _case_layer_norm(shape, affine, add=False, module=False):
     def run(dt):
         import torch
@@ -260,6 +334,19 @@ def cases() -> list[tuple[str, object]]:
     out.append(("decode_attention[empty rows L=(0,3)]", _case_decode(2, 2, 1, 4, lens=[0, 3])))
     out.append(("decode_attention[Tq=1>Tmax=0]", _raises_value_error(_case_decode(2, 2, 1, 0))))
     out.append(("decode_attention[D=0]", _raises_value_error(_case_decode(2, 2, 1, 4, d=0))))
+    # GQA / window / softcap (issue 24) on every empty dim: B, H (and Hk), Tq, Tk
+    for B, H, Hk, Tq, Tk in ((0, 4, 2, 3, 5), (2, 0, 0, 3, 5), (2, 4, 2, 0, 5), (2, 4, 2, 3, 0), (2, 4, 1, 0, 0)):
+        for window, softcap in ((None, 0.0), (2, 1.5)):
+            out.append((f"flash_attention[GQA B={B},H={H},Hk={Hk},Tq={Tq},Tk={Tk},W={window},cap={softcap}]",
+                        _case_flash_gqa(B, H, Hk, Tq, Tk, window, softcap)))
+    for lq, lk in (((), ()), ((0,), (0,)), ((0, 0), (0, 0)), ((3, 0), (0, 0)), ((0, 2), (4, 2))):
+        for window, softcap in ((None, 0.0), (2, 1.5)):
+            out.append((f"flash_attention_varlen[lens_q={lq},lens_k={lk},W={window},cap={softcap}]",
+                        _case_varlen(4, 2, list(lq), list(lk), window, softcap)))
+    out.append(("flash_attention_varlen[H=0]", _case_varlen(0, 0, [3, 0], [3, 2])))
+    for B, H, Hk, Tq in ((0, 4, 2, 1), (2, 0, 0, 1), (2, 4, 2, 0)):
+        out.append((f"decode_attention[GQA B={B},H={H},Hk={Hk},Tq={Tq},W=2,cap=1.5]",
+                    _case_decode_gqa(B, H, Hk, Tq, 4, 2, 1.5)))
     for lead in ((0,), (2, 0), (0, 3), (0, 0)):
         for affine in (True, False):
             shape = (*lead, 8)

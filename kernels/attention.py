@@ -21,7 +21,8 @@ dot products, no TF32), fp16 and bf16 with fp32 accumulation and statistics.
   head of its group in turn, accumulating in registers: dK/dV in k/v's shape, deterministic, no atomics.
 * Sliding window ``W`` (causal): each query block computes the key-block range its rows' windows
   cover, and each key block of the dK/dV pass the query-block range that sees it; blocks outside are
-  never visited (O(T·W) work), blocks cut by the window edge are masked, the rest run mask-free.
+  never visited (O(T·W) work). Forward and dQ mask only the blocks cut by the window edge; the dK/dV
+  pass masks every block it visits (one loop: fewer registers at D=128).
 * Softcap ``c``: scores ``c · tanh(s / c)`` before masking/softmax; the backward recomputes tanh and
   multiplies dS by ``1 - tanh²``.
 * ``flash_attention_varlen``: packed ``(total, H, D)`` sequences; the same kernels with ``VARLEN``:
@@ -341,9 +342,10 @@ def _attn_bwd_dkdv_kernel(
     dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
     dv = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
     causal_shift = seqlen_k - seqlen_q
-    # Query blocks, as for every head of the group: [lo, mid) masked (causal diagonal), [mid, w_mid)
-    # unmasked (rows that see every key of the block), [w_mid, hi) masked (window's far edge). Rows < lo
-    # see none of these keys (causal); rows >= hi none either (window): neither is visited.
+    # Query blocks, as for every head of the group: [lo, mid) masked (causal diagonal), [mid, hi)
+    # unmasked (rows that see every key of the block). Rows < lo see none of these keys (causal). With a
+    # window, rows >= hi see none either (they are never visited) and [lo, hi) runs as one masked loop:
+    # a third loop instance (the window's far edge) made ptxas spill at D=128 (sm_90, 32x128 tile).
     if CAUSAL:
         lo = (tl.maximum(start_n - causal_shift, 0) // BLOCK_M) * BLOCK_M
         mid = tl.cdiv(tl.maximum(start_n + BLOCK_N - 1 - causal_shift, 0), BLOCK_M) * BLOCK_M
@@ -353,11 +355,9 @@ def _attn_bwd_dkdv_kernel(
         mid = 0
     if WINDOW:
         # key j is seen by row i iff i < j - shift + window; the last key of the block bounds hi
-        hi = tl.maximum(tl.minimum(start_n + BLOCK_N - 1 + window - causal_shift, seqlen_q), mid)
-        w_mid = tl.minimum(tl.maximum(((start_n + window - causal_shift) // BLOCK_M) * BLOCK_M, mid), hi)
+        hi = tl.maximum(tl.minimum(start_n + BLOCK_N - 1 + window - causal_shift, seqlen_q), lo)
     else:
         hi = seqlen_q
-        w_mid = seqlen_q
     for g in range(0, GROUP):
         off_h = off_hk * GROUP + g
         Q_ptr = Q + off_b * stride_qb + off_h * stride_qh + q_start * stride_qm
@@ -368,22 +368,23 @@ def _attn_bwd_dkdv_kernel(
             seed_g = tl.load(SEED) + (off_b * H + off_h).to(tl.int32)
         else:
             seed_g = 0
-        if CAUSAL:
-            dk, dv = _dkdv_inner(dk, dv, k, v, Q_ptr, DO_ptr, LSE_ptr, DELTA_ptr,
-                                 stride_qm, stride_qd, stride_dom, stride_dod, cols, offs_m, offs_d,
-                                 lo, mid, seqlen_q, seqlen_k, causal_shift, window, qk_scale, cap2, seed_g,
-                                 dropout_p, HEAD_DIM, True, WINDOW, SOFTCAP, DROPOUT, IEEE, EVEN_M, EVEN_D,
-                                 LARGE, BLOCK_M)
-        dk, dv = _dkdv_inner(dk, dv, k, v, Q_ptr, DO_ptr, LSE_ptr, DELTA_ptr,
-                             stride_qm, stride_qd, stride_dom, stride_dod, cols, offs_m, offs_d,
-                             mid, w_mid, seqlen_q, seqlen_k, causal_shift, window, qk_scale, cap2, seed_g,
-                             dropout_p, HEAD_DIM, False, WINDOW, SOFTCAP, DROPOUT, IEEE, EVEN_M, EVEN_D,
-                             LARGE, BLOCK_M)
         if WINDOW:
             dk, dv = _dkdv_inner(dk, dv, k, v, Q_ptr, DO_ptr, LSE_ptr, DELTA_ptr,
                                  stride_qm, stride_qd, stride_dom, stride_dod, cols, offs_m, offs_d,
-                                 w_mid, hi, seqlen_q, seqlen_k, causal_shift, window, qk_scale, cap2, seed_g,
+                                 lo, hi, seqlen_q, seqlen_k, causal_shift, window, qk_scale, cap2, seed_g,
                                  dropout_p, HEAD_DIM, True, WINDOW, SOFTCAP, DROPOUT, IEEE, EVEN_M, EVEN_D,
+                                 LARGE, BLOCK_M)
+        else:
+            if CAUSAL:
+                dk, dv = _dkdv_inner(dk, dv, k, v, Q_ptr, DO_ptr, LSE_ptr, DELTA_ptr,
+                                     stride_qm, stride_qd, stride_dom, stride_dod, cols, offs_m, offs_d,
+                                     lo, mid, seqlen_q, seqlen_k, causal_shift, window, qk_scale, cap2, seed_g,
+                                     dropout_p, HEAD_DIM, True, WINDOW, SOFTCAP, DROPOUT, IEEE, EVEN_M, EVEN_D,
+                                     LARGE, BLOCK_M)
+            dk, dv = _dkdv_inner(dk, dv, k, v, Q_ptr, DO_ptr, LSE_ptr, DELTA_ptr,
+                                 stride_qm, stride_qd, stride_dom, stride_dod, cols, offs_m, offs_d,
+                                 mid, hi, seqlen_q, seqlen_k, causal_shift, window, qk_scale, cap2, seed_g,
+                                 dropout_p, HEAD_DIM, False, WINDOW, SOFTCAP, DROPOUT, IEEE, EVEN_M, EVEN_D,
                                  LARGE, BLOCK_M)
     dk = dk * sm_scale
     _store_tile(DK + off_b * stride_dkb + off_hk * stride_dkh + k_start * stride_dkn + cols_o[:, None] * stride_dkn

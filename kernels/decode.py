@@ -162,15 +162,12 @@ def num_splits_for(batch_heads: int, tmax: int, device: torch.device, block_n: i
     return max(1, min(triton.cdiv(target, batch_heads), max_useful, _MAX_SPLITS))
 
 
-def _decode_launch(q, k_cache, v_cache, cache_seqlens, softmax_scale, window_size=0, softcap=0.0):
+def _decode_calls(q, k_cache, v_cache, cache_seqlens, out, softmax_scale, window_size=0, softcap=0.0):
+    """The split and combine launches into ``out`` as (kernel, grid, args, meta, interpret) tuples: the
+    launcher's one source of its arguments (the GPU compile gate binds the same)."""
     B, H, Tq, D = q.shape
     Hk = k_cache.shape[1]
     Tmax = k_cache.shape[2]
-    out = torch.empty((B, Tq, H, D), dtype=q.dtype, device=q.device).transpose(1, 2)  # (B, H, Tq, D)
-    if out.numel() == 0:
-        return out
-    if Tmax == 0:
-        return out.zero_()
     BLOCK_N = _BLOCK_N_INTERPRET if INTERPRETED else _BLOCK_N_CUDA
     BLOCK_M = max(16, next_power_of_2(Tq))
     BLOCK_D = max(16, next_power_of_2(D))
@@ -182,17 +179,30 @@ def _decode_launch(q, k_cache, v_cache, cache_seqlens, softmax_scale, window_siz
     qk_scale, cap2 = (softmax_scale / softcap, softcap * LOG2E) if softcap > 0.0 else (softmax_scale * LOG2E, 1.0)
     o_part = torch.empty((B * H, splits, BLOCK_M, BLOCK_D), dtype=torch.float32, device=q.device)
     lse_part = torch.empty((B * H, splits, BLOCK_M), dtype=torch.float32, device=q.device)
-    launch(_decode_split_kernel, (splits, B * H),
-           (q, k_cache, v_cache, cache_seqlens, o_part, lse_part,
-            *q.stride(), *k_cache.stride(), *v_cache.stride(),
-            cache_seqlens.stride(0), H, H // Hk, Tq, Tmax, chunk, splits, qk_scale, cap2, window_size),
-           dict(HEAD_DIM=D, BLOCK_D=BLOCK_D, EVEN_D=BLOCK_D == D, IEEE=q.dtype == torch.float32,
-                WINDOW=window_size > 0, SOFTCAP=softcap > 0.0,
-                LARGE=needs_int64(k_cache, v_cache, start_dim=2), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
-                **({"num_warps": 1} if INTERPRETED else {"num_warps": 4, "num_stages": 3})))
-    launch(_decode_combine_kernel, (B * H,), (o_part, lse_part, out, *out.stride(), H, Tq, splits),
-           dict(HEAD_DIM=D, BLOCK_D=BLOCK_D, BLOCK_M=BLOCK_M, BLOCK_S=max(2, next_power_of_2(splits)),
-                num_warps=4), interpret={"num_warps": 1})
+    split = (_decode_split_kernel, (splits, B * H),
+             (q, k_cache, v_cache, cache_seqlens, o_part, lse_part,
+              *q.stride(), *k_cache.stride(), *v_cache.stride(),
+              cache_seqlens.stride(0), H, H // Hk, Tq, Tmax, chunk, splits, qk_scale, cap2, window_size),
+             dict(HEAD_DIM=D, BLOCK_D=BLOCK_D, EVEN_D=BLOCK_D == D, IEEE=q.dtype == torch.float32,
+                  WINDOW=window_size > 0, SOFTCAP=softcap > 0.0,
+                  LARGE=needs_int64(k_cache, v_cache, start_dim=2), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+                  **({"num_warps": 1} if INTERPRETED else {"num_warps": 4, "num_stages": 3})), None)
+    combine = (_decode_combine_kernel, (B * H,), (o_part, lse_part, out, *out.stride(), H, Tq, splits),
+               dict(HEAD_DIM=D, BLOCK_D=BLOCK_D, BLOCK_M=BLOCK_M, BLOCK_S=max(2, next_power_of_2(splits)),
+                    num_warps=4), {"num_warps": 1})
+    return [split, combine]
+
+
+def _decode_launch(q, k_cache, v_cache, cache_seqlens, softmax_scale, window_size=0, softcap=0.0):
+    B, H, Tq, D = q.shape
+    out = torch.empty((B, Tq, H, D), dtype=q.dtype, device=q.device).transpose(1, 2)  # (B, H, Tq, D)
+    if out.numel() == 0:
+        return out
+    if k_cache.shape[2] == 0:
+        return out.zero_()
+    for kernel, grid, args, meta, interpret in _decode_calls(q, k_cache, v_cache, cache_seqlens, out, softmax_scale,
+                                                             window_size, softcap):
+        launch(kernel, grid, args, meta, interpret=interpret)
     return out
 
 

@@ -165,74 +165,81 @@ def _qkv(B, H, T, D, dtype, layout):
     return tuple(torch.empty((B, H, T, D), dtype=dtype) for _ in range(3))
 
 
-def attention_cases(dtn, D, causal, dropout, T, layout, configs: str) -> list[Case]:
+def attention_cases(dtn, D, causal, dropout, T, layout, configs: str, *, Hk=None, window=0, softcap=0.0,
+                    varlen=False) -> list[Case]:
+    """The three attention kernels (and, with every config, the delta preprocess) with the arguments
+    the launchers build (kernels.attention._fwd_call / _bwd_calls). ``Hk`` < 12: GQA; ``window``,
+    ``softcap``; ``varlen``: the packed (total, H, D) layout of flash_attention_varlen (4 sequences of
+    up to T tokens)."""
     import kernels.attention as A
 
     dtype = DTYPES[dtn]
     B, H = 2, 12
-    q, k, v = _qkv(B, H, T, D, dtype, layout)
-    o = torch.empty((B, T, H, D), dtype=dtype).transpose(1, 2)
-    do = torch.empty((B, T, H, D), dtype=dtype).transpose(1, 2)  # grad of the merged-heads view
-    lse = torch.empty((B, H, T), dtype=torch.float32)
-    delta = torch.empty_like(lse)
-    seed = torch.empty((1,), dtype=torch.int64) if dropout else lse
+    Hk = Hk or H
+    if varlen:
+        n = 4
+        qkv = torch.empty((n * T, H + 2 * Hk, D), dtype=dtype)  # one fused projection, heads split by views
+        if layout != "packed":
+            qkv = torch.empty((3, n * T, max(H, Hk), D), dtype=dtype)
+            q, k, v = qkv[0, :, :H], qkv[1, :, :Hk], qkv[2, :, :Hk]
+        else:
+            q, k, v = qkv[:, :H], qkv[:, H:H + Hk], qkv[:, H + Hk:]
+        o, do = torch.empty((n * T, H, D), dtype=dtype), torch.empty((n * T, H, D), dtype=dtype)
+        lse = torch.empty((H, n * T), dtype=torch.float32)
+        cu = torch.empty((n + 1,), dtype=torch.int32)
+        nb = n
+    else:
+        if layout == "packed":  # the model's views of one (B, T, H + 2 Hk, D) GEMM output
+            qkv = torch.empty((B, T, H + 2 * Hk, D), dtype=dtype).transpose(1, 2)
+            q, k, v = qkv[:, :H], qkv[:, H:H + Hk], qkv[:, H + Hk:]
+        else:
+            q = torch.empty((B, H, T, D), dtype=dtype)
+            k, v = torch.empty((B, Hk, T, D), dtype=dtype), torch.empty((B, Hk, T, D), dtype=dtype)
+        o = torch.empty((B, T, H, D), dtype=dtype).transpose(1, 2)
+        do = torch.empty((B, T, H, D), dtype=dtype).transpose(1, 2)  # grad of the merged-heads view
+        lse = torch.empty((B, H, T), dtype=torch.float32)
+        cu, nb = None, B
+    seed = torch.empty((1,), dtype=torch.int64) if dropout else None
     dq, dk, dv = (torch.empty(t.shape, dtype=dtype) for t in (q, k, v))
-    meta, B, H, Tq, Tk = A._common_meta(q, k, causal, 0.1 if dropout else 0.0)
-    even_m, even_n = A._even(Tq, Tk, None)
-    meta.update(EVEN_M=even_m, EVEN_N=even_n, LARGE=needs_int64(q, k, v, o, start_dim=2))
-    scale = D ** -0.5
     p = 0.1 if dropout else 0.0
-    tb = A._t_bucket(max(Tq, Tk))
-    s = A._strides
-    fwd_args = (q, k, v, o, lse, seed, *s(q), *s(k), *s(v), *s(o), H, Tq, Tk, scale * A.LOG2E, p, tb)
-    common = (H, Tq, Tk, scale * A.LOG2E, scale, p, tb)
-    dkdv_args = (q, k, v, do, lse, delta, dk, dv, seed, *s(q), *s(k), *s(v), *s(do), *s(dk), *s(dv), *common)
-    dq_args = (q, k, v, do, lse, delta, dq, seed, *s(q), *s(k), *s(v), *s(do), *s(dq), *common)
-    tag = f"{dtn} D={D} T={T} causal={causal} dropout={dropout} even={even_m} {layout}"
+    scale = D ** -0.5
+    _grid, fwd_args, fwd_meta = A._fwd_call(q, k, v, o, lse, seed, cu, cu, nb, T, T, causal, scale, p, window, softcap)
+    pre, dkdv, dq_call = A._bwd_calls(do, q, k, v, o, lse, seed, dq, dk, dv, cu, cu, nb, T, T, causal, scale, p,
+                                      window, softcap)
+    extra = (f" Hk={Hk}" if Hk != H else "") + (f" W={window}" if window else "") + \
+        (f" softcap={softcap:g}" if softcap else "") + (" varlen" if varlen else "")
+    tag = f"{dtn} D={D} T={T} causal={causal} dropout={dropout} even={fwd_meta['EVEN_M']} {layout}{extra}"
     out = []
-    for name, kern, args in (("attn_fwd", A._attn_fwd_kernel, fwd_args), ("attn_dkdv", A._attn_bwd_dkdv_kernel,
-                                                                            dkdv_args),
-                             ("attn_dq", A._attn_bwd_dq_kernel, dq_args)):
-        tuned = {"attn_fwd": A._attn_fwd_tuned, "attn_dkdv": A._attn_bwd_dkdv_tuned, "attn_dq": A._attn_bwd_dq_tuned}[name]
+    for name, kern, tuned, args, meta in (("attn_fwd", A._attn_fwd_kernel, A._attn_fwd_tuned, fwd_args, fwd_meta),
+                                          ("attn_dkdv", dkdv[0], dkdv[1], dkdv[3], dkdv[4]),
+                                          ("attn_dq", dq_call[0], dq_call[1], dq_call[3], dq_call[4])):
         cfgs = candidates(tuned, unwrap(kern), args, meta)
         for c in (cfgs if configs == "all" else cfgs[:1]):
             out.append(Case(name, f"{tag} {c.kwargs} w{c.num_warps}s{c.num_stages}", unwrap(kern), args,
                             dict(meta, **_cfg_kwargs(c)), dtn))
     if configs == "all":
-        pre_meta = dict(HEAD_DIM=meta["HEAD_DIM"], BLOCK_D=meta["BLOCK_D"], EVEN_D=meta["EVEN_D"],
-                        LARGE=meta["LARGE"], BLOCK_M=64, num_warps=4)
-        out.append(Case("attn_pre", tag, unwrap(A._bwd_preprocess_kernel),
-                        (o, do, delta, *s(o), *s(do), H, Tq), pre_meta, dtn))
+        out.append(Case("attn_pre", tag, unwrap(pre[0]), pre[3], pre[4], dtn))
     return out
 
 
-def decode_cases(dtn, D) -> list[Case]:
+def decode_cases(dtn, D, *, Hk=None, window=0, softcap=0.0) -> list[Case]:
+    """Split + combine with the launcher's arguments (kernels.decode._decode_calls); ``Hk``: GQA caches."""
     import kernels.decode as Dm
 
     dtype = DTYPES[dtn]
     B, H, Tq, Tmax = 4, 12, 1, 1024
+    Hk = Hk or H
     q, _, _ = _qkv(B, H, Tq, D, dtype, "packed")
-    kc = torch.empty((B, H, Tmax, D), dtype=dtype)
-    vc = torch.empty((B, H, Tmax, D), dtype=dtype)
+    kc = torch.empty((B, Hk, Tmax, D), dtype=dtype)
+    vc = torch.empty((B, Hk, Tmax, D), dtype=dtype)
     seqlens = torch.empty((B,), dtype=torch.int32)
-    BLOCK_N, BLOCK_M, BLOCK_D = Dm._BLOCK_N_CUDA, max(16, triton.next_power_of_2(Tq)), max(16, triton.next_power_of_2(D))
-    splits = max(1, min(triton.cdiv(2 * 132, B * H), triton.cdiv(Tmax, BLOCK_N), Dm._MAX_SPLITS))  # 132 SMs
-    chunk = triton.cdiv(triton.cdiv(Tmax, splits), BLOCK_N) * BLOCK_N
-    splits = triton.cdiv(Tmax, chunk)
-    o_part = torch.empty((B * H, splits, BLOCK_M, BLOCK_D), dtype=torch.float32)
-    lse_part = torch.empty((B * H, splits, BLOCK_M), dtype=torch.float32)
     out = torch.empty((B, Tq, H, D), dtype=dtype).transpose(1, 2)
-    split_args = (q, kc, vc, seqlens, o_part, lse_part, *q.stride(), *kc.stride(), *vc.stride(), seqlens.stride(0),
-                  H, Tq, Tmax, chunk, splits, D ** -0.5 * 1.4426950408889634)
-    tag = f"{dtn} D={D} Tmax={Tmax} splits={splits}"
-    return [
-        Case("decode_split", tag, unwrap(Dm._decode_split_kernel), split_args,
-             dict(HEAD_DIM=D, BLOCK_D=BLOCK_D, EVEN_D=BLOCK_D == D, IEEE=dtn == "fp32", LARGE=False,
-                  BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, num_warps=4, num_stages=3), dtn),
-        Case("decode_combine", tag, unwrap(Dm._decode_combine_kernel), (o_part, lse_part, out, *out.stride(), H, Tq, splits),
-             dict(HEAD_DIM=D, BLOCK_D=BLOCK_D, BLOCK_M=BLOCK_M, BLOCK_S=max(2, triton.next_power_of_2(splits)),
-                  num_warps=4), dtn),
-    ]
+    split, combine = Dm._decode_calls(q, kc, vc, seqlens, out, D ** -0.5, window, softcap)
+    extra = (f" Hk={Hk}" if Hk != H else "") + (f" W={window}" if window else "") + \
+        (f" softcap={softcap:g}" if softcap else "")
+    tag = f"{dtn} D={D} Tmax={Tmax} splits={split[2][24]}{extra}"
+    return [Case("decode_split", tag, unwrap(split[0]), split[2], split[3], dtn),
+            Case("decode_combine", tag, unwrap(combine[0]), combine[2], combine[3], dtn)]
 
 
 def layernorm_cases(dtn, N, *, residual=True) -> list[Case]:
@@ -317,7 +324,12 @@ def fast_cases() -> list[Case]:
     cases = []
     for D in (64, 128):
         cases += attention_cases("bf16", D, True, False, 1024, "packed", "first")
+    # issue 24's variants: GQA + sliding window + softcap (Gemma 2) dense at D=128, packed varlen at D=64
+    cases += attention_cases("bf16", 128, True, False, 1024, "packed", "first", Hk=4, window=256, softcap=50.0)
+    cases += attention_cases("bf16", 64, True, False, 1024, "packed", "first", Hk=4, window=256, softcap=50.0,
+                             varlen=True)
     cases += decode_cases("bf16", 64)
+    cases += decode_cases("bf16", 128, Hk=4, window=256, softcap=50.0)[:1]
     for N in (768, 1600):
         cases += layernorm_cases("bf16", N)
     cases += gelu_cases("bf16")
@@ -337,6 +349,10 @@ def full_cases() -> list[Case]:
         cases += attention_cases(dtn, 80, True, False, 1024, "contiguous", "all")
         for D in (64, 128):
             cases += decode_cases(dtn, D)
+            cases += decode_cases(dtn, D, Hk=4, window=256, softcap=50.0)
+            for varlen in (False, True):  # GQA + window + softcap, dense and packed
+                cases += attention_cases(dtn, D, True, False, 1024, "packed", "all", Hk=4, window=256,
+                                         softcap=50.0, varlen=varlen)
         for N in GPT2_WIDTHS:
             cases += layernorm_cases(dtn, N, residual=True) + layernorm_cases(dtn, N, residual=False)[:1]
         cases += gelu_cases(dtn, True) + gelu_cases(dtn, False)

@@ -32,84 +32,260 @@ from __future__ import annotations
 import sys
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from .attention import MAX_HEAD_DIM, MIN_HEAD_DIM, flash_attention
+from .attention import MAX_HEAD_DIM, MIN_HEAD_DIM, flash_attention, flash_attention_varlen
 from .gelu import GELU
 from .layernorm import LayerNorm
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-# Attention features the kernel does not implement: any of these set sends the call to SDPA.
-UNSUPPORTED_KWARGS = ("softcap", "sliding_window", "position_bias", "s_aux", "sinks", "output_attentions")
+# Attention features the kernels do not implement: any of these set is a call they cannot serve.
+UNSUPPORTED_KWARGS = ("position_bias", "s_aux", "sinks", "output_attentions")
 BUILTIN_NAMES = ("eager", "sdpa", "flex_attention", "flash_attention_2", "flash_attention_3", "flash_attention_4")
 
 
 # ---------------------------------------------------------------------------------------------------
-# Attention
+# Attention: the mask transformers builds for us
 # ---------------------------------------------------------------------------------------------------
 
-def _is_causal_mask(mask: torch.Tensor, q_len: int, k_len: int) -> bool:
+def _same_function(f, g) -> bool:
+    """Whether two mask functions are the same code over equal captured values (closures compared cell by
+    cell, recursively): how a mask function built by transformers' own factories is recognized."""
+    if f is g:
+        return True
+    code = getattr(f, "__code__", None)
+    if code is None or code is not getattr(g, "__code__", None):
+        return False
+    cf, cg = f.__closure__ or (), g.__closure__ or ()
+    return len(cf) == len(cg) and all(_same_value(a.cell_contents, b.cell_contents) for a, b in zip(cf, cg))
+
+
+def _same_value(a, b) -> bool:
+    if callable(a) and hasattr(a, "__code__"):
+        return _same_function(a, b)
+    if isinstance(a, tuple):
+        return isinstance(b, tuple) and len(a) == len(b) and all(map(_same_value, a, b))
+    return type(a) is type(b) and isinstance(a, (int, float, str, bool, type(None))) and a == b
+
+
+def _plain_causal_pattern(mask_function, local_size) -> bool:
+    """Whether transformers asks for the plain causal pattern, or the causal sliding-window one of
+    ``create_sliding_window_causal_mask`` (W = ``local_size``), with no overlay (packed sequences from
+    ``position_ids``, ``or_mask_function``/``and_mask_function``, bidirectional blocks, chunks)."""
+    from transformers.masking_utils import causal_mask_function, sliding_window_causal_mask_function
+
+    if mask_function is causal_mask_function:
+        return True
+    return (isinstance(local_size, int) and local_size >= 1
+            and _same_function(mask_function, sliding_window_causal_mask_function(local_size)))
+
+
+def hf_attention_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_offset: int = 0,
+                      mask_function=None, attention_mask: torch.Tensor | None = None, local_size: int | None = None,
+                      **kwargs) -> torch.Tensor | None:
+    """transformers' ``AttentionMaskInterface`` signature. For the plain causal (or sliding-window causal)
+    pattern: ``None`` when no key is padding, else the bool padding mask ``(batch_size, kv_length)`` of the
+    keys the layer sees (True = a token), as transformers' flash-attention mask does (the window itself comes
+    from the layer's ``sliding_window`` argument). Anything else (an overlay on the pattern, or a static
+    cache, whose keys outnumber the tokens seen) gets SDPA's 4-D bool mask, which the attention serves only
+    when it is exactly causal."""
+    from transformers.masking_utils import sdpa_mask
+
+    seen = None if attention_mask is None else attention_mask.shape[-1]
+    if (mask_function is not None and _plain_causal_pattern(mask_function, local_size)
+            and (seen is None or (attention_mask.dim() == 2 and seen == kv_offset + kv_length))):
+        if attention_mask is None:
+            return None
+        keys = attention_mask[:, seen - kv_length:].to(torch.bool)
+        return None if bool(keys.all()) else keys
+    return sdpa_mask(batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
+                     kv_offset=kv_offset, mask_function=mask_function, attention_mask=attention_mask,
+                     local_size=local_size, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Attention: the call
+# ---------------------------------------------------------------------------------------------------
+
+def _dense_mask(mask: torch.Tensor | None, q_len: int, k_len: int, window: int | None,
+                device: torch.device) -> torch.Tensor:
+    """The bool mask ``(B or 1, 1, Tq, Tk)`` (True = attend) of bottom-right causal attention with an
+    optional window, and the 2-D key padding mask when given: what the kernels compute, for SDPA."""
+    pos = torch.arange(q_len, device=device)[:, None] + (k_len - q_len)
+    key = torch.arange(k_len, device=device)[None, :]
+    allowed = key <= pos
+    if window is not None:
+        allowed = allowed & (key > pos - window)
+    allowed = allowed[None, None]
+    if mask is not None and mask.dim() == 2:
+        allowed = allowed & mask[:, None, None, :].to(torch.bool)
+    return allowed
+
+
+def _window(kwargs) -> int | None:
+    w = kwargs.get("sliding_window")
+    return None if w is None else int(w)
+
+
+def _softcap(kwargs) -> float:
+    c = kwargs.get("softcap")
+    return 0.0 if c is None else float(c)
+
+
+def _kernel_reason(module, query, key, value, attention_mask, is_causal, kwargs) -> str | None:
+    """Why the kernels cannot serve this call (None when they can)."""
+    for name in UNSUPPORTED_KWARGS:
+        if kwargs.get(name) not in (None, False):
+            return f"{name} is not implemented by the kernels"
+    if kwargs.get("cache") is not None:
+        return "a cache object handed to the attention (paged attention)"
+    w, c = kwargs.get("sliding_window"), kwargs.get("softcap")
+    if w is not None and (isinstance(w, bool) or not isinstance(w, int) or w < 1):
+        return f"sliding_window must be None or an int >= 1, got {w!r}"
+    if c is not None and (isinstance(c, bool) or not isinstance(c, (int, float)) or c < 0):
+        return f"softcap must be None or a float >= 0, got {c!r}"
+    if not is_causal:
+        return "not causal (cross-attention or an encoder): the kernels serve causal self-attention"
+    if query.dtype not in SUPPORTED_DTYPES or not (query.dtype == key.dtype == value.dtype):
+        return f"dtype {query.dtype}/{key.dtype}/{value.dtype} (the kernels take fp32, fp16, bf16, all the same)"
+    if query.dim() != 4 or key.dim() != 4 or value.dim() != 4 or key.shape != value.shape:
+        return "query/key/value shapes (B, H, T, D) with key and value alike"
+    if not (query.shape[-1] == key.shape[-1] == value.shape[-1]):
+        return "different query and value head sizes"
+    if not MIN_HEAD_DIM <= query.shape[-1] <= MAX_HEAD_DIM:
+        return f"head_dim {query.shape[-1]} outside {MIN_HEAD_DIM}..{MAX_HEAD_DIM}"
+    if key.shape[1] == 0 or query.shape[1] % key.shape[1] != 0 or query.shape[0] != key.shape[0]:
+        return f"{query.shape[1]} query heads cannot share {key.shape[1]} key/value heads"
+    B, q_len, k_len = query.shape[0], query.shape[2], key.shape[2]
+    if q_len > k_len:
+        return f"more queries ({q_len}) than keys ({k_len})"
+    if attention_mask is None:
+        return None
+    if attention_mask.dim() == 2:
+        if tuple(attention_mask.shape) != (B, k_len):
+            return f"a 2-D mask of shape {tuple(attention_mask.shape)} for {B} rows of {k_len} keys"
+        return None
+    if not _is_causal_mask(attention_mask, q_len, k_len, _window(kwargs)):
+        return ("a 4-D attention mask that is not the causal (sliding-window) pattern: a custom mask, an "
+                "overlay on the causal one (packed sequences in position_ids, or/and_mask_function, "
+                "bidirectional blocks, chunked attention) or a static cache")
+    return None
+
+
+def _is_causal_mask(mask: torch.Tensor, q_len: int, k_len: int, window: int | None) -> bool:
     """Whether a 4-D mask (bool: True = attend; float: 0 = attend) is exactly the bottom-right causal
-    pattern for every batch row and head. Reads the mask (a device sync): only masks that arrive anyway."""
+    pattern (within ``window``) for every batch row and head. Reads the mask (a device sync)."""
     if mask.dim() != 4 or tuple(mask.shape[-2:]) != (q_len, k_len) or torch.compiler.is_compiling():
         return False
     allowed = mask if mask.dtype == torch.bool else mask == 0
     if mask.dtype != torch.bool and not bool(((mask == 0) | (mask <= torch.finfo(mask.dtype).min / 2)).all()):
         return False  # an additive bias, not a mask
-    rows = torch.arange(q_len, device=mask.device)[:, None] + (k_len - q_len)
-    causal = rows >= torch.arange(k_len, device=mask.device)[None, :]  # (Tq, Tk)
-    return bool((allowed == causal).all())
+    return bool((allowed == _dense_mask(None, q_len, k_len, window, mask.device)).all())
 
 
-def _kernel_reason(module, query, key, value, attention_mask, is_causal, kwargs) -> str | None:
-    """Why the kernel cannot serve this call (None when it can)."""
-    if any(kwargs.get(k) not in (None, False) for k in UNSUPPORTED_KWARGS) or kwargs.get("cache") is not None:
-        return "unsupported option"
-    if not is_causal:
-        return "not causal (cross-attention or an encoder)"
-    if query.dtype not in SUPPORTED_DTYPES or not (query.dtype == key.dtype == value.dtype):
-        return "dtype"
-    if query.dim() != 4 or not (query.shape[-1] == key.shape[-1] == value.shape[-1]):
-        return "head sizes"
-    if not MIN_HEAD_DIM <= query.shape[-1] <= MAX_HEAD_DIM:
-        return "head_dim"
-    if key.shape[1] == 0 or query.shape[1] % key.shape[1] != 0:
-        return "heads"
+def _eager_softcap(module, query, key, value, mask, scaling, dropout, softcap):
+    """Attention with softcap and a bool mask in plain PyTorch (SDPA has no softcap): the fallback only."""
+    n_rep = query.shape[1] // key.shape[1]
+    key, value = key.repeat_interleave(n_rep, dim=1), value.repeat_interleave(n_rep, dim=1)
+    scale = query.shape[-1] ** -0.5 if scaling is None else scaling
+    s = (query @ key.transpose(-1, -2)).float() * scale
+    s = softcap * torch.tanh(s / softcap)
+    s = s.masked_fill(~mask, torch.finfo(s.dtype).min)
+    p = torch.nn.functional.dropout(s.softmax(-1), p=dropout, training=module.training).to(value.dtype)
+    return (p @ value).transpose(1, 2).contiguous()
+
+
+def _fallback(module, query, key, value, attention_mask, scaling, dropout, is_causal, kwargs):
+    """transformers' SDPA (plain PyTorch when softcap is set) with the mask the kernels would apply."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
     q_len, k_len = query.shape[2], key.shape[2]
-    if attention_mask is not None and not _is_causal_mask(attention_mask, q_len, k_len):
-        return "mask"
-    return None
+    if is_causal and (attention_mask is None or attention_mask.dim() == 2):
+        attention_mask = _dense_mask(attention_mask, q_len, k_len, _window(kwargs), query.device)
+    elif attention_mask is not None and attention_mask.dim() == 2:  # padding only
+        attention_mask = attention_mask[:, None, None, :].to(torch.bool)
+    softcap = kwargs.get("softcap")
+    if softcap:
+        mask = attention_mask
+        if mask is None:
+            mask = torch.ones(q_len, k_len, dtype=torch.bool, device=query.device)
+        elif mask.dtype != torch.bool:
+            mask = mask == 0
+        return _eager_softcap(module, query, key, value, mask, scaling, dropout, float(softcap)), None
+    rest = {k: v for k, v in kwargs.items() if k not in ("softcap", "sliding_window")}
+    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                  is_causal=is_causal, **rest)
+
+
+def _unpadded_attention(query, key, value, keys_mask, scale, dropout_p, window, softcap):
+    """Padded batch -> one varlen call over the tokens (FlashAttention's unpadding): q ``(B, H, Tq, D)``,
+    k/v ``(B, Hk, Tk, D)``, ``keys_mask`` ``(B, Tk)`` bool with the queries on its last Tq columns.
+    Returns ``(B, Tq, H, D)`` with zeros at padding queries. Causal bottom-right alignment per row is the
+    padded one because the queries are the row's last tokens; a window is the padded one only when each
+    row's tokens are contiguous (checked by the caller's reason, here)."""
+    B, H, q_len, D = query.shape
+    Hk, k_len = key.shape[1], key.shape[2]
+    queries_mask = keys_mask[:, k_len - q_len:]
+    k_lens = keys_mask.sum(-1, dtype=torch.int32)
+    q_lens = queries_mask.sum(-1, dtype=torch.int32)
+    starts = (keys_mask & ~F.pad(keys_mask[:, :-1], (1, 0), value=False)).sum(-1)  # runs of tokens per row
+    max_q, max_k, runs = torch.stack([q_lens.max(), k_lens.max(), starts.max().to(torch.int32)]).tolist()
+    if window is not None and window < k_len and runs > 1:
+        return None  # padding between tokens: the window would count the gaps
+    idx_q = queries_mask.reshape(-1).nonzero().squeeze(1)
+    idx_k = keys_mask.reshape(-1).nonzero().squeeze(1)
+    q = query.transpose(1, 2).reshape(B * q_len, H, D).index_select(0, idx_q)
+    k = key.transpose(1, 2).reshape(B * k_len, Hk, D).index_select(0, idx_k)
+    v = value.transpose(1, 2).reshape(B * k_len, Hk, D).index_select(0, idx_k)
+    cu_q = F.pad(q_lens.cumsum(0, dtype=torch.int32), (1, 0))
+    cu_k = F.pad(k_lens.cumsum(0, dtype=torch.int32), (1, 0))
+    out = flash_attention_varlen(q, k, v, cu_q, cu_k, max_q, max_k, causal=True, softmax_scale=scale,
+                                 dropout_p=dropout_p, window_size=window, softcap=softcap)
+    full = out.new_zeros(B * q_len, H, D).index_copy(0, idx_q, out)
+    return full.view(B, q_len, H, D)
 
 
 def hf_flash_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                        attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
-                       is_causal: bool | None = None, **kwargs) -> tuple[torch.Tensor, None]:
-    """transformers' attention signature: q ``(B, H, Tq, D)``, k/v ``(B, Hkv, Tk, D)`` ->
-    ``(attn_output (B, Tq, H, D), None)``; ``kernels.flash_attention`` or SDPA (module docstring)."""
+                       is_causal: bool | None = None, *, fallback: bool = True,
+                       **kwargs) -> tuple[torch.Tensor, None]:
+    """transformers' attention signature: q ``(B, H, Tq, D)``, k/v ``(B, Hk, Tk, D)`` ->
+    ``(attn_output (B, Tq, H, D), None)`` on ``kernels.flash_attention`` (no padding) or
+    ``kernels.flash_attention_varlen`` (a 2-D padding mask from ``hf_attention_mask``), with the layer's
+    ``sliding_window`` and ``softcap``. A call the kernels cannot serve goes to SDPA with the same mask
+    (plain PyTorch when softcap is set) when ``fallback``, else raises NotImplementedError naming why."""
     is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
-    if _kernel_reason(module, query, key, value, attention_mask, is_causal, kwargs) is not None:
-        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    reason = _kernel_reason(module, query, key, value, attention_mask, is_causal, kwargs)
+    out = None
+    if reason is None:
+        p = float(dropout) if module.training else 0.0
+        window, softcap = _window(kwargs), _softcap(kwargs)
+        if attention_mask is not None and attention_mask.dim() == 2 and query.numel() and key.numel():
+            out = _unpadded_attention(query, key, value, attention_mask.to(torch.bool), scaling, p, window, softcap)
+            if out is None:
+                reason = ("a sliding window over rows with padding between tokens (right padding before "
+                          "generated tokens): unpadding would change which keys the window holds")
+        else:
+            out = flash_attention(query, key, value, causal=True, softmax_scale=scaling, dropout_p=p,
+                                  window_size=window, softcap=softcap).transpose(1, 2)
+    if reason is None:
+        return out, None  # (B, Tq, H, D)
+    if not fallback:
+        raise NotImplementedError(f"the Triton attention kernels cannot serve this call: {reason} "
+                                  "(register_hf_attention(fallback=True) sends such calls to SDPA)")
+    return _fallback(module, query, key, value, attention_mask, scaling, dropout, is_causal, kwargs)
 
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
-                                      scaling=scaling, is_causal=is_causal, **kwargs)
-    B, H, q_len, D = query.shape
-    k_len = key.shape[2]
-    if attention_mask is None and 1 < q_len < k_len:
-        key, value = key[:, :, :q_len], value[:, :, :q_len]  # empty static-cache slots (SDPA's top-left rule)
-    n_rep = H // key.shape[1]
-    if n_rep > 1:  # grouped-query attention: (B, Hkv, Tk, D) -> (B, H, Tk, D)
-        key = key[:, :, None].expand(B, key.shape[1], n_rep, *key.shape[2:]).reshape(B, H, -1, D)
-        value = value[:, :, None].expand(B, value.shape[1], n_rep, *value.shape[2:]).reshape(B, H, -1, D)
-    p = float(dropout) if module.training else 0.0
-    out = flash_attention(query, key, value, causal=q_len > 1, softmax_scale=scaling, dropout_p=p)  # (B, H, Tq, D)
-    return out.transpose(1, 2), None  # (B, Tq, H, D), contiguous: the kernel stores it that way
 
+def register_hf_attention(name: str = "triton_attention", *, fallback: bool = True) -> str:
+    """Register the kernels with transformers as ``attn_implementation=name``; returns ``name``.
 
-def register_hf_attention(name: str = "triton_attention") -> str:
-    """Register ``kernels.flash_attention`` with transformers as ``attn_implementation=name``; returns ``name``.
-
-    ``AutoModel*.from_pretrained(..., attn_implementation=name)`` (or ``model.set_attn_implementation``)
-    then runs the kernel for causal self-attention without padding and transformers' SDPA otherwise.
+    Adds ``hf_flash_attention`` to ``AttentionInterface`` and ``hf_attention_mask`` to
+    ``AttentionMaskInterface`` under ``name``. ``AutoModel*.from_pretrained(..., attn_implementation=name)``
+    (or ``model.set_attn_implementation(name)``) then runs ``kernels.flash_attention`` /
+    ``kernels.flash_attention_varlen`` for causal self-attention: grouped-query heads, padding masks,
+    ``sliding_window``, ``softcap``, dynamic caches. A call the kernels cannot serve goes to SDPA when
+    ``fallback`` (the default), else raises NotImplementedError naming why.
     transformers reads any implementation name containing "flash" as a flash-attn package (and fails to
     load it), a "/" as a Hub kernel repository and "|" as a paged variant: such names are refused."""
     if not isinstance(name, str) or not name or any(c in name for c in "/|:") or name.strip() != name:
@@ -119,13 +295,19 @@ def register_hf_attention(name: str = "triton_attention") -> str:
     if "flash" in name.lower():
         raise ValueError(f"name {name!r} contains 'flash': transformers would treat it as the flash-attn package "
                          "and refuse to load the model; choose another name (default 'triton_attention')")
+    if not isinstance(fallback, bool):
+        raise TypeError(f"fallback must be a bool, got {type(fallback).__name__}")
     try:
         from transformers import AttentionInterface, AttentionMaskInterface
-        from transformers.masking_utils import sdpa_mask
     except ImportError as e:
         raise ImportError(f"register_hf_attention needs transformers (pip install transformers): {e}") from None
-    AttentionInterface.register(name, hf_flash_attention)
-    AttentionMaskInterface.register(name, sdpa_mask)
+
+    def attention(module, query, key, value, attention_mask, **kwargs):
+        return hf_flash_attention(module, query, key, value, attention_mask, fallback=fallback, **kwargs)
+
+    attention.__name__ = attention.__qualname__ = f"hf_flash_attention_{'fallback' if fallback else 'strict'}"
+    AttentionInterface.register(name, attention)
+    AttentionMaskInterface.register(name, hf_attention_mask)
     return name
 
 

@@ -136,7 +136,7 @@ def _softcap(kwargs) -> float:
 def _kernel_reason(module, query, key, value, attention_mask, is_causal, kwargs) -> str | None:
     """Why the kernels cannot serve this call (None when they can)."""
     for name in UNSUPPORTED_KWARGS:
-        if kwargs.get(name) not in (None, False):
+        if kwargs.get(name) is not None and kwargs.get(name) is not False:
             return f"{name} is not implemented by the kernels"
     if kwargs.get("cache") is not None:
         return "a cache object handed to the attention (paged attention)"
@@ -213,6 +213,9 @@ def _fallback(module, query, key, value, attention_mask, scaling, dropout, is_ca
         elif mask.dtype != torch.bool:
             mask = mask == 0
         return _eager_softcap(module, query, key, value, mask, scaling, dropout, float(softcap)), None
+    n_rep = query.shape[1] // max(key.shape[1], 1)
+    if n_rep > 1 and getattr(module, "num_key_value_groups", 1) != n_rep:  # SDPA reads the groups off the module
+        key, value = key.repeat_interleave(n_rep, 1), value.repeat_interleave(n_rep, 1)
     rest = {k: v for k, v in kwargs.items() if k not in ("softcap", "sliding_window")}
     return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                   is_causal=is_causal, **rest)

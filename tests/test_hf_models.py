@@ -47,7 +47,16 @@ def _model(family: str):
     return cls(config())
 
 
-@pytest.fixture(scope="module", params=FAMILIES)
+def _cases(interpreted: tuple[str, ...]):
+    """(family, kernel path) for every family on both paths; the interpreter (about 1 s per attention call
+    on CPU) runs by default only for ``interpreted``, the rest under ``-m slow``."""
+    slow = pytest.mark.slow
+    return [pytest.param(f, path, id=f"{f}-{path}",
+                         marks=[slow] if path == "interpreter" and f not in interpreted else [])
+            for f in FAMILIES for path in ("interpreter", "fallback")]
+
+
+@pytest.fixture(scope="module")
 def pair(request):
     eager = _model(request.param)
     ours = copy.deepcopy(eager)
@@ -86,6 +95,8 @@ def _padded_batch(T=12):
     return idx, mask, labels
 
 
+@pytest.mark.parametrize("pair, kernel_path", _cases(("llama", "qwen3", "mistral", "gemma2")),
+                         indirect=True)
 def test_padded_training_step_equals_eager(pair, kernel_path, calls):
     family, eager, ours = pair
     eager.train(), ours.train()  # training mode (attention dropout is 0 in these configs)
@@ -103,20 +114,19 @@ def test_padded_training_step_equals_eager(pair, kernel_path, calls):
     eager.eval(), ours.eval()
 
 
+@pytest.mark.parametrize("pair, kernel_path", _cases(("gemma2",)), indirect=True)
 def test_greedy_generate_equals_eager(pair, kernel_path, calls):
     family, eager, ours = pair
     idx, _, _ = _padded_batch(T=8)
     prompt, mask = idx[:2], torch.ones_like(idx[:2])
     mask[0, :3] = 0  # left padding, as generation wants it
-    kw = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    kw = dict(attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0)
     with torch.no_grad():
-        a, b = eager.generate(prompt, **kw), ours.generate(prompt, **kw)
-        assert a.tolist() == b.tolist(), family
-        assert calls["varlen"] > 0  # prefill and decode steps with padding unpadded
-        # no padding: the dense kernel, with the dynamic cache's keys longer than the one query
-        assert eager.generate(idx[2:], **{**kw, "attention_mask": None}).tolist() == \
-            ours.generate(idx[2:], **{**kw, "attention_mask": None}).tolist()
-        assert calls["dense"] > 0
+        assert ours.generate(prompt, **kw).tolist() == eager.generate(prompt, **kw).tolist(), family
+    # 2 layers x (prefill + 3 cached steps); the padding unpadded to varlen, except in a sliding layer once
+    # row 0's padding has left its window (W = 4): then the dense kernel, one query against cached keys
+    sliding = family in ("mistral", "gemma2")
+    assert calls["varlen"] + calls["dense"] == 8 and (calls["dense"] > 0) == sliding, calls
 
 
 def test_packed_position_ids_refused_strict_and_sdpa_when_loose():
@@ -261,7 +271,7 @@ def test_unserved_calls_raise_strict_and_match_reference_loose(case, fallback_pa
     with pytest.raises(NotImplementedError, match=UNSERVED[case][1]):
         integ.hf_flash_attention(module, q, k, v, mask, is_causal=is_causal, fallback=False, **kwargs)
     out, _ = integ.hf_flash_attention(module, q, k, v, mask, is_causal=is_causal, **kwargs)
-    Tq, Tk = q.shape[2], k.shape[2]
+    Tq = q.shape[2]
     scale = q.shape[-1] ** -0.5
     if mask.dim() == 4:
         n_rep = 2

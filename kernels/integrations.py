@@ -4,20 +4,26 @@ Importing this file (and ``kernels``) never imports ``transformers``: ``register
 when called, and ``replace_modules`` only recognizes transformers' GELU classes when the model's code has
 already imported them.
 
-``register_hf_attention(name)`` adds ``hf_flash_attention`` to transformers' ``AttentionInterface`` under
-``name`` (and transformers' SDPA mask builder to ``AttentionMaskInterface``, so padding still reaches the
-attention: transformers hands a custom attention with no mask builder no mask at all). A model loaded with
-``attn_implementation=name`` then runs ``kernels.flash_attention`` wherever the attention is plain causal
-self-attention — no mask tensor, or one that is exactly the causal pattern — and transformers'
-``sdpa_attention_forward`` for everything else:
+``register_hf_attention(name, fallback=True)`` adds ``hf_flash_attention`` to transformers'
+``AttentionInterface`` and ``hf_attention_mask`` to its ``AttentionMaskInterface`` under ``name``. A model
+loaded with ``attn_implementation=name`` then runs our kernels, never SDPA, for causal self-attention:
 
-* a padding (or any other) mask, cross-attention or non-causal modules (``module.is_causal`` false),
-* head_dim outside 16..128, different query/value head sizes, dtypes other than fp32/fp16/bf16,
-* ``softcap``, ``sliding_window``, ``position_bias``, attention sinks, paged caches, ``output_attentions``.
+* grouped-query / multi-query heads: k/v go to the kernels as ``(B, Hk, Tk, D)`` (no ``repeat_kv`` copy);
+* no padding: ``kernels.flash_attention`` (causal bottom-right, so a dynamic cache's Tq < Tk is right);
+* padding: the mask function hands over the 2-D key padding mask (transformers' flash-attention way) and
+  the call is unpadded into one ``kernels.flash_attention_varlen`` (left, right or mixed padding; padding
+  queries get zeros, as in transformers' flash-attention integration);
+* the layer's ``sliding_window`` (W keys, itself included: transformers' ``kv > q - W``) and ``softcap``.
 
-Grouped-query attention repeats the key/value heads. Dropout follows eager attention: ``dropout`` applies
-only while ``module.training``. A single query (decoding) attends to every key; a prefill whose keys
-extend past the queries with no mask (a static cache's empty slots) keeps the first Tq keys, as SDPA does.
+The mask function recognizes transformers' plain causal and sliding-window causal patterns structurally
+(same code, equal captured values); anything else (packed sequences from ``position_ids``, or/and mask
+overlays, bidirectional blocks, chunked attention, static caches) gets SDPA's 4-D mask, which the kernels
+serve only when it is exactly the causal pattern. A call the kernels cannot serve (such a mask,
+non-causal or cross-attention, head_dim outside 16..128, other dtypes, ``position_bias``, sinks,
+``output_attentions``, a sliding window over a row with padding between its tokens) goes, with
+``fallback=True``, to transformers' ``sdpa_attention_forward`` with the exact mask the kernels would have
+applied (plain PyTorch when ``softcap`` is set: SDPA has none); with ``fallback=False`` it raises
+NotImplementedError naming why. Dropout applies only while ``module.training``.
 
 ``replace_modules(model)`` swaps ``torch.nn.LayerNorm`` for ``kernels.LayerNorm`` (the same Parameter
 objects, eps, elementwise_affine) and ``torch.nn.GELU`` for ``kernels.GELU`` (same ``approximate``);

@@ -2,7 +2,9 @@
 
     python -m bench.attention            # CUDA: the full sweep below, bf16
     python -m bench.attention --quick    # CUDA: head_dim 64, T 1k/4k/16k; decode contexts 512/4k
-    python -m bench.attention --no-decode / --no-train-shapes / --no-compile / --no-save
+    python -m bench.attention --no-decode / --no-train-shapes / --no-variants / --no-compile / --no-save
+
+GQA, varlen and sliding-window rows come from ``bench.attention_variants`` (its docstring).
 
 Training shapes (as the flash-attention benchmark): B·T = 16384 tokens and hidden 2048, so
 H = 2048 / D; head_dim 64 and 128; T = 512 ... 16k; bf16; causal. Ours is
@@ -350,8 +352,10 @@ def _decode_point(decode_attention, q, k_cache, v_cache, ctx, ceilings, warmup, 
 
 
 def run(quick: bool = False, *, device: str | None = None, ceilings: dict | None = None,
-        decode: bool = True, train_shapes: bool = True, use_compile: bool | None = None) -> list[dict]:
-    """Every attention benchmark; rows in the ``bench.common.make_row`` format."""
+        decode: bool = True, train_shapes: bool = True, use_compile: bool | None = None,
+        variants: bool = True) -> list[dict]:
+    """Every attention benchmark (with ``bench.attention_variants``: GQA, varlen, window); rows in the
+    ``bench.common.make_row`` format."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     ceilings = ceilings or measure_ceilings(device, quick=quick)
     rows = []
@@ -359,6 +363,10 @@ def run(quick: bool = False, *, device: str | None = None, ceilings: dict | None
         rows += run_train_shapes(quick, device=device, ceilings=ceilings, use_compile=use_compile)
     if decode:
         rows += run_decode(quick, device=device, ceilings=ceilings)
+    if variants:
+        from bench import attention_variants
+
+        rows += attention_variants.run(quick, device=device, ceilings=ceilings)
     return rows
 
 
@@ -369,6 +377,8 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="fewer shapes (head_dim 64; T 1k, 4k, 16k)")
     parser.add_argument("--no-decode", action="store_true", help="skip the decode benchmark")
     parser.add_argument("--no-train-shapes", action="store_true", help="skip fwd/bwd at training shapes")
+    parser.add_argument("--no-variants", action="store_true",
+                        help="skip the GQA / varlen / window rows (bench.attention_variants)")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile(book) baseline")
     parser.add_argument("--no-save", action="store_true", help="do not write bench/results/*.json")
     args = parser.parse_args(argv)
@@ -384,7 +394,8 @@ def main(argv=None) -> int:
     print(f"device: {env.get('device')} | torch {env['torch']} | triton {env['triton']} | "
           f"matmul {ceilings['matmul_tflops']:.1f} TFLOP/s | copy {ceilings['copy_gbs']:.1f} GB/s\n")
     rows = run(args.quick, device=device, ceilings=ceilings, decode=not args.no_decode,
-               train_shapes=not args.no_train_shapes, use_compile=False if args.no_compile else None)
+               train_shapes=not args.no_train_shapes, use_compile=False if args.no_compile else None,
+               variants=not args.no_variants)
     print_rows(rows)
     print("\nvs X: speed-up of ours over X (> 1: ours is faster); sdpa_best = the fastest SDPA backend "
           "that ran. TFLOP/s with the causal FLOP count; % ceiling is over the measured bf16 matmul "

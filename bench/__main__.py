@@ -11,7 +11,8 @@
 Benchmarks: ``bench.layernorm_gelu`` (LayerNorm, add+LayerNorm, GELU; GB/s), ``bench.attention``
 (causal flash attention fwd/bwd vs every SDPA backend and the book's attention, TFLOP/s; decode
 attention vs SDPA, µs and GB/s; with ``bench.attention_variants``: GQA H/Hk 4 and 8, varlen documents
-and a 4096-token window at 16k vs SDPA with enable_gqa / explicit masks and our dense kernel), ``bench.loss`` (fused linear + cross-entropy vs the eager/compiled/Liger
+and a 4096-token window at 16k vs SDPA with enable_gqa / explicit masks and our dense kernel),
+``bench.loss`` (fused linear + cross-entropy vs the eager/compiled/Liger
 head + loss, ms and peak MiB; GPT-2 training step with and without it at the largest batch that fits), ``bench.model`` (GPT-2 training step and generation, tokens/s), ``bench.batch_generate``
 (``generate_batch`` on 64 ragged prompts vs one at a time and HF ``generate``, tokens/s), ``bench.prepare`` (corpus preparation
 tokens/s and MB/s vs a plain tiktoken loop; a CPU benchmark, real on any machine).

@@ -110,7 +110,7 @@ def run_gqa(T, dtype, device, ceilings, warmup, rep, total=TOTAL, H=GQA_HEADS, D
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
 
         with torch.no_grad():
-            ref = _try("sdpa_gqa", lambda: sdpa_gqa(q, k, v), skipped)
+            ref = _try("sdpa_gqa", lambda q=q, k=k, v=v: sdpa_gqa(q, k, v), skipped)
             if ref is not None:
                 _check(f"gqa r={r} T={T}", ours(q, k, v), ref, dtype)
         del ref

@@ -192,24 +192,31 @@ def run_window(T, W, dtype, device, ceilings, warmup, rep, H=HEADS, D=HEAD_DIM) 
                  ceilings, {"T": T, "W": W}, "; ".join(f"{n}: {why}" for n, why in skipped.items()))
 
 
-def run(quick: bool = False, *, device: str | None = None, ceilings: dict | None = None) -> list[dict]:
-    """The GQA, varlen and window rows; ``bench.common.make_row`` format."""
+def pieces(quick: bool = False, *, device: str | None = None, ceilings: dict | None = None) -> list:
+    """``[(label, thunk)]``, one shape each, every thunk returning rows: what a capped GPU-session step
+    runs piece by piece (``bench.__main__.step_pieces``), and what ``run`` runs in a row."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     ceilings = ceilings or measure_ceilings(device, quick=quick)
     if device == "cuda":
-        dtype, warmup, rep = torch.bfloat16, 10, 50
-        rows = run_gqa(4096, dtype, device, ceilings, warmup, rep)
-        if not quick:
-            rows += run_gqa(16384, dtype, device, ceilings, warmup, rep)
-        rows += run_varlen(TOTAL, dtype, device, ceilings, warmup, rep)
-        rows += run_window(TOTAL, WINDOW, dtype, device, ceilings, warmup, rep)
-        torch.cuda.empty_cache()
-        return rows
-    # CPU smoke: tiny fp32 shapes, the same code paths
-    dtype, warmup, rep = torch.float32, 1, 2
-    rows = run_gqa(64, dtype, device, ceilings, warmup, rep, total=128, H=8, D=32)
-    rows += run_varlen(256, dtype, device, ceilings, warmup, rep, H=2, D=32)
-    rows += run_window(128, 32, dtype, device, ceilings, warmup, rep, H=2, D=32)
+        dt, warmup, rep = torch.bfloat16, 10, 50
+        out = [(f"gqa r={r} T={T}", lambda r=r, T=T: run_gqa(T, dt, device, ceilings, warmup, rep, ratios=(r,)))
+               for T in ((4096,) if quick else (4096, 16384)) for r in GQA_RATIOS]
+        return out + [("varlen 16k", lambda: run_varlen(TOTAL, dt, device, ceilings, warmup, rep)),
+                      (f"window W={WINDOW} T=16k", lambda: run_window(TOTAL, WINDOW, dt, device, ceilings, warmup,
+                                                                     rep))]
+    dt, warmup, rep = torch.float32, 1, 2  # CPU smoke: tiny fp32 shapes, the same code paths
+    return [("gqa", lambda: run_gqa(64, dt, device, ceilings, warmup, rep, total=128, H=8, D=32)),
+            ("varlen", lambda: run_varlen(256, dt, device, ceilings, warmup, rep, H=2, D=32)),
+            ("window", lambda: run_window(128, 32, dt, device, ceilings, warmup, rep, H=2, D=32))]
+
+
+def run(quick: bool = False, *, device: str | None = None, ceilings: dict | None = None) -> list[dict]:
+    """The GQA, varlen and window rows; ``bench.common.make_row`` format."""
+    rows = []
+    for _label, thunk in pieces(quick, device=device, ceilings=ceilings):
+        rows += thunk()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
     return rows
 
 

@@ -77,7 +77,7 @@ def test_hf_gpt2_logits_and_grads_equal_eager(pair, spy, kernel_path):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-3, msg=name)
 
 
-def test_padding_mask_runs_the_kernel_and_equals_eager(pair, spy):
+def test_padding_mask_runs_the_kernel_and_equals_eager(pair, spy, fallback_path):  # interpreter: test_hf_models
     eager, ours = pair
     idx = torch.randint(0, 97, (2, 21), generator=torch.Generator().manual_seed(2))
     mask = torch.ones_like(idx)

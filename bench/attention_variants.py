@@ -205,9 +205,9 @@ def pieces(quick: bool = False, *, device: str | None = None, ceilings: dict | N
                       (f"window W={WINDOW} T=16k", lambda: run_window(TOTAL, WINDOW, dt, device, ceilings, warmup,
                                                                      rep))]
     dt, warmup, rep = torch.float32, 1, 2  # CPU smoke: tiny fp32 shapes, the same code paths
-    return [("gqa", lambda: run_gqa(64, dt, device, ceilings, warmup, rep, total=128, H=8, D=32)),
-            ("varlen", lambda: run_varlen(256, dt, device, ceilings, warmup, rep, H=2, D=32)),
-            ("window", lambda: run_window(128, 32, dt, device, ceilings, warmup, rep, H=2, D=32))]
+    return [("gqa", lambda: run_gqa(32, dt, device, ceilings, warmup, rep, total=32, H=8, D=16)),
+            ("varlen", lambda: run_varlen(128, dt, device, ceilings, warmup, rep, H=1, D=16)),
+            ("window", lambda: run_window(64, 16, dt, device, ceilings, warmup, rep, H=1, D=16))]
 
 
 def run(quick: bool = False, *, device: str | None = None, ceilings: dict | None = None) -> list[dict]:

@@ -30,7 +30,7 @@ def test_python_m_bench_quick_writes_json_markdown_and_plots(tmp_path):
     assert {"device", "torch", "triton"} <= set(payload["env"]) and payload["ceilings"]["copy_gbs"] > 0
     names = {row["name"] for row in payload["rows"]}
     assert {"attention fwd", "attention fwd+bwd", "decode_attention", "train step", "layer_norm fwd",
-            "generate_batch", "gqa H/Hk=4 fwd+bwd", "gqa H/Hk=8 fwd", "varlen fwd+bwd", "window W=32 fwd"} <= names
+            "generate_batch", "gqa H/Hk=4 fwd+bwd", "gqa H/Hk=8 fwd", "varlen fwd+bwd", "window W=16 fwd"} <= names
     assert not payload["errors"]
     assert list(tmp_path.glob("*.md")) and list(tmp_path.glob("*.png"))
 

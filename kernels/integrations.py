@@ -98,9 +98,12 @@ def hf_attention_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0
     when it is exactly causal."""
     from transformers.masking_utils import sdpa_mask
 
-    seen = None if attention_mask is None else attention_mask.shape[-1]
+    # Tokens seen so far, padding included: the keys must be the last kv_length of them (a static cache's
+    # keys run past them into empty slots that only a 4-D mask hides).
+    seen = q_offset + q_length if attention_mask is None else attention_mask.shape[-1]
     if (mask_function is not None and _plain_causal_pattern(mask_function, local_size)
-            and (seen is None or (attention_mask.dim() == 2 and seen == kv_offset + kv_length))):
+            and isinstance(seen, int) and seen == kv_offset + kv_length
+            and (attention_mask is None or attention_mask.dim() == 2)):
         if attention_mask is None:
             return None
         keys = attention_mask[:, seen - kv_length:].to(torch.bool)
@@ -232,7 +235,7 @@ def _unpadded_attention(query, key, value, keys_mask, scale, dropout_p, window, 
     k/v ``(B, Hk, Tk, D)``, ``keys_mask`` ``(B, Tk)`` bool with the queries on its last Tq columns.
     Returns ``(B, Tq, H, D)`` with zeros at padding queries. Causal bottom-right alignment per row is the
     padded one because the queries are the row's last tokens; a window is the padded one only when each
-    row's tokens are contiguous (checked by the caller's reason, here)."""
+    row's tokens are contiguous: otherwise returns None (the caller's reason)."""
     B, H, q_len, D = query.shape
     Hk, k_len = key.shape[1], key.shape[2]
     queries_mask = keys_mask[:, k_len - q_len:]

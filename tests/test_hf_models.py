@@ -317,8 +317,9 @@ def test_mask_function_hands_over_what_the_kernels_need():
     # a window other than local_size, an overlay, or a static cache (more keys than tokens): SDPA's 4-D mask
     other = masking.sliding_window_causal_mask_function(5)
     overlay = masking.or_masks(causal, lambda b, h, q, kv: kv == 0)
-    for fn, kw in ((other, win), (overlay, base), (causal, dict(base, kv_length=16))):
-        m = integ.hf_attention_mask(**kw, mask_function=fn, attention_mask=pad, allow_is_causal_skip=False)
+    for fn, kw, m2d in ((other, win, pad), (overlay, base, pad), (causal, dict(base, kv_length=16), pad),
+                        (causal, dict(base, kv_length=16), None)):
+        m = integ.hf_attention_mask(**kw, mask_function=fn, attention_mask=m2d, allow_is_causal_skip=False)
         assert m.dim() == 4 and m.dtype == torch.bool
 
 

@@ -108,6 +108,8 @@ def hf_attention_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0
             return None
         keys = attention_mask[:, seen - kv_length:].to(torch.bool)
         return None if bool(keys.all()) else keys
+    # Never None for a causal pattern: SDPA reads None as its top-left is_causal, the kernels as bottom-right.
+    kwargs["allow_is_causal_skip"] = False
     return sdpa_mask(batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
                      kv_offset=kv_offset, mask_function=mask_function, attention_mask=attention_mask,
                      local_size=local_size, **kwargs)

@@ -327,3 +327,19 @@ def test_register_fallback_must_be_bool():
     with pytest.raises(TypeError, match="fallback"):
         kernels.register_hf_attention("ours_x", fallback="no")
     assert transformers.AttentionMaskInterface._global_mapping[STRICT] is integ.hf_attention_mask
+
+
+def test_static_cache_refused_strict_and_sdpa_when_loose(fallback_path):
+    """A static cache's keys run past the tokens into empty slots: SDPA's 4-D mask (never None, whose
+    top-left is_causal the kernels would read bottom-right), so strict raises and loose equals eager."""
+    eager = _model("llama").eval()
+    ours = copy.deepcopy(eager)
+    prompt = torch.randint(1, 64, (1, 6), generator=torch.Generator().manual_seed(3))
+    kw = dict(max_new_tokens=3, do_sample=False, pad_token_id=0, cache_implementation="static")
+    with torch.no_grad():
+        want = eager.generate(prompt, **kw).tolist()
+        ours.set_attn_implementation(STRICT)
+        with pytest.raises(NotImplementedError, match="static cache"):
+            ours.generate(prompt, **kw)
+        ours.set_attn_implementation(LOOSE)
+        assert ours.generate(prompt, **kw).tolist() == want

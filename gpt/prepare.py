@@ -50,11 +50,12 @@ silently dropping the corpus), parquet without ``pyarrow``. Skipped and counted:
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import gzip
 import json
+import multiprocessing as mp
 import os
+import queue
 import re
 import shutil
 import signal
@@ -63,9 +64,11 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from multiprocessing.connection import wait
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from .data import TEXT_SUFFIXES, DataError, write_shard
 from .tokenizer import ENDOFTEXT, EOT_ID, get_tokenizer
@@ -198,7 +201,7 @@ def _jsonl_docs(path: Path, text_field: str, stats: Stats) -> Iterator[tuple[str
 
 def _parquet_docs(path: Path, text_field: str, stats: Stats) -> Iterator[tuple[str, bool]]:
     try:
-        import pyarrow.parquet as pq
+        import pyarrow.parquet as pq  # optional (the parquet extra): only for .parquet inputs
     except ImportError:
         raise DataError(f"{path}: reading .parquet needs pyarrow: pip install 'gpt-triton[parquet]' "
                         "(or pip install pyarrow)") from None
@@ -305,8 +308,6 @@ def _worker(tasks, results, inherited) -> None:
     try:
         for conn in inherited:  # (fork) the other workers' and the parent's pipe ends: EOF must mean EOF
             conn.close()
-        import queue
-
         inbox: queue.SimpleQueue = queue.SimpleQueue()
         # A thread drains the task pipe at once, so the parent's send never waits on this process's
         # (possibly blocked) result send: no pipe deadlock whatever the batch sizes.
@@ -350,8 +351,6 @@ class _Workers:
     join, then SIGKILL, which cannot be caught or blocked."""
 
     def __init__(self, workers: int):
-        import multiprocessing as mp
-
         # fork: cheap (no re-import of torch per worker); started before any thread or open file of the run
         ctx = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
         self.n, self.sent, self.taken = workers, 0, 0
@@ -422,8 +421,6 @@ class _Workers:
 
     def take(self) -> tuple[np.ndarray, int]:
         """The result of the oldest batch in flight: waits for it or for its worker's death, not longer."""
-        from multiprocessing.connection import wait
-
         i = self.taken % self.n
         conn, sentinel = self.results[i], self.procs[i].sentinel
         while not wait([conn, sentinel], timeout=1.0):
@@ -615,8 +612,6 @@ def _rmdir_if_empty(path: Path) -> None:
 
 
 def _run(files, staging, stats, *, val_tokens, shard_tokens, workers, text_field, prefix, progress):
-    from tqdm import tqdm
-
     writer = ShardWriter(staging, prefix, val_tokens, shard_tokens)
     # the workers fork first, before the progress bar's monitor thread and before any input is opened
     with _Workers(workers) if workers > 1 else contextlib.nullcontext() as pool:
@@ -639,70 +634,3 @@ def _run(files, staging, stats, *, val_tokens, shard_tokens, workers, text_field
         raise DataError(f"the corpus has {writer.total:,} tokens, all taken by the validation split "
                         f"(--val-tokens {val_tokens:,}): lower --val-tokens")
     return writer
-
-
-# ---------------------------------------------------------------------------------------------- CLI
-def _usable_cpus() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
-USAGE = ("usage: python -m gpt.data prepare INPUT... --out DIR [--val-tokens N] [--shard-tokens N] "
-         "[--workers N] [--text-field F] [--prefix P] [--overwrite] [--quiet]")
-
-
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m gpt.data prepare", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("inputs", nargs="+", metavar="INPUT",
-                   help="files (.jsonl, .jsonl.gz, .parquet, else text) and folders (their .txt .md .rst .text "
-                        ".jsonl .jsonl.gz .parquet files; others skipped with a notice)")
-    p.add_argument("--out", required=True, help="output folder (empty or new, unless --overwrite)")
-    p.add_argument("--val-tokens", type=int, default=1_000_000,
-                   help="tokens in the validation split, taken first (default: 1,000,000)")
-    p.add_argument("--shard-tokens", type=int, default=100_000_000,
-                   help="tokens per shard (default: 100,000,000 as llm.c; 200 MB)")
-    p.add_argument("--workers", type=int, default=_usable_cpus(),
-                   help="tokenizer processes (default: the CPUs this process may use)")
-    p.add_argument("--text-field", default="text", help="jsonl field / parquet column of the text (default: text)")
-    p.add_argument("--prefix", default="data", help="shard name prefix (default: data)")
-    p.add_argument("--overwrite", action="store_true", help="replace a previous prepare output in --out")
-    p.add_argument("--quiet", action="store_true", help="no progress bar, no notice of skipped files")
-    return p.parse_args(argv)
-
-
-def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] in (["-h"], ["--help"]):
-        print(f"{USAGE}\n\ncommands:\n  prepare    text files, folders, .jsonl(.gz), .parquet -> llm.c token "
-              "shards (streaming, in parallel)\n\nSee python -m gpt.data prepare --help.")
-        return 0
-    if not argv or argv[0] != "prepare":
-        print(f"{USAGE}\n(see python -m gpt.data --help, python -m gpt.data prepare --help)", file=sys.stderr)
-        return 2
-    args = parse_args(argv[1:])
-    on_main = threading.current_thread() is threading.main_thread()  # (signal handlers live there)
-    old_handler = signal.signal(signal.SIGTERM, _sigterm) if on_main else None
-    try:
-        m = prepare(args.inputs, args.out, val_tokens=args.val_tokens, shard_tokens=args.shard_tokens,
-                    workers=args.workers, text_field=args.text_field, prefix=args.prefix,
-                    overwrite=args.overwrite, progress=False if args.quiet else None)
-    except (DataError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except WorkerError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt as e:
-        print("interrupted: nothing written", file=sys.stderr)
-        return 143 if isinstance(e, _Terminated) else 130
-    finally:
-        if on_main:
-            signal.signal(signal.SIGTERM, old_handler if old_handler is not None else signal.SIG_DFL)
-    mb = m["bytes"] / 1e6
-    other = f", {skipped_note(m['skipped_files'])} skipped by suffix" if m["skipped_files"] else ""
-    print(f"{m['documents']:,} documents ({m['skipped_empty_documents']:,} empty skipped) from {m['files']} "
-          f"files{other}, {mb:,.1f} MB -> {m['tokens']:,} tokens in {m['seconds']:.1f} s "
-          f"({mb / max(m['seconds'], 1e-9):,.1f} MB/s, {m['tokens'] / max(m['seconds'], 1e-9):,.0f} tokens/s)")
-    print(f"{args.out}: {len(m['val_shards'])} val shard(s), {m['val_tokens']:,} tokens; "
-          f"{len(m['train_shards'])} train shard(s), {m['train_tokens']:,} tokens")
-    return 0

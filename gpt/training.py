@@ -15,6 +15,7 @@ import math
 import os
 import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from torch import nn
+from tqdm import tqdm
 
 from .checkpoint import first_non_finite, load_checkpoint, save_checkpoint
 from .generate import context_length_of, generate
@@ -240,8 +242,6 @@ class _StopFlag:
 
 
 def threading_main() -> bool:
-    import threading
-
     return threading.current_thread() is threading.main_thread()
 
 
@@ -262,7 +262,7 @@ def read_metrics(path: Path) -> list[dict]:
 def plot_losses(out: Path) -> None:
     """``loss.png`` from ``metrics.jsonl`` (skipped quietly without matplotlib)."""
     try:
-        import matplotlib
+        import matplotlib  # optional (the dev extra): lazy, only to draw loss.png
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
@@ -299,8 +299,6 @@ def train(model: nn.Module, spec: TrainSpec, cfg: LoopConfig, out: Path, device:
     on Ctrl-C/SIGTERM, never with non-finite values: the run stops instead),
     ``ckpt-best.pt`` (best ``val_loss``), ``metrics.jsonl`` and ``loss.png`` (rank 0 only).
     """
-    from tqdm import tqdm
-
     d = d or Dist()
     model.to(device)
     optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay, device)

@@ -8,7 +8,6 @@ A run folder holds ``config.json`` (the model and the run's arguments), ``metric
 
 from __future__ import annotations
 
-import argparse
 import fcntl
 import json
 import os
@@ -87,7 +86,7 @@ def stored_form(name: str, value):
     return value
 
 
-def resume_args(args: argparse.Namespace, path: Path, world: int = 1) -> argparse.Namespace:
+def resume_args(args, path: Path, world: int = 1):
     """The run's stored arguments, with the flags a resumed run may change taken from the command line."""
     check_folder(path)
     config_path = path / "config.json"
@@ -117,7 +116,7 @@ def resume_args(args: argparse.Namespace, path: Path, world: int = 1) -> argpars
     merged.update({k: getattr(args, k) for k in args.given & RESUMABLE})
     if args.given & {"steps", "epochs"}:  # a new length replaces the stored one
         merged["epochs" if "steps" in args.given else "steps"] = None
-    return argparse.Namespace(**merged)
+    return type(args)(**merged)  # (an argparse.Namespace from the CLI)
 
 
 def lock_run_folder(path: Path, create: bool = True):

@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from gpt.checkpoint import save_checkpoint
+from gpt.cli.export import main
 from gpt.config import GPTConfig
-from gpt.export import ExportError, bpe_files_from_ranks, export_state_dict, main
+from gpt.export import ExportError, bpe_files_from_ranks, export_state_dict
 from gpt.model import GPTModel as FusedGPT
 from gpt.reference import GPTModel
 

@@ -254,7 +254,7 @@ def test_docs_integrations_page_runs(tmp_path, monkeypatch, capsys):
     import io
     import shlex
 
-    from gpt.export import main as export_main
+    from gpt.cli.export import main as export_main
     from tests.utils import check_output, parse_markdown
 
     doc = ROOT / "docs" / "integrations.md"

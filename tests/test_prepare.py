@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 
 from gpt import data as D
 from gpt import prepare as P
+from gpt.cli.prepare import main as prepare_cli
 from gpt.tokenizer import _tiktoken_has_cache, get_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -184,7 +185,7 @@ def test_text_too_large_for_memory_points_to_prepare(corpus):
 
 # ------------------------------------------------------------------------------------------ bad input
 def cli(capsys, *args):
-    code = P.main(["prepare", *map(str, args), "--quiet"])
+    code = prepare_cli(["prepare", *map(str, args), "--quiet"])
     err = capsys.readouterr().err.strip().splitlines()
     return code, err
 

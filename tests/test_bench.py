@@ -3,6 +3,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -44,7 +45,9 @@ def test_pytest_benchmarks_run_once():
     pytest.importorskip("pytest_benchmark")
     r = _run("-m", "pytest", "bench", "-q", "-p", "no:cacheprovider", "--benchmark-disable")
     assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
-    assert "12 passed" in r.stdout
+    summary = r.stdout.strip().splitlines()[-1]  # e.g. "12 passed in 3.1s" or "12 passed, 1 warning in ..."
+    counts = {kind: int(n) for n, kind in re.findall(r"(\d+) (passed|failed|errors?|skipped)", summary)}
+    assert counts == {"passed": 12}, summary
 
 
 def test_cpu_train_comparison_runs(capsys, monkeypatch):

@@ -484,23 +484,37 @@ def test_random_kill_9_then_resume_until_done_is_bit_exact(micro, reference, tmp
 
 def test_tokens_per_s_leaves_out_checkpoint_writes(tmp_path, monkeypatch):
     """Checkpoint writes (and the loss plot), like evaluations, are no training throughput: a slow save
-    must not show up as a slow next step in metrics.jsonl."""
+    or evaluation must not show up as a slow next step in metrics.jsonl. The loop's clock is a fake one
+    that only the test moves (no wall-clock bound): each micro-batch takes 1 s, each checkpoint write 100 s
+    and each evaluation 1000 s, so every step's throughput must be exactly 16 tokens / 1 s."""
+    from types import SimpleNamespace
+
     import gpt.training as T
     from gpt.config import GPTConfig
     from gpt.reference import GPTModel
 
+    clock = [0.0]
+    monkeypatch.setattr(T, "time", SimpleNamespace(perf_counter=lambda: clock[0], monotonic=lambda: clock[0]))
+
+    def advance(seconds, fn):
+        def wrapped(*a, **k):
+            clock[0] += seconds
+            return fn(*a, **k)
+        return wrapped
+
     model = GPTModel(GPTConfig(vocab_size=32, context_length=8, emb_dim=16, n_heads=2, n_layers=1, drop_rate=0.0))
     data = [(torch.randint(0, 32, (8,)), torch.randint(0, 32, (8,))) for _ in range(8)]
     spec = T.TrainSpec(train_data=data, collate=lambda items: tuple(torch.stack(t) for t in zip(*items)),
-                       loss_fn=lambda m, b, dev: torch.nn.functional.cross_entropy(m(b[0]).flatten(0, 1), b[1].flatten()),
-                       evaluate=lambda m: {"val_loss": 1.0})
-    real_save = T.save_checkpoint
-    monkeypatch.setattr(T, "save_checkpoint", lambda *a, **k: (time.sleep(0.6), real_save(*a, **k))[1])
-    T.train(model, spec, T.LoopConfig(steps=4, batch_size=2, save_every=2, eval_every=100), tmp_path,
+                       loss_fn=advance(1.0, lambda m, b, dev: torch.nn.functional.cross_entropy(
+                           m(b[0]).flatten(0, 1), b[1].flatten())),
+                       evaluate=advance(1000.0, lambda m: {"val_loss": 1.0}))
+    monkeypatch.setattr(T, "save_checkpoint", advance(100.0, T.save_checkpoint))
+    T.train(model, spec, T.LoopConfig(steps=6, batch_size=2, save_every=2, eval_every=3), tmp_path,
             torch.device("cpu"), log=lambda *a: None)
     rows = metric_rows(tmp_path)
-    seconds = [16 / r["tokens_per_s"] for r in rows]  # 2 x 8 tokens per step
-    assert seconds[2] < 0.3, seconds  # step 3 follows step 2's 0.6 s checkpoint write
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    assert clock[0] == 6 * 1.0 + 4 * 100.0 + 2 * 1000.0  # 6 steps, ckpt-last at 2, 4, 6 and ckpt-best at 3, 2 evals
+    assert [r["tokens_per_s"] for r in rows] == [16.0] * 6  # 2 x 8 tokens per 1 s step, after saves and evals
 
 
 def test_resume_refuses_fewer_steps_than_done(micro, reference, tmp_path, capsys):

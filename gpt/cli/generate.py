@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from ..batch_generate import DEFAULT_BATCH_SIZE, iter_batch
 from ..checkpoint import CheckpointError
-from ..generate import MIN_TEMPERATURE, stream, supports_kv_cache
+from ..generate import check_sampling, stream, supports_kv_cache
 from ..recipes import model_class
 from ..tokenizer import ENDOFTEXT, EOT_ID, TokenizerError, get_tokenizer, text_to_token_ids
 from ..weights import WeightsError
@@ -32,20 +32,17 @@ def _check_cli_args(args) -> None:
     """The numeric flags, before anything is loaded: ValueError naming the flag."""
     if args.max_new_tokens < 0:
         raise ValueError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
-    t = args.temperature
-    if not (t == 0.0 or MIN_TEMPERATURE <= t < float("inf")):
-        raise ValueError(f"--temperature must be 0 (greedy) or a finite number >= {MIN_TEMPERATURE:.3g}, got {t}")
-    if args.top_k is not None and args.top_k <= 0:
-        raise ValueError(f"--top-k must be a positive int, got {args.top_k}")
-    if args.top_p is not None and not 0.0 < args.top_p <= 1.0:
-        raise ValueError(f"--top-p must be in (0, 1], got {args.top_p}")
+    try:
+        check_sampling(args.temperature, args.top_k, args.top_p)  # the library's rule, named by its flag
+    except ValueError as e:
+        name, _, rest = str(e).partition(" ")
+        raise ValueError(f"--{name.replace('_', '-')} {rest}") from None
     if args.batch_size is not None and args.batch_size <= 0:
         raise ValueError(f"--batch-size must be a positive int, got {args.batch_size}")
     if args.prompts_file is None and (args.out is not None or args.batch_size is not None):
         raise ValueError("--out and --batch-size go with --prompts-file")
     if args.prompts_file is not None and args.out is None:
         raise ValueError("--prompts-file needs --out FILE.jsonl")
-
 
 
 def read_prompts(path: Path, out: Path) -> list[dict]:

@@ -13,14 +13,9 @@ import sys
 import threading
 
 from ..data import DataError
-from ..prepare import (  # (SIGTERM -> KeyboardInterrupt)
-    WorkerError,
-    _sigterm,
-    _Terminated,
-    prepare,
-    skipped_note,
-)
 from ..prepare import __doc__ as PREPARE_DOC
+from ..prepare import prepare, skipped_note
+from ..prepare_workers import WorkerError, _sigterm, _Terminated  # (SIGTERM -> KeyboardInterrupt, exit 143)
 
 
 def _usable_cpus() -> int:

@@ -151,3 +151,8 @@ def linear_cross_entropy(x, weight, target, bias, ignore_index: int, reduction: 
     """``x`` (N, d), ``target`` (N,) already validated; returns the fp32 scalar loss."""
     return _LinearCrossEntropyGradInForward.apply(x, weight, bias, target, ignore_index,
                                                   reduction == "mean", chunk_elements, torch.is_grad_enabled())
+
+
+def rms_norm(x, weight, eps: float, offset: float) -> torch.Tensor:
+    w = weight if weight is None or offset == 0.0 else weight + offset
+    return F.rms_norm(x, (x.shape[-1],), w, eps)

@@ -320,3 +320,125 @@ def linear_cross_entropy_bwd_ref(g, x, weight, target, bias, lse, ignore_index: 
         if need_db:
             db += dz.sum(dim=0)
     return dx, dw.to(weight.dtype) if need_dw else dw, db.to(x.dtype) if need_db else db
+
+
+# ---------------------------------------------------------------------------------------------------
+# RMSNorm, residual-add + RMSNorm, SwiGLU / GeGLU, rotary embeddings
+# (kernels/rmsnorm.py, kernels/glu.py, kernels/rotary.py)
+# ---------------------------------------------------------------------------------------------------
+
+def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor | None = None, eps: float = 1e-6, *,
+                 offset: float = 0.0) -> torch.Tensor:
+    """``x / sqrt(mean(x², -1) + eps) · (offset + weight)`` in at least fp32, output in ``x.dtype``;
+    without a weight the normalized ``x`` (``offset`` scales only a weight)."""
+    xf = x.to(_stat_dtype(x.dtype))
+    y = xf * torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + eps)
+    if weight is not None:
+        y = y * (offset + weight.to(y.dtype))
+    return y.to(x.dtype)
+
+
+def add_rms_norm_ref(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor | None = None,
+                     eps: float = 1e-6, *, offset: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(rms_norm(x + residual), x + residual)``; the sum is rounded to its dtype before normalizing."""
+    s = x + residual
+    return rms_norm_ref(s, weight, eps, offset=offset), s
+
+
+def rms_norm_fwd_ref(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor | None,
+                     eps: float, offset: float, sum_dtype: torch.dtype):
+    """Fallback of the fused forward on a 2-D ``x``: ``(y, s, rstd)``; ``s = (x + residual)`` in
+    ``sum_dtype`` when a residual is given (else empty) and normalized instead of ``x``; rstd fp32 (rows,)."""
+    if residual is not None:
+        s = (x.float() + residual.float()).to(sum_dtype)
+        src = s
+    else:
+        s = x.new_empty(0)
+        src = x
+    xf = src.float()
+    rstd = torch.rsqrt(xf.pow(2).mean(dim=-1) + eps)
+    y = xf * rstd[:, None]
+    if weight is not None:
+        y = y * (offset + weight.float())
+    return y.to(src.dtype), s, rstd
+
+
+def rms_norm_bwd_ref(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None, rstd: torch.Tensor,
+                     ds: torch.Tensor | None, offset: float, compute_dw: bool):
+    """Fallback of the backward on 2-D tensors: ``(dx, dw)``, dw fp32 (empty when not asked for).
+    ``xhat = x·rstd``; ``dxhat = dy·(offset + w)``; ``dx = rstd·(dxhat − xhat·mean(xhat·dxhat))`` (+ ds);
+    ``dw = Σ_rows dy·xhat``."""
+    xhat = x.float() * rstd[:, None]
+    dyf = dy.float()
+    dxhat = dyf * (offset + weight.float()) if weight is not None else dyf
+    dx = rstd[:, None] * (dxhat - xhat * (xhat * dxhat).mean(dim=-1, keepdim=True))
+    if ds is not None:
+        dx = dx + ds.float()
+    dw = (dyf * xhat).sum(dim=0) if compute_dw and weight is not None else x.new_empty(0, dtype=torch.float32)
+    return dx.to(x.dtype), dw
+
+
+def _gate_act(g: torch.Tensor, activation: str) -> torch.Tensor:
+    if activation == "silu":
+        return torch.nn.functional.silu(g)
+    if activation == "gelu_tanh":
+        return torch.nn.functional.gelu(g, approximate="tanh")
+    if activation == "gelu":
+        return torch.nn.functional.gelu(g)
+    raise ValueError(f"activation must be 'silu', 'gelu_tanh' or 'gelu', got {activation!r}")
+
+
+def gated_act_ref(gate: torch.Tensor, up: torch.Tensor, activation: str = "silu") -> torch.Tensor:
+    """``act(gate) · up`` in at least fp32, output in the promoted dtype of gate and up (the oracle of
+    ``swiglu`` (``"silu"``) and ``geglu`` (``"gelu_tanh"``, ``"gelu"``))."""
+    out = torch.promote_types(gate.dtype, up.dtype)
+    dt = _stat_dtype(out)
+    return (_gate_act(gate.to(dt), activation) * up.to(dt)).to(out)
+
+
+def gated_act_fwd_ref(gate: torch.Tensor, up: torch.Tensor, activation: str) -> torch.Tensor:
+    """Fallback of the gated activation forward (fp32 math, output in gate's dtype)."""
+    return (_gate_act(gate.float(), activation) * up.float()).to(gate.dtype)
+
+
+def gated_act_bwd_ref(dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, activation: str):
+    """Fallback of the backward: ``(dgate, dup) = (dy·up·act'(gate), dy·act(gate))``, act recomputed."""
+    g = gate.float().detach().requires_grad_(True)
+    with torch.enable_grad():
+        a = _gate_act(g, activation)
+    dyf = dy.float()
+    (da,) = torch.autograd.grad(a, g, dyf * up.float())
+    return da.to(gate.dtype), (dyf * a.detach()).to(up.dtype)
+
+
+def rotate_half_ref(x: torch.Tensor) -> torch.Tensor:
+    """``cat(-x[..., D/2:], x[..., :D/2])`` (transformers' ``rotate_half``)."""
+    h = x.shape[-1] // 2
+    return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
+
+
+def _rotary_cos_sin(cos: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return cos[:, None] if cos.dim() == 3 else cos  # (B, T, D) -> (B, 1, T, D); (T, D) broadcasts
+
+
+def apply_rotary_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """``x·cos + rotate_half(x)·sin`` in at least fp32, output in ``x.dtype``; x ``(B, H, T, D)``, cos/sin
+    ``(T, D)`` or ``(B, T, D)``."""
+    dt = _stat_dtype(x.dtype)
+    c, s = _rotary_cos_sin(cos, x).to(dt), _rotary_cos_sin(sin, x).to(dt)
+    xf = x.to(dt)
+    return (xf * c + rotate_half_ref(xf) * s).to(x.dtype)
+
+
+def rotary_fwd_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward: bool) -> torch.Tensor:
+    """Fallback of the rotary op (contiguous output in x's dtype). ``backward=True`` applies the
+    transpose: ``dx1 = dy1·c1 + dy2·s2``, ``dx2 = dy2·c2 − dy1·s1`` (halves 1, 2 of the last dim)."""
+    c, s = _rotary_cos_sin(cos, x).float(), _rotary_cos_sin(sin, x).float()
+    xf = x.float()
+    if not backward:
+        y = xf * c + rotate_half_ref(xf) * s
+    else:
+        h = x.shape[-1] // 2
+        xs = xf * s
+        y = xf * c + torch.cat((xs[..., h:], -xs[..., :h]), dim=-1)
+    return y.to(x.dtype).contiguous()

@@ -1,8 +1,8 @@
 """Hand-written Triton kernels for GPT-2, importable on their own (no import of ``gpt``).
 
 Public API (docs/design.md): ``flash_attention``, ``decode_attention``, ``layer_norm``, ``add_layer_norm``,
-``gelu``, ``linear_cross_entropy``, ``rms_norm``, ``add_rms_norm`` and the drop-in modules ``LayerNorm``, ``GELU``,
-``CausalSelfAttention``, ``RMSNorm``;
+``gelu``, ``linear_cross_entropy``, ``rms_norm``, ``add_rms_norm``, ``swiglu``, ``geglu`` and the drop-in modules
+``LayerNorm``, ``GELU``, ``CausalSelfAttention``, ``RMSNorm``, ``GatedMLP``;
 ``register_hf_attention`` and ``replace_modules`` put them into other models (transformers imported lazily).
 """
 
@@ -10,6 +10,7 @@ from .attention import CausalSelfAttention, flash_attention
 from .cross_entropy import linear_cross_entropy
 from .decode import decode_attention
 from .gelu import GELU, gelu
+from .glu import GatedMLP, geglu, swiglu
 from .integrations import register_hf_attention, replace_modules
 from .layernorm import LayerNorm, add_layer_norm, layer_norm
 from .rmsnorm import RMSNorm, add_rms_norm, rms_norm
@@ -18,5 +19,5 @@ __all__ = [
     "flash_attention", "decode_attention", "CausalSelfAttention",
     "layer_norm", "add_layer_norm", "LayerNorm", "gelu", "GELU", "linear_cross_entropy",
     "register_hf_attention", "replace_modules",
-    "rms_norm", "add_rms_norm", "RMSNorm",
+    "rms_norm", "add_rms_norm", "RMSNorm", "swiglu", "geglu", "GatedMLP",
 ]

@@ -156,3 +156,9 @@ def linear_cross_entropy(x, weight, target, bias, ignore_index: int, reduction: 
 def rms_norm(x, weight, eps: float, offset: float) -> torch.Tensor:
     w = weight if weight is None or offset == 0.0 else weight + offset
     return F.rms_norm(x, (x.shape[-1],), w, eps)
+
+
+def gated_activation(gate, up, activation: str) -> torch.Tensor:
+    if activation == "silu":
+        return F.silu(gate) * up
+    return F.gelu(gate, approximate="tanh" if activation == "gelu_tanh" else "none") * up

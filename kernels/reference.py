@@ -389,11 +389,10 @@ def _gate_act(g: torch.Tensor, activation: str) -> torch.Tensor:
 
 
 def gated_act_ref(gate: torch.Tensor, up: torch.Tensor, activation: str = "silu") -> torch.Tensor:
-    """``act(gate) · up`` in at least fp32, output in the promoted dtype of gate and up (the oracle of
-    ``swiglu`` (``"silu"``) and ``geglu`` (``"gelu_tanh"``, ``"gelu"``))."""
-    out = torch.promote_types(gate.dtype, up.dtype)
-    dt = _stat_dtype(out)
-    return (_gate_act(gate.to(dt), activation) * up.to(dt)).to(out)
+    """``act(gate) · up`` in at least fp32, output in gate's dtype (the oracle of ``swiglu``
+    (``"silu"``) and ``geglu`` (``"gelu_tanh"``, ``"gelu"``))."""
+    dt = _stat_dtype(gate.dtype)
+    return (_gate_act(gate.to(dt), activation) * up.to(dt)).to(gate.dtype)
 
 
 def gated_act_fwd_ref(gate: torch.Tensor, up: torch.Tensor, activation: str) -> torch.Tensor:
@@ -403,12 +402,13 @@ def gated_act_fwd_ref(gate: torch.Tensor, up: torch.Tensor, activation: str) -> 
 
 def gated_act_bwd_ref(dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, activation: str):
     """Fallback of the backward: ``(dgate, dup) = (dy·up·act'(gate), dy·act(gate))``, act recomputed."""
-    g = gate.float().detach().requires_grad_(True)
-    with torch.enable_grad():
-        a = _gate_act(g, activation)
-    dyf = dy.float()
-    (da,) = torch.autograd.grad(a, g, dyf * up.float())
-    return da.to(gate.dtype), (dyf * a.detach()).to(up.dtype)
+    g, dyf = gate.float(), dy.float()
+    gu = dyf * up.float()
+    if activation == "silu":
+        dg = torch.ops.aten.silu_backward(gu, g)
+    else:
+        dg = torch.ops.aten.gelu_backward(gu, g, approximate="tanh" if activation == "gelu_tanh" else "none")
+    return dg.to(gate.dtype), (dyf * _gate_act(g, activation)).to(up.dtype)
 
 
 def rotate_half_ref(x: torch.Tensor) -> torch.Tensor:

@@ -23,9 +23,11 @@ from kernels import (
     add_rms_norm,
     decode_attention,
     flash_attention,
+    geglu,
     gelu,
     layer_norm,
     rms_norm,
+    swiglu,
 )
 from kernels import reference as ref
 from tests.guard_utils import CUDA, assert_close_to_ref
@@ -162,6 +164,12 @@ def _run_add_rms_norm(dtype, device):
         torch.nn.functional.rms_norm(x + r, (40,), w, 1e-6), x + r]
 
 
+def _run_glu(dtype, device):
+    g, u = (_leaf(_t((5, 33), dtype, i, device)) for i in range(2))
+    return [g, u], lambda g, u: [swiglu(g, u), geglu(g, u)], lambda g, u: [
+        torch.nn.functional.silu(g) * u, torch.nn.functional.gelu(g, approximate="tanh") * u]
+
+
 def _run_module(mod_cls, torch_cls, *args):
     def make(dtype, device):
         torch.manual_seed(0)
@@ -215,6 +223,7 @@ CASES = {
     "rms_norm": (_run_rms_norm, NORM_DTYPES),
     "add_rms_norm": (_run_add_rms_norm, NORM_DTYPES),
     "RMSNorm": (_run_module(lambda: RMSNorm(24, eps=1e-6), lambda: torch.nn.RMSNorm(24, eps=1e-6)), NORM_DTYPES),
+    "swiglu_geglu": (_run_glu, NORM_DTYPES),
     "flash_attention": (_run_flash_attention, ATTN_DTYPES),
     "decode_attention": (_run_decode, ATTN_DTYPES),
     "CausalSelfAttention": (_run_self_attention, ATTN_DTYPES),

@@ -162,3 +162,9 @@ def gated_activation(gate, up, activation: str) -> torch.Tensor:
     if activation == "silu":
         return F.silu(gate) * up
     return F.gelu(gate, approximate="tanh" if activation == "gelu_tanh" else "none") * up
+
+
+def apply_rotary(x, cos, sin) -> torch.Tensor:
+    c, s = (cos[:, None], sin[:, None]) if cos.dim() == 3 else (cos, sin)  # (B, T, D) -> (B, 1, T, D)
+    h = x.shape[-1] // 2
+    return x * c + torch.cat((-x[..., h:], x[..., :h]), dim=-1) * s

@@ -417,7 +417,7 @@ def rotate_half_ref(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
 
 
-def _rotary_cos_sin(cos: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+def _rotary_cos_sin(cos: torch.Tensor) -> torch.Tensor:
     return cos[:, None] if cos.dim() == 3 else cos  # (B, T, D) -> (B, 1, T, D); (T, D) broadcasts
 
 
@@ -425,7 +425,7 @@ def apply_rotary_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> t
     """``x·cos + rotate_half(x)·sin`` in at least fp32, output in ``x.dtype``; x ``(B, H, T, D)``, cos/sin
     ``(T, D)`` or ``(B, T, D)``."""
     dt = _stat_dtype(x.dtype)
-    c, s = _rotary_cos_sin(cos, x).to(dt), _rotary_cos_sin(sin, x).to(dt)
+    c, s = _rotary_cos_sin(cos).to(dt), _rotary_cos_sin(sin).to(dt)
     xf = x.to(dt)
     return (xf * c + rotate_half_ref(xf) * s).to(x.dtype)
 
@@ -433,7 +433,7 @@ def apply_rotary_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> t
 def rotary_fwd_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward: bool) -> torch.Tensor:
     """Fallback of the rotary op (contiguous output in x's dtype). ``backward=True`` applies the
     transpose: ``dx1 = dy1·c1 + dy2·s2``, ``dx2 = dy2·c2 − dy1·s1`` (halves 1, 2 of the last dim)."""
-    c, s = _rotary_cos_sin(cos, x).float(), _rotary_cos_sin(sin, x).float()
+    c, s = _rotary_cos_sin(cos).float(), _rotary_cos_sin(sin).float()
     xf = x.float()
     if not backward:
         y = xf * c + rotate_half_ref(xf) * s

@@ -21,6 +21,7 @@ from kernels import (
     RMSNorm,
     add_layer_norm,
     add_rms_norm,
+    apply_rotary,
     decode_attention,
     flash_attention,
     geglu,
@@ -170,6 +171,16 @@ def _run_glu(dtype, device):
         torch.nn.functional.silu(g) * u, torch.nn.functional.gelu(g, approximate="tanh") * u]
 
 
+def _run_rotary(dtype, device):
+    x = _leaf(_t((2, 2, 5, 8), dtype, 0, device))
+    ang = torch.arange(5.0)[:, None] * torch.rand(4, generator=torch.Generator().manual_seed(1))
+    cos, sin = (torch.cat([f(ang)] * 2, -1).to(device) for f in (torch.cos, torch.sin))  # fp32 tables
+
+    def oracle(x):
+        return [x * cos.to(x.dtype) + torch.cat((-x[..., 4:], x[..., :4]), -1) * sin.to(x.dtype)]
+    return [x], lambda x: [apply_rotary(x, cos, sin)], oracle
+
+
 def _run_module(mod_cls, torch_cls, *args):
     def make(dtype, device):
         torch.manual_seed(0)
@@ -224,6 +235,7 @@ CASES = {
     "add_rms_norm": (_run_add_rms_norm, NORM_DTYPES),
     "RMSNorm": (_run_module(lambda: RMSNorm(24, eps=1e-6), lambda: torch.nn.RMSNorm(24, eps=1e-6)), NORM_DTYPES),
     "swiglu_geglu": (_run_glu, NORM_DTYPES),
+    "apply_rotary": (_run_rotary, NORM_DTYPES),
     "flash_attention": (_run_flash_attention, ATTN_DTYPES),
     "decode_attention": (_run_decode, ATTN_DTYPES),
     "CausalSelfAttention": (_run_self_attention, ATTN_DTYPES),

@@ -118,8 +118,9 @@ def _check_rotary_args(x, cos, sin):
     check_tensor("cos", cos, dtypes=FLOAT_DTYPES)
     check_tensor("sin", sin, dtypes=FLOAT_DTYPES)
     B, _H, T, D = x.shape
-    if D % 2:
-        raise ValueError(f"x must have an even head dim D (rotate_half splits it in halves), got shape {tuple(x.shape)}")
+    if D % 2 or D == 0:
+        raise ValueError(f"x must have an even, non-zero head dim D (rotate_half splits it in halves), "
+                         f"got shape {tuple(x.shape)}")
     for name, c in (("cos", cos), ("sin", sin)):
         ok = (c.dim() == 2 and tuple(c.shape) == (T, D)) or (
             c.dim() == 3 and tuple(c.shape[1:]) == (T, D) and c.shape[0] in (1, B))
@@ -179,7 +180,7 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     x ``(B, H, T, D)``, even D, any strides; cos/sin ``(T, D)`` or ``(B, T, D)`` (batch 1 broadcasts),
     any strides and float dtype; fp32 math, the result contiguous in x's dtype.
     Differentiable in x (cos/sin that require grad run the differentiable PyTorch reference).
-    float64 runs the reference in float64; an odd D raises ``ValueError``.
+    float64 runs the reference in float64; an odd D (or D = 0) raises ``ValueError``.
     """
     _check_rotary_args(x, cos, sin)
     if x.dtype == torch.float64 or (torch.is_grad_enabled() and (cos.requires_grad or sin.requires_grad)):

@@ -117,7 +117,7 @@ def test_rotary_empty_float64_and_grad_through_cos(kernel_path, device):
 def test_rotary_bad_inputs():
     x = torch.randn(2, 3, 5, 8)
     c = torch.randn(5, 8)
-    with pytest.raises(ValueError, match="x must have an even head dim"):
+    with pytest.raises(ValueError, match="x must have an even, non-zero head dim"):
         apply_rotary(torch.randn(2, 3, 5, 7), torch.randn(5, 7), torch.randn(5, 7))
     with pytest.raises(ValueError, match="x must be 4-D"):
         apply_rotary(x[0], c, c)

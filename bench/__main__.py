@@ -2,7 +2,7 @@
 
     python -m bench                        # every benchmark (CUDA: the full sweep, bf16)
     python -m bench --quick                # fewer shapes, steps and configurations
-    python -m bench --only kernels         # kernels | layernorm_gelu | attention | loss | train | generate | prepare | hf;
+    python -m bench --only kernels         # kernels | layernorm_gelu | attention | loss | train | generate | prepare | hf | llama;
     python -m bench --only train,generate  #   repeatable or a comma list ("kernels" = the two kernel benches)
     python -m bench --out DIR              # where to write (see below); --no-save prints only
     python -m bench --only attention_d64 --json-out F.json   # a GPU-session step (see STEPS), merged
@@ -13,7 +13,9 @@ Benchmarks: ``bench.layernorm_gelu`` (LayerNorm, add+LayerNorm, GELU; GB/s), ``b
 attention vs SDPA, µs and GB/s), ``bench.loss`` (fused linear + cross-entropy vs the eager/compiled/Liger
 head + loss, ms and peak MiB; GPT-2 training step with and without it at the largest batch that fits), ``bench.model`` (GPT-2 training step and generation, tokens/s), ``bench.batch_generate``
 (``generate_batch`` on 64 ragged prompts vs one at a time and HF ``generate``, tokens/s), ``bench.prepare`` (corpus preparation
-tokens/s and MB/s vs a plain tiktoken loop; a CPU benchmark, real on any machine).
+tokens/s and MB/s vs a plain tiktoken loop; a CPU benchmark, real on any machine), ``bench.llama_layers``
+(RMSNorm, add+RMSNorm, SwiGLU, rotary GB/s; linear+CE at Llama-3's vocabulary; a Llama decoder layer with
+and without ``replace_modules``).
 Every row records ours, each baseline, the speed-ups, the achieved TFLOP/s or GB/s and its fraction of
 the ceiling measured at the start of the same run (copy bandwidth, bf16 matmul); the header records
 device, driver, torch and triton versions. The docs/design.md targets are checked at the end.
@@ -49,7 +51,7 @@ import torch
 
 from bench.common import RESULTS_DIR, device_slug, env_info, measure_ceilings
 
-PARTS = ["layernorm_gelu", "attention", "loss", "train", "generate", "prepare", "hf"]
+PARTS = ["layernorm_gelu", "attention", "loss", "train", "generate", "prepare", "hf", "llama"]
 ALIASES = {"kernels": ["layernorm_gelu", "attention"]}
 #: Focused steps of the GPU session (bench/gpu_session.sh): name -> what it measures.
 STEPS = {
@@ -162,6 +164,10 @@ def run_part(part: str, *, quick: bool, device: str, ceilings: dict, use_compile
         from bench import prepare
 
         return prepare.run(quick)
+    if part == "llama":
+        from bench import llama_layers
+
+        return llama_layers.run(quick, device=device, ceilings=ceilings, use_compile=use_compile)
     if part == "hf":
         from bench import hf
 
@@ -183,7 +189,7 @@ def main(argv=None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer shapes, steps and configurations")
     parser.add_argument("--only", action="append", metavar="NAMES",
-                        help="kernels, layernorm_gelu, attention, loss, train, generate, prepare, hf (repeatable or comma list)")
+                        help="kernels, layernorm_gelu, attention, loss, train, generate, prepare, hf, llama (repeatable or comma list)")
     parser.add_argument("--out", type=Path, default=None,
                         help="output folder (default: bench/results on CUDA, out/bench on CPU)")
     parser.add_argument("--no-save", action="store_true", help="print the tables, write nothing")

@@ -6,31 +6,29 @@ gelu(gate) · up`` (Gemma), elementwise with fp32 math; the backward recomputes 
 ``down_proj(act(gate_proj(x)) · up_proj(x))``, around the given Linear modules.
 
 File order: ``@triton.jit`` kernels -> launchers -> op registration / autograd -> functional API ->
-``nn.Module``. Dispatch and registration follow ``kernels/layernorm.py``.
+``nn.Module``. Dispatch and registration are the shared plumbing of ``kernels/_utils.py`` (``kernel_op``,
+``launch``), as in ``kernels/layernorm.py``; the SiLU/GELU building block ``_sigmoid_parts`` is gelu's.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.library import triton_op, wrap_triton
 
 from . import _eager_cpu
 from . import reference as ref
 from ._utils import (
     FLOAT_DTYPES,
+    as_rows,
     check_same_device,
     check_tensor,
-    interpret_mode,
+    kernel_op,
+    launch,
     next_power_of_2,
     tl,
     triton,
-    use_triton,
 )
 from .gelu import _sigmoid_parts
-
-# Kernels were decorated under the interpreter (TRITON_INTERPRET is read by @triton.jit at import time).
-_INTERPRETED = interpret_mode()
 
 #: The activations of ``GatedMLP`` (and the op): SiLU, tanh-approximated GELU, exact (erf) GELU.
 ACTIVATIONS = ("silu", "gelu_tanh", "gelu")
@@ -120,9 +118,8 @@ def _glu_fwd_launch(gate, up, activation):
     if M == 0 or N == 0:
         return y
     grid, BLOCK_M, BLOCK_N, num_warps = _grid(M, N, gate.device)
-    kernel = _glu_fwd_kernel if _INTERPRETED else wrap_triton(_glu_fwd_kernel)
-    kernel[grid](gate, up, y, gate.stride(0), up.stride(0), M, N, ACT=_ACT_ID[activation],
-                 BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, num_warps=num_warps)
+    launch(_glu_fwd_kernel, grid, (gate, up, y, gate.stride(0), up.stride(0), M, N),
+           dict(ACT=_ACT_ID[activation], BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, num_warps=num_warps))
     return y
 
 
@@ -133,16 +130,9 @@ def _glu_bwd_launch(dy, gate, up, activation):
     if M == 0 or N == 0:
         return dg, du
     grid, BLOCK_M, BLOCK_N, num_warps = _grid(M, N, gate.device)
-    kernel = _glu_bwd_kernel if _INTERPRETED else wrap_triton(_glu_bwd_kernel)
-    kernel[grid](dy, gate, up, dg, du, dy.stride(0), gate.stride(0), up.stride(0), M, N,
-                 ACT=_ACT_ID[activation], BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, num_warps=num_warps)
+    launch(_glu_bwd_kernel, grid, (dy, gate, up, dg, du, dy.stride(0), gate.stride(0), up.stride(0), M, N),
+           dict(ACT=_ACT_ID[activation], BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, num_warps=num_warps))
     return dg, du
-
-
-def _rows(t: torch.Tensor) -> torch.Tensor:
-    """View ``t`` as (rows, N) with a unit-stride last dim (copying only when that is impossible)."""
-    t2 = t.reshape(-1, t.shape[-1]) if t.dim() > 0 else t.reshape(1, 1)  # (never empty: see gated_activation)
-    return t2 if t2.stride(-1) == 1 or t2.shape[-1] <= 1 else t2.contiguous()
 
 
 def _check_glu_args(gate, up):
@@ -160,40 +150,10 @@ def _check_glu_args(gate, up):
 # Op registration and autograd
 # ---------------------------------------------------------------------------------------------------
 
-def _use_interpreter(x: torch.Tensor) -> bool:
-    return _INTERPRETED and use_triton(x)
-
-
-@triton_op("gpt_kernels::glu_fwd", mutates_args=())
-def _glu_fwd(gate: torch.Tensor, up: torch.Tensor, activation: str) -> torch.Tensor:
-    """act(gate) · up for 2-D gate/up (unit-stride rows), contiguous, gate's dtype."""
-    if gate.device.type == "cuda":
-        return _glu_fwd_launch(gate, up, activation)
-    # Other devices (and fake-tensor tracing of CPU inputs; eager CPU runs the kernel registered below)
-    return ref.gated_act_fwd_ref(gate, up, activation)
-
-
-@_glu_fwd.register_kernel("cpu")
-def _glu_fwd_cpu(gate, up, activation):
-    if _use_interpreter(gate):
-        return _glu_fwd_launch(gate, up, activation)
-    return ref.gated_act_fwd_ref(gate, up, activation)
-
-
-@triton_op("gpt_kernels::glu_bwd", mutates_args=())
+@kernel_op("gpt_kernels::glu_bwd", launch=_glu_bwd_launch, fallback=ref.gated_act_bwd_ref, dispatch_arg=1)
 def _glu_bwd(dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, activation: str
              ) -> tuple[torch.Tensor, torch.Tensor]:
     """(dgate, dup) for 2-D tensors, the activation recomputed from gate."""
-    if gate.device.type == "cuda":
-        return _glu_bwd_launch(dy, gate, up, activation)
-    return ref.gated_act_bwd_ref(dy, gate, up, activation)
-
-
-@_glu_bwd.register_kernel("cpu")
-def _glu_bwd_cpu(dy, gate, up, activation):
-    if _use_interpreter(gate):
-        return _glu_bwd_launch(dy, gate, up, activation)
-    return ref.gated_act_bwd_ref(dy, gate, up, activation)
 
 
 def _glu_setup_context(ctx, inputs, output):
@@ -204,11 +164,14 @@ def _glu_setup_context(ctx, inputs, output):
 
 def _glu_backward(ctx, dy):
     gate, up = ctx.saved_tensors
-    dg, du = torch.ops.gpt_kernels.glu_bwd(_rows(dy), gate, up, ctx.activation)
+    dg, du = torch.ops.gpt_kernels.glu_bwd(as_rows(dy), gate, up, ctx.activation)
     return dg, du, None
 
 
-_glu_fwd.register_autograd(_glu_backward, setup_context=_glu_setup_context)
+@kernel_op("gpt_kernels::glu_fwd", launch=_glu_fwd_launch, fallback=ref.gated_act_fwd_ref,
+           backward=_glu_backward, setup_context=_glu_setup_context)
+def _glu_fwd(gate: torch.Tensor, up: torch.Tensor, activation: str) -> torch.Tensor:
+    """act(gate) · up for 2-D gate/up (unit-stride rows), contiguous, gate's dtype."""
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -222,9 +185,11 @@ def gated_activation(gate: torch.Tensor, up: torch.Tensor, activation: str = "si
     _check_glu_args(gate, up)
     if gate.dtype == torch.float64 or gate.numel() == 0:  # (empty: nothing to launch, any shape)
         return ref.gated_act_ref(gate, up, activation)
+    if gate.dim() == 0:  # a scalar: one row of one element
+        return gated_activation(gate[None], up[None], activation)[0]
     if _eager_cpu.applies(gate, up):  # fp32 eager CPU fallback: torch's native ops (kernels/_eager_cpu.py)
         return _eager_cpu.gated_activation(gate, up, activation)
-    y = torch.ops.gpt_kernels.glu_fwd(_rows(gate), _rows(up), activation)
+    y = torch.ops.gpt_kernels.glu_fwd(as_rows(gate), as_rows(up), activation)
     return y.view(gate.shape)
 
 

@@ -7,36 +7,32 @@ memory. Both are differentiable in every tensor input; dW is reduced determinist
 partial sums, no atomics).
 
 File order: ``@triton.jit`` kernels -> launchers -> op registration / autograd -> functional API ->
-``nn.Module``. Dispatch and registration follow ``kernels/layernorm.py``: a ``torch.library.triton_op``
-(Triton through ``wrap_triton`` on CUDA, the PyTorch fallback of ``kernels/reference.py`` on other
-devices and when fake-tracing CPU inputs), a ``register_kernel("cpu")`` implementation (the interpreter
-when ``TRITON_INTERPRET=1``, else the fallback) and ``register_autograd`` with a triton_op backward.
+``nn.Module``. Dispatch and registration are the shared plumbing of ``kernels/_utils.py`` (``kernel_op``, ``launch``,
+``row_launch_config``), as in ``kernels/layernorm.py``; the fallback is ``kernels/reference.py``'s.
 """
 
 from __future__ import annotations
 
-import functools
 import numbers
 
 import torch
 from torch import nn
-from torch.library import triton_op, wrap_triton
 
 from . import _eager_cpu
 from . import reference as ref
 from ._utils import (
     FLOAT_DTYPES,
+    any_float64,
+    as_rows,
     check_same_device,
     check_tensor,
-    interpret_mode,
-    next_power_of_2,
+    kernel_op,
+    launch,
+    row_launch_config,
+    row_partials_grid,
     tl,
     triton,
-    use_triton,
 )
-
-# Kernels were decorated under the interpreter (TRITON_INTERPRET is read by @triton.jit at import time).
-_INTERPRETED = interpret_mode()
 
 #: Widest normalized dim: a whole row lives in registers (one block per row).
 MAX_WIDTH = 16384
@@ -140,21 +136,6 @@ _TILE_INTERPRET = 32768
 _BWD_PROGRAMS_INTERPRET = 4
 
 
-@functools.cache
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
-def _launch_config(M: int, N: int, device: torch.device, tile: int) -> tuple[int, int, int]:
-    """``(BLOCK_M, BLOCK_N, num_warps)``: whole rows per program, warps scaled with the tile size."""
-    BLOCK_N = next_power_of_2(N)
-    if device.type != "cuda":
-        return max(1, min(next_power_of_2(M), _TILE_INTERPRET // BLOCK_N)), BLOCK_N, 1
-    BLOCK_M = max(1, min(16, tile // BLOCK_N))
-    num_warps = min(16, max(1, BLOCK_M * BLOCK_N // 512))
-    return BLOCK_M, BLOCK_N, num_warps
-
-
 def _rms_norm_fwd_launch(x, residual, weight, eps, offset, sum_dtype):
     """Triton forward on 2-D tensors: ``(y, s, rstd)`` (``s`` is empty without a residual)."""
     M, N = x.shape
@@ -164,16 +145,13 @@ def _rms_norm_fwd_launch(x, residual, weight, eps, offset, sum_dtype):
     rstd = torch.empty((M,), dtype=torch.float32, device=x.device)
     if M == 0:
         return y, s, rstd
-    BLOCK_M, BLOCK_N, num_warps = _launch_config(M, N, x.device, _TILE_FWD)
-    kernel = _rms_norm_fwd_kernel if _INTERPRETED else wrap_triton(_rms_norm_fwd_kernel)
-    kernel[(triton.cdiv(M, BLOCK_M),)](
-        x, residual, s, y, weight, rstd,
-        x.stride(0), residual.stride(0) if has_res else 0, N, N,
-        weight.stride(0) if weight is not None else 0,
-        M, N, eps, offset,
-        HAS_RES=has_res, HAS_W=weight is not None,
-        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, num_warps=num_warps,
-    )
+    BLOCK_M, BLOCK_N, num_warps = row_launch_config(M, N, x.device, _TILE_FWD, _TILE_INTERPRET)
+    launch(_rms_norm_fwd_kernel, (triton.cdiv(M, BLOCK_M),),
+           (x, residual, s, y, weight, rstd,
+            x.stride(0), residual.stride(0) if has_res else 0, N, N,
+            weight.stride(0) if weight is not None else 0,
+            M, N, eps, offset),
+           dict(HAS_RES=has_res, HAS_W=weight is not None, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, num_warps=num_warps))
     return y, s, rstd
 
 
@@ -182,36 +160,21 @@ def _rms_norm_bwd_launch(dy, x, weight, rstd, ds, offset, compute_dw):
     M, N = x.shape
     compute_dw = compute_dw and weight is not None
     dx = torch.empty((M, N), dtype=x.dtype, device=x.device)
-    BLOCK_M, BLOCK_N, num_warps = _launch_config(M, N, x.device, _TILE_BWD)
-    if x.device.type == "cuda":
-        programs_per_sm = max(1, 32 // num_warps)  # ~32 resident warps per SM
-        grid = min(triton.cdiv(M, BLOCK_M), _sm_count(x.device.index or 0) * programs_per_sm)
-    else:
-        grid = min(triton.cdiv(M, BLOCK_M), _BWD_PROGRAMS_INTERPRET)
-    grid = max(grid, 1)
+    BLOCK_M, BLOCK_N, num_warps = row_launch_config(M, N, x.device, _TILE_BWD, _TILE_INTERPRET)
+    grid = row_partials_grid(M, BLOCK_M, num_warps, x.device, _BWD_PROGRAMS_INTERPRET)
     # Every program writes its partial row, so only an empty problem needs zeros.
     alloc = torch.zeros if M == 0 else torch.empty
     dw_partial = alloc((grid, N) if compute_dw else (0,), dtype=torch.float32, device=x.device)
     if M > 0:
-        kernel = _rms_norm_bwd_kernel if _INTERPRETED else wrap_triton(_rms_norm_bwd_kernel)
-        kernel[(grid,)](
-            dy, x, weight, rstd, ds, dx, dw_partial,
-            dy.stride(0), x.stride(0), ds.stride(0) if ds is not None else 0, N,
-            weight.stride(0) if weight is not None else 0,
-            M, N, offset,
-            HAS_W=weight is not None, HAS_DS=ds is not None, COMPUTE_DW=compute_dw,
-            BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, num_warps=num_warps,
-        )
+        launch(_rms_norm_bwd_kernel, (grid,),
+               (dy, x, weight, rstd, ds, dx, dw_partial,
+                dy.stride(0), x.stride(0), ds.stride(0) if ds is not None else 0, N,
+                weight.stride(0) if weight is not None else 0,
+                M, N, offset),
+               dict(HAS_W=weight is not None, HAS_DS=ds is not None, COMPUTE_DW=compute_dw,
+                    BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, num_warps=num_warps))
     dw = dw_partial.sum(dim=0) if compute_dw else dw_partial
     return dx, dw
-
-
-def _rows(t: torch.Tensor | None) -> torch.Tensor | None:
-    """View ``t`` as (rows, N) with a unit-stride last dim (copying only when that is impossible)."""
-    if t is None:
-        return None
-    t2 = t.reshape(-1, t.shape[-1])
-    return t2 if t2.stride(-1) == 1 or t2.shape[-1] == 1 else t2.contiguous()
 
 
 def _check_number(name, value, *, minimum=None):
@@ -241,41 +204,10 @@ def _check_rms_norm_args(x, weight, eps, offset, *, name="x"):
 # Op registration and autograd
 # ---------------------------------------------------------------------------------------------------
 
-def _use_interpreter(x: torch.Tensor) -> bool:
-    return _INTERPRETED and use_triton(x)
-
-
-@triton_op("gpt_kernels::rms_norm_fwd", mutates_args=())
-def _rms_norm_fwd(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor | None, eps: float,
-                  offset: float, sum_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(y, s, rstd) for 2-D x; with a residual, s = x + residual (dtype sum_dtype) is normalized."""
-    if x.device.type == "cuda":
-        return _rms_norm_fwd_launch(x, residual, weight, eps, offset, sum_dtype)
-    # Other devices (and fake-tensor tracing of CPU inputs; eager CPU runs the kernel registered below)
-    return ref.rms_norm_fwd_ref(x, residual, weight, eps, offset, sum_dtype)
-
-
-@_rms_norm_fwd.register_kernel("cpu")
-def _rms_norm_fwd_cpu(x, residual, weight, eps, offset, sum_dtype):
-    if _use_interpreter(x):
-        return _rms_norm_fwd_launch(x, residual, weight, eps, offset, sum_dtype)
-    return ref.rms_norm_fwd_ref(x, residual, weight, eps, offset, sum_dtype)
-
-
-@triton_op("gpt_kernels::rms_norm_bwd", mutates_args=())
+@kernel_op("gpt_kernels::rms_norm_bwd", launch=_rms_norm_bwd_launch, fallback=ref.rms_norm_bwd_ref, dispatch_arg=1)
 def _rms_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None, rstd: torch.Tensor,
                   ds: torch.Tensor | None, offset: float, compute_dw: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(dx, dw) for 2-D tensors; ds (grad of the residual sum) is added to dx; dw in fp32."""
-    if x.device.type == "cuda":
-        return _rms_norm_bwd_launch(dy, x, weight, rstd, ds, offset, compute_dw)
-    return ref.rms_norm_bwd_ref(dy, x, weight, rstd, ds, offset, compute_dw)
-
-
-@_rms_norm_bwd.register_kernel("cpu")
-def _rms_norm_bwd_cpu(dy, x, weight, rstd, ds, offset, compute_dw):
-    if _use_interpreter(x):
-        return _rms_norm_bwd_launch(dy, x, weight, rstd, ds, offset, compute_dw)
-    return ref.rms_norm_bwd_ref(dy, x, weight, rstd, ds, offset, compute_dw)
 
 
 def _rms_norm_setup_context(ctx, inputs, output):
@@ -291,8 +223,8 @@ def _rms_norm_setup_context(ctx, inputs, output):
 def _rms_norm_backward(ctx, dy, ds, _drstd):
     normed_in, weight, rstd = ctx.saved_tensors
     need_x, need_res, need_w = ctx.needs_input_grad[:3]
-    dy = _rows(dy)
-    ds = _rows(ds) if ctx.has_res else None
+    dy = as_rows(dy)
+    ds = as_rows(ds) if ctx.has_res else None
     dx, dw = torch.ops.gpt_kernels.rms_norm_bwd(dy, normed_in, weight, rstd, ds, ctx.offset, need_w)
     dw = dw.to(weight.dtype) if weight is not None and need_w else None
     x_dtype, res_dtype = ctx.dtypes
@@ -300,17 +232,16 @@ def _rms_norm_backward(ctx, dy, ds, _drstd):
     return dx.to(x_dtype) if need_x else None, dres, dw, None, None, None
 
 
-_rms_norm_fwd.register_autograd(_rms_norm_backward, setup_context=_rms_norm_setup_context)
+@kernel_op("gpt_kernels::rms_norm_fwd", launch=_rms_norm_fwd_launch, fallback=ref.rms_norm_fwd_ref,
+           backward=_rms_norm_backward, setup_context=_rms_norm_setup_context)
+def _rms_norm_fwd(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor | None, eps: float,
+                  offset: float, sum_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(y, s, rstd) for 2-D x; with a residual, s = x + residual (dtype sum_dtype) is normalized."""
 
 
 # ---------------------------------------------------------------------------------------------------
 # Functional API
 # ---------------------------------------------------------------------------------------------------
-
-def _any_float64(*tensors: torch.Tensor | None) -> bool:
-    """float64 runs the differentiable PyTorch reference (the kernels compute in fp32)."""
-    return any(t is not None and t.dtype == torch.float64 for t in tensors)
-
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor | None = None, eps: float = 1e-6, *,
              offset: float = 0.0) -> torch.Tensor:
@@ -324,11 +255,11 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None = None, eps: float = 1
     """
     _check_rms_norm_args(x, weight, eps, offset)
     check_same_device(x=x, weight=weight)
-    if _any_float64(x, weight):
+    if any_float64(x, weight):
         return ref.rms_norm_ref(x, weight, eps, offset=offset)
     if _eager_cpu.applies(x, weight):  # fp32 eager CPU fallback: torch's native op, no dispatch cost
         return _eager_cpu.rms_norm(x, weight, float(eps), float(offset))
-    y, _s, _rstd = torch.ops.gpt_kernels.rms_norm_fwd(_rows(x), None, weight, float(eps), float(offset), x.dtype)
+    y, _s, _rstd = torch.ops.gpt_kernels.rms_norm_fwd(as_rows(x), None, weight, float(eps), float(offset), x.dtype)
     return y.view(x.shape)
 
 
@@ -345,14 +276,14 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor |
     if residual.shape != x.shape:
         raise ValueError(f"residual must have the shape of x {tuple(x.shape)}, got {tuple(residual.shape)}")
     check_same_device(x=x, residual=residual, weight=weight)
-    if _any_float64(x, residual, weight):
+    if any_float64(x, residual, weight):
         return ref.add_rms_norm_ref(x, residual, weight, eps, offset=offset)
     if _eager_cpu.applies(x, residual, weight):  # fp32 eager CPU fallback (see kernels/_eager_cpu.py)
         s = x + residual
         return _eager_cpu.rms_norm(s, weight, float(eps), float(offset)), s
     sum_dtype = torch.promote_types(x.dtype, residual.dtype)
     y, s, _rstd = torch.ops.gpt_kernels.rms_norm_fwd(
-        _rows(x), _rows(residual), weight, float(eps), float(offset), sum_dtype)
+        as_rows(x), as_rows(residual), weight, float(eps), float(offset), sum_dtype)
     return y.view(x.shape), s.view(x.shape)
 
 

@@ -7,13 +7,12 @@
 position ids). Differentiable in x; the backward is the transposed rotation of the upstream gradient.
 
 File order: ``@triton.jit`` kernels -> launchers -> op registration / autograd -> functional API.
-Dispatch and registration follow ``kernels/layernorm.py``.
+Dispatch and registration are the shared plumbing of ``kernels/_utils.py`` (``kernel_op``, ``launch``).
 """
 
 from __future__ import annotations
 
 import torch
-from torch.library import triton_op, wrap_triton
 
 from . import _eager_cpu
 from . import reference as ref
@@ -21,16 +20,12 @@ from ._utils import (
     FLOAT_DTYPES,
     check_same_device,
     check_tensor,
-    interpret_mode,
+    kernel_op,
+    launch,
     next_power_of_2,
     tl,
     triton,
-    use_triton,
 )
-
-# Kernels were decorated under the interpreter (TRITON_INTERPRET is read by @triton.jit at import time).
-_INTERPRETED = interpret_mode()
-
 
 # ---------------------------------------------------------------------------------------------------
 # Kernels
@@ -104,12 +99,10 @@ def _rotary_launch(x, cos, sin, backward: bool):
     BLOCK_D = next_power_of_2(half)
     tile = _TILE if x.device.type == "cuda" else _TILE_INTERPRET
     BLOCK_T = max(1, min(next_power_of_2(T), tile // BLOCK_D))
-    kernel = _rotary_kernel if _INTERPRETED else wrap_triton(_rotary_kernel)
-    kernel[(B * H, triton.cdiv(T, BLOCK_T))](
-        x, cos, sin, y, *x.stride(), *_cos_strides(cos), *_cos_strides(sin), *y.stride(),
-        H, T, half, BACKWARD=backward, BLOCK_T=BLOCK_T, BLOCK_D=BLOCK_D,
-        num_warps=_NUM_WARPS if x.device.type == "cuda" else 1,
-    )
+    launch(_rotary_kernel, (B * H, triton.cdiv(T, BLOCK_T)),
+           (x, cos, sin, y, *x.stride(), *_cos_strides(cos), *_cos_strides(sin), *y.stride(), H, T, half),
+           dict(BACKWARD=backward, BLOCK_T=BLOCK_T, BLOCK_D=BLOCK_D,
+                num_warps=_NUM_WARPS if x.device.type == "cuda" else 1))
     return y
 
 
@@ -136,26 +129,6 @@ def _check_rotary_args(x, cos, sin):
 # Op registration and autograd
 # ---------------------------------------------------------------------------------------------------
 
-def _use_interpreter(x: torch.Tensor) -> bool:
-    return _INTERPRETED and use_triton(x)
-
-
-@triton_op("gpt_kernels::rotary", mutates_args=())
-def _rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward: bool) -> torch.Tensor:
-    """The rotation of 4-D x (or, with ``backward``, its transpose applied to a gradient)."""
-    if x.device.type == "cuda":
-        return _rotary_launch(x, cos, sin, backward)
-    # Other devices (and fake-tensor tracing of CPU inputs; eager CPU runs the kernel registered below)
-    return ref.rotary_fwd_ref(x, cos, sin, backward)
-
-
-@_rotary.register_kernel("cpu")
-def _rotary_cpu(x, cos, sin, backward):
-    if _use_interpreter(x):
-        return _rotary_launch(x, cos, sin, backward)
-    return ref.rotary_fwd_ref(x, cos, sin, backward)
-
-
 def _rotary_setup_context(ctx, inputs, output):
     _x, cos, sin, backward = inputs
     ctx.backward = backward
@@ -167,7 +140,10 @@ def _rotary_backward(ctx, dy):
     return torch.ops.gpt_kernels.rotary(dy, cos, sin, not ctx.backward), None, None, None
 
 
-_rotary.register_autograd(_rotary_backward, setup_context=_rotary_setup_context)
+@kernel_op("gpt_kernels::rotary", launch=_rotary_launch, fallback=ref.rotary_fwd_ref,
+           backward=_rotary_backward, setup_context=_rotary_setup_context)
+def _rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward: bool) -> torch.Tensor:
+    """The rotation of 4-D x (or, with ``backward``, its transpose applied to a gradient)."""
 
 
 # ---------------------------------------------------------------------------------------------------

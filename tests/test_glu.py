@@ -77,6 +77,12 @@ def test_glu_empty_and_float64(kernel_path, device):
         y = swiglu(g, u)
         y.sum().backward()
         assert y.shape == shape and g.grad.shape == shape and u.grad.shape == shape
+    g0 = torch.tensor(1.5, device=device, requires_grad=True)  # 0-d
+    y0 = swiglu(g0, 2 * g0)
+    y0.backward()
+    g64 = torch.tensor(1.5, dtype=torch.float64, requires_grad=True)
+    (F.silu(g64) * 2 * g64).backward()
+    assert y0.shape == () and abs(g0.grad.item() - g64.grad.item()) < 1e-5
     g = torch.randn(3, 9, dtype=torch.float64, device=device)
     assert_verbose_allclose(geglu(g, g), F.gelu(g, approximate="tanh") * g, atol=1e-12, rtol=1e-12)
 

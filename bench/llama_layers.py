@@ -32,7 +32,9 @@ import copy
 import torch
 import torch.nn.functional as F
 
-from bench.common import bench, env_info, make_row, measure_ceilings, ratio, save_results, time_calls
+from bench.common import env_info, make_row, measure_ceilings, ratio, save_results, time_calls
+from bench.layernorm_gelu import _as_tuple, _time_passes
+from bench.loss import _peak_mib
 from kernels import add_rms_norm, apply_rotary, linear_cross_entropy, rms_norm, swiglu
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -95,24 +97,6 @@ def _kernel_cases(cuda: bool, quick: bool, dtype: torch.dtype, device: str):
     return out
 
 
-def _as_tuple(o):
-    return o if isinstance(o, tuple) else (o,)
-
-
-def _time_passes(fn, inputs, warmup, rep):
-    used = [t for t in inputs if t.requires_grad]
-    outs = _as_tuple(fn(*inputs))
-    grads = [torch.randn_like(o) for o in outs]
-
-    def fwd_bwd():
-        torch.autograd.grad(_as_tuple(fn(*inputs)), used, grads, allow_unused=True)
-
-    return {"fwd": bench(lambda: fn(*inputs), warmup=warmup, rep=rep),
-            "bwd": bench(lambda: torch.autograd.grad(outs, used, grads, retain_graph=True, allow_unused=True),
-                         warmup=warmup, rep=rep),
-            "fwd+bwd": bench(fwd_bwd, warmup=warmup, rep=rep)}
-
-
 def run_kernels(quick, *, device, ceilings, use_compile, dtypes=None) -> list[dict]:
     cuda = device == "cuda"
     warmup, rep = (25, 100) if cuda else (2, 5)
@@ -148,17 +132,6 @@ def run_kernels(quick, *, device, ceilings, use_compile, dtypes=None) -> list[di
 # ---------------------------------------------------------------------------------------------------
 # Llama-3 head + loss
 # ---------------------------------------------------------------------------------------------------
-
-def _peak_mib(fn, cuda: bool):
-    if not cuda:
-        return None
-    torch.cuda.synchronize()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    fn()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - base) / 2**20
-
 
 def run_loss(quick, *, device, ceilings, use_compile) -> list[dict]:
     cuda = device == "cuda"

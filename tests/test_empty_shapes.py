@@ -174,7 +174,7 @@ def _case_gelu(shape, approximate, module=False):
     return run
 
 
-def _case_lce(lead, V, reduction, bias, d=8, ignore_all=False):
+def _case_lce(lead, V, reduction, bias, d=8, ignore_all=False, label_smoothing=0.0, softcap=0.0):
     def run(dt):
         import torch
         import torch.nn.functional as F
@@ -186,14 +186,17 @@ def _case_lce(lead, V, reduction, bias, d=8, ignore_all=False):
         t = torch.randint(0, max(V, 1), lead) if not ignore_all else torch.full(lead, -100)
 
         def ref_fn(x, w, b):
-            loss = F.cross_entropy(F.linear(x, w, b).reshape(-1, V), t.reshape(-1), reduction=reduction)
+            z = F.linear(x, w, b).reshape(-1, V)
+            z = softcap * torch.tanh(z / softcap) if softcap else z
+            loss = F.cross_entropy(z, t.reshape(-1), reduction=reduction, label_smoothing=label_smoothing)
             if reduction == "none":
                 return loss.view(lead)
             if reduction == "mean" and not bool((t != -100).any()):  # our contract: 0 (torch says NaN)
                 return (x.sum() + w.sum() + (b.sum() if b is not None else 0.0)) * 0.0
             return loss
 
-        return _fwd_bwd(lambda x, w, b: kernels.linear_cross_entropy(x, w, t, b, reduction=reduction),
+        return _fwd_bwd(lambda x, w, b: kernels.linear_cross_entropy(x, w, t, b, reduction=reduction,
+                                                                     label_smoothing=label_smoothing, softcap=softcap),
                         ref_fn, [x, w, b], ["x", "weight", "bias"])
     return run
 
@@ -373,6 +376,11 @@ def cases() -> list[tuple[str, object]]:
             for bias in (True, False):
                 out.append((f"linear_cross_entropy[N={lead},{reduction},bias={bias}]",
                             _case_lce(lead, 5, reduction, bias)))
+    for reduction in ("mean", "none"):
+        out.append((f"linear_cross_entropy[N=(0,),{reduction},label_smoothing,softcap]",
+                    _case_lce((0,), 5, reduction, True, label_smoothing=0.1, softcap=3.0)))
+        out.append((f"linear_cross_entropy[all ignored,{reduction},label_smoothing,softcap]",
+                    _case_lce((3,), 5, reduction, True, ignore_all=True, label_smoothing=0.1, softcap=3.0)))
     for reduction in ("mean", "sum", "none"):
         out.append((f"linear_cross_entropy[all ignored,{reduction}]", _case_lce((3,), 5, reduction, True,
                                                                                 ignore_all=True)))

@@ -88,10 +88,9 @@ def test_family_equals_itself_after_replace_modules(fallback_path, family):
     _check(family)
 
 
+@pytest.mark.parametrize("kernel_path", ["interpreter"], indirect=True)  # (the fallback: the test above)
 @pytest.mark.parametrize("family", ["llama", "qwen3", "gemma2"])
 def test_family_equals_itself_on_the_interpreted_kernels(kernel_path, family):
-    if kernel_path != "interpreter":
-        pytest.skip("the fallback path runs in test_family_equals_itself_after_replace_modules")
     _check(family, generate=family == "llama")
 
 

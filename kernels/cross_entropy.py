@@ -50,7 +50,6 @@ from ._utils import (
     tl,
     triton,
 )
-from .gelu import _sigmoid_parts
 
 #: The dtypes accepted; float64 runs the PyTorch fallback (the kernels compute in fp32).
 DTYPES = (*SUPPORTED_DTYPES, torch.float64)
@@ -82,11 +81,12 @@ def _logits_tile(X, W, B, rows_o, row_mask, cols, cols_o, col_mask, stride_xn, s
 
 
 # Softcap (Gemma 2's final_logit_softcapping), c > 0:  z' = c · tanh(z / c),  dz'/dz = 1 − tanh²(z / c),
-# with tanh(u) = 2·sigmoid(2u) − 1 and 1 − tanh²(u) = 4·sigmoid(2u)·(1 − sigmoid(2u)) (no overflow).
+# with tanh(u) = 1 − 2 / (1 + exp(2u)): one exp2 and one division; exp(2u) = inf gives 1 and 0 gives −1
+# (no NaN), and the derivative is exactly 0 there.
 @triton.jit
 def _softcap(z, softcap):
-    s, s_1ms = _sigmoid_parts(2.0 * z / softcap)
-    return softcap * (2.0 * s - 1.0), 4.0 * s_1ms
+    t = 1.0 - 2.0 / (1.0 + tl.math.exp2(z * (2.0 * LOG2E / softcap)))
+    return softcap * t, 1.0 - t * t
 
 
 # Forward, per row i with logits z_i = x_i Wᵀ + b (fp32; capped by _softcap when SOFTCAP) over the
@@ -126,8 +126,8 @@ def _lce_fwd_kernel(
                          stride_wd, D, HAS_BIAS, IEEE, BLOCK_N, BLOCK_V, BLOCK_K)
         if SOFTCAP:
             z, _ = _softcap(z, softcap)
-        if SMOOTH:
-            s_i += tl.sum(tl.where(col_mask[None, :], z, 0.0), 1)
+        if SMOOTH:  # (columns past the slice hold z = 0: zero-filled W/b loads, and softcap(0) = 0)
+            s_i += tl.sum(z, 1)
         z = tl.where(col_mask[None, :], z, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(z, 1))  # finite: every tile holds at least one column
         p = tl.math.exp2((z - m_new[:, None]) * LOG2E)
@@ -211,10 +211,25 @@ _DLOGITS_CONFIGS = [] if not hasattr(triton, "Config") else [
     _cfg(128, 128, 64, 8, 3),   # 128 regs, 96 KB
     _cfg(64, 128, 64, 4, 4),    # 130 regs, 96 KB
 ]
-_KEY = ["D", "HAS_BIAS", "N"]
+# With label smoothing or a softcap the forward holds more per row and the 3-stage 128x128 tile spills
+# (255 regs, 8/8 B at d=4096; so do 64x128 w4s4, 8/8 B, and 64x256, 12/12 B): those calls try these
+# instead (as launched, bf16 d=4096 V=50257 N=8192, triton 3.9): 128x128 with 2 stages (255 regs, 0 spills,
+# 64 KB) and 128x64 (180 regs, 0 spills, 72 KB), both with wgmma. SOFTCAP/SMOOTH are in the key.
+_FWD_OPTION_CONFIGS = [] if not hasattr(triton, "Config") else [
+    _cfg(128, 128, 64, 8, 2),
+    _cfg(128, 64, 64, 8, 3),
+]
+
+
+def _fwd_prune(configs, named_args, **meta):
+    return _FWD_OPTION_CONFIGS if meta.get("SOFTCAP") or meta.get("SMOOTH") else configs
+
+
+_KEY = ["D", "HAS_BIAS", "N", "SOFTCAP", "SMOOTH"]
 _DLOGITS_KEY = ["D", "HAS_BIAS", "n_rows"]
 if hasattr(triton, "autotune"):
-    _lce_fwd_tuned = triton.autotune(configs=_FWD_CONFIGS, key=_KEY)(_lce_fwd_kernel)
+    _lce_fwd_tuned = triton.autotune(configs=_FWD_CONFIGS, key=_KEY,
+                                     prune_configs_by={"early_config_prune": _fwd_prune})(_lce_fwd_kernel)
     _lce_dlogits_tuned = triton.autotune(configs=_DLOGITS_CONFIGS, key=_DLOGITS_KEY)(_lce_dlogits_kernel)
 
 # The interpreter runs programs one after another in Python: small fixed tiles that still exercise

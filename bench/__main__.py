@@ -64,6 +64,8 @@ STEPS = {
     "decode_attention": "decode attention kernel vs SDPA: µs and GB/s over cache lengths",
     "batch_generate": "generate_batch on ragged prompts vs one at a time and HF generate: tokens/s",
     "loss_train": "GPT-2 training step with and without the fused loss, each at its largest batch",
+    "llama_layers": "Llama family: RMSNorm/add+RMSNorm/SwiGLU/rotary GB/s vs torch eager; linear+CE at V=128,256; "
+                    "a Llama decoder layer with and without replace_modules",
 }
 CPU_OUT = Path(__file__).resolve().parents[1] / "out" / "bench"
 CPU_NOTE = ("CPU smoke run: no CUDA device, so every benchmark ran tiny shapes on the PyTorch fallback "
@@ -130,6 +132,13 @@ def step_pieces(step: str, *, quick: bool, device: str, ceilings: dict, use_comp
         from bench import loss
 
         return [("loss_train", lambda: loss.run_train(True, **common))]
+    if step == "llama_layers":
+        from bench import llama_layers
+
+        kw = dict(use_compile=False, **common)  # (the session's time: the compiled baselines are in --only llama)
+        return [("llama kernels", lambda: llama_layers.run_kernels(True, **kw)),
+                ("llama linear_ce", lambda: llama_layers.run_loss(True, **kw)),
+                ("llama decoder layer", lambda: llama_layers.run_layer(True, **kw))]
     return [(step, lambda: run_part(step, quick=quick, device=device, ceilings=ceilings, use_compile=use_compile))]
 
 

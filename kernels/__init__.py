@@ -1,7 +1,8 @@
 """Hand-written Triton kernels for GPT-2, importable on their own (no import of ``gpt``).
 
 Public API (docs/design.md): ``flash_attention``, ``decode_attention``, ``layer_norm``, ``add_layer_norm``,
-``gelu``, ``linear_cross_entropy`` and the drop-in modules ``LayerNorm``, ``GELU``, ``CausalSelfAttention``;
+``gelu``, ``linear_cross_entropy``, ``rms_norm``, ``add_rms_norm``, ``swiglu``, ``geglu``, ``apply_rotary`` and the drop-in modules
+``LayerNorm``, ``GELU``, ``CausalSelfAttention``, ``RMSNorm``, ``GatedMLP``;
 ``register_hf_attention`` and ``replace_modules`` put them into other models (transformers imported lazily).
 
 ``kernels`` is also the import name of Hugging Face's kernel-hub package (PyPI distribution ``kernels``,
@@ -41,11 +42,15 @@ from .attention import CausalSelfAttention, flash_attention  # noqa: E402
 from .cross_entropy import linear_cross_entropy  # noqa: E402
 from .decode import decode_attention  # noqa: E402
 from .gelu import GELU, gelu  # noqa: E402
+from .glu import GatedMLP, geglu, swiglu  # noqa: E402
 from .integrations import register_hf_attention, replace_modules  # noqa: E402
 from .layernorm import LayerNorm, add_layer_norm, layer_norm  # noqa: E402
+from .rmsnorm import RMSNorm, add_rms_norm, rms_norm  # noqa: E402
+from .rotary import apply_rotary  # noqa: E402
 
 __all__ = [
     "flash_attention", "decode_attention", "CausalSelfAttention",
     "layer_norm", "add_layer_norm", "LayerNorm", "gelu", "GELU", "linear_cross_entropy",
     "register_hf_attention", "replace_modules",
+    "rms_norm", "add_rms_norm", "RMSNorm", "swiglu", "geglu", "GatedMLP", "apply_rotary",
 ]

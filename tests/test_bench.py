@@ -24,14 +24,15 @@ def test_python_m_bench_quick_writes_json_markdown_and_plots(tmp_path):
     r = _run("-m", "bench", "--quick", "--no-compile", "--out", str(tmp_path))
     assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
     assert "CPU smoke run" in r.stdout
-    for part in ("layernorm_gelu", "attention", "decode", "train", "generate"):
+    for part in ("layernorm_gelu", "attention", "decode", "train", "generate", "llama_kernels", "llama_loss",
+                 "llama_layer"):
         assert f"### {part}" in r.stdout, part
     [js] = tmp_path.glob("*.json")
     payload = json.loads(js.read_text())
     assert {"device", "torch", "triton"} <= set(payload["env"]) and payload["ceilings"]["copy_gbs"] > 0
     names = {row["name"] for row in payload["rows"]}
     assert {"attention fwd", "attention fwd+bwd", "decode_attention", "train step", "layer_norm fwd",
-            "generate_batch"} <= names
+            "generate_batch", "rms_norm fwd+bwd", "swiglu bwd", "rotary fwd", "decoder layer fwd+bwd"} <= names
     assert not payload["errors"]
     assert list(tmp_path.glob("*.md")) and list(tmp_path.glob("*.png"))
 

@@ -2,7 +2,7 @@
 
     python -m bench                        # every benchmark (CUDA: the full sweep, bf16)
     python -m bench --quick                # fewer shapes, steps and configurations
-    python -m bench --only kernels         # kernels | layernorm_gelu | attention | loss | train | generate | prepare | hf;
+    python -m bench --only kernels         # kernels | layernorm_gelu | attention | loss | train | generate | prepare | hf | llama;
     python -m bench --only train,generate  #   repeatable or a comma list ("kernels" = the two kernel benches)
     python -m bench --out DIR              # where to write (see below); --no-save prints only
     python -m bench --only attention_d64 --json-out F.json   # a GPU-session step (see STEPS), merged
@@ -15,7 +15,9 @@ and a 4096-token window at 16k vs SDPA with enable_gqa / explicit masks and our 
 ``bench.loss`` (fused linear + cross-entropy vs the eager/compiled/Liger
 head + loss, ms and peak MiB; GPT-2 training step with and without it at the largest batch that fits), ``bench.model`` (GPT-2 training step and generation, tokens/s), ``bench.batch_generate``
 (``generate_batch`` on 64 ragged prompts vs one at a time and HF ``generate``, tokens/s), ``bench.prepare`` (corpus preparation
-tokens/s and MB/s vs a plain tiktoken loop; a CPU benchmark, real on any machine).
+tokens/s and MB/s vs a plain tiktoken loop; a CPU benchmark, real on any machine), ``bench.llama_layers``
+(RMSNorm, add+RMSNorm, SwiGLU, rotary GB/s; linear+CE at Llama-3's vocabulary; a Llama decoder layer with
+and without ``replace_modules``).
 Every row records ours, each baseline, the speed-ups, the achieved TFLOP/s or GB/s and its fraction of
 the ceiling measured at the start of the same run (copy bandwidth, bf16 matmul); the header records
 device, driver, torch and triton versions. The docs/design.md targets are checked at the end.
@@ -51,7 +53,7 @@ import torch
 
 from bench.common import RESULTS_DIR, device_slug, env_info, measure_ceilings
 
-PARTS = ["layernorm_gelu", "attention", "loss", "train", "generate", "prepare", "hf"]
+PARTS = ["layernorm_gelu", "attention", "loss", "train", "generate", "prepare", "hf", "llama"]
 ALIASES = {"kernels": ["layernorm_gelu", "attention"]}
 #: Focused steps of the GPU session (bench/gpu_session.sh): name -> what it measures.
 STEPS = {
@@ -64,6 +66,8 @@ STEPS = {
     "decode_attention": "decode attention kernel vs SDPA: µs and GB/s over cache lengths",
     "batch_generate": "generate_batch on ragged prompts vs one at a time and HF generate: tokens/s",
     "loss_train": "GPT-2 training step with and without the fused loss, each at its largest batch",
+    "llama_layers": "Llama family: RMSNorm/add+RMSNorm/SwiGLU/rotary GB/s vs torch eager; linear+CE at V=128,256; "
+                    "a Llama decoder layer with and without replace_modules",
 }
 CPU_OUT = Path(__file__).resolve().parents[1] / "out" / "bench"
 CPU_NOTE = ("CPU smoke run: no CUDA device, so every benchmark ran tiny shapes on the PyTorch fallback "
@@ -130,6 +134,13 @@ def step_pieces(step: str, *, quick: bool, device: str, ceilings: dict, use_comp
         from bench import loss
 
         return [("loss_train", lambda: loss.run_train(True, **common))]
+    if step == "llama_layers":
+        from bench import llama_layers
+
+        kw = dict(use_compile=False, **common)  # (the session's time: the compiled baselines are in --only llama)
+        return [("llama kernels", lambda: llama_layers.run_kernels(True, **kw)),
+                ("llama linear_ce", lambda: llama_layers.run_loss(True, **kw)),
+                ("llama decoder layer", lambda: llama_layers.run_layer(True, **kw))]
     return [(step, lambda: run_part(step, quick=quick, device=device, ceilings=ceilings, use_compile=use_compile))]
 
 
@@ -164,6 +175,10 @@ def run_part(part: str, *, quick: bool, device: str, ceilings: dict, use_compile
         from bench import prepare
 
         return prepare.run(quick)
+    if part == "llama":
+        from bench import llama_layers
+
+        return llama_layers.run(quick, device=device, ceilings=ceilings, use_compile=use_compile)
     if part == "hf":
         from bench import hf
 
@@ -185,7 +200,7 @@ def main(argv=None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer shapes, steps and configurations")
     parser.add_argument("--only", action="append", metavar="NAMES",
-                        help="kernels, layernorm_gelu, attention, loss, train, generate, prepare, hf (repeatable or comma list)")
+                        help="kernels, layernorm_gelu, attention, loss, train, generate, prepare, hf, llama (repeatable or comma list)")
     parser.add_argument("--out", type=Path, default=None,
                         help="output folder (default: bench/results on CUDA, out/bench on CPU)")
     parser.add_argument("--no-save", action="store_true", help="print the tables, write nothing")

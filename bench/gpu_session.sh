@@ -35,6 +35,7 @@ PLAN=(
     "decode_attn  |  45 | opt | bench.log     | bench decode_attention"
     "batch_gen    |  60 | opt | bench.log     | bench batch_generate"
     "loss_train   |  90 | opt | bench.log     | bench loss_train"
+    "llama_layers |  90 | opt | bench.log     | bench llama_layers"
 )
 BUDGET_S=${BUDGET_S:-540}
 MIN_STEP_S=${MIN_STEP_S:-30}
@@ -93,7 +94,8 @@ gate() { "$PYTHON" tests/gpu_ready.py; }
 # CPU suite's reference path), parallel compiles, one hung test cannot eat the step.
 gpu_tests() {
     local extra=() files=(tests/test_attention.py tests/test_decode.py tests/test_layernorm.py tests/test_gelu.py
-        tests/test_cross_entropy.py tests/test_model.py tests/test_guard_bands.py tests/test_generate_batch.py)
+        tests/test_cross_entropy.py tests/test_model.py tests/test_guard_bands.py tests/test_generate_batch.py
+        tests/test_rms_norm.py tests/test_glu.py tests/test_rotary.py tests/test_loss_options.py)
     "$PYTHON" -c "import xdist" 2>/dev/null && extra+=(-n 8)
     "$PYTHON" -c "import pytest_timeout" 2>/dev/null && extra+=(--timeout 90)
     "$PYTHON" -m pytest -v -p no:cacheprovider -rfE --durations=10 -m "gpu and not slow" -k "not fp32" \

@@ -29,10 +29,9 @@ reproducible for the same model (weights, dtype, device, kernel path), prompts (
 
 from __future__ import annotations
 
-import json
+import warnings
 from collections.abc import Iterator, Sequence
 from numbers import Integral
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -47,6 +46,7 @@ from .generate import (
     sample_next_token,
     supports_kv_cache,
 )
+from .kv_cache import KVCache
 
 #: Slots when ``batch_size`` is None (fewer when there are fewer prompts).
 DEFAULT_BATCH_SIZE = 32
@@ -93,8 +93,6 @@ class _CachedLogits:
     """Next-token logits of the slots on the fused model's KV cache (see the module docstring)."""
 
     def __init__(self, model: nn.Module, batch_size: int, max_len: int, cuda_graph: bool, strict: bool):
-        from .kv_cache import KVCache
-
         self.model, self.ctx, self.B = model, model.cfg.context_length, batch_size
         self.cache = KVCache.for_model(model, batch_size, max_len)
         self.device = self.cache.k[0].device
@@ -108,8 +106,6 @@ class _CachedLogits:
             except RuntimeError as e:  # capture failed: asked for explicitly -> raise; automatic -> eager
                 if self.strict:
                     raise
-                import warnings
-
                 warnings.warn(f"CUDA graph capture of the decode step failed ({e}); decoding eagerly",
                               RuntimeWarning, stacklevel=4)
                 self.cuda_graph = False
@@ -249,82 +245,3 @@ def generate_batch(model, prompts, max_new_tokens: int, *, temperature: float = 
     for i, ids in it:
         out[i] = ids
     return out
-
-
-# ------------------------------------------------------------------------- CLI (python -m gpt.generate)
-def read_prompts(path: Path, out: Path) -> list[dict]:
-    """Records ``{"prompt": text, ...}`` from ``path``: ``.jsonl`` objects with a string ``prompt`` field
-    (other fields are kept), or one prompt per line (blank lines skipped). ValueError on anything else,
-    and when ``out`` would overwrite ``path`` or cannot be written."""
-    if not path.is_file():
-        raise ValueError(f"--prompts-file {path}: no such file")
-    if out.resolve() == path.resolve():
-        raise ValueError("--out must not be the --prompts-file (it would be overwritten)")
-    if not out.parent.is_dir():
-        raise ValueError(f"--out {out}: folder {out.parent} does not exist")
-    if out.is_dir():
-        raise ValueError(f"--out {out} is a folder")
-    try:
-        lines = path.read_text(encoding="utf-8-sig").splitlines()  # a BOM is no part of a prompt
-    except (OSError, UnicodeDecodeError) as e:
-        raise ValueError(f"--prompts-file {path}: cannot read it as UTF-8 text ({e})") from None
-    records = []
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        if path.suffix != ".jsonl":
-            records.append({"prompt": line})
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-        if not isinstance(rec, dict) or not isinstance(rec.get("prompt"), str) or not rec["prompt"].strip():
-            raise ValueError(f"{path}:{n}: expected a JSON object with a non-empty string 'prompt' field")
-        records.append(rec)
-    if not records:
-        raise ValueError(f"--prompts-file {path} holds no prompts")
-    return records
-
-
-def cli_batch(model, tok, records: list[dict], args, generator, device) -> int:
-    """Generate for every record with a progress bar, write ``args.out`` (jsonl: the record plus
-    ``completion``) atomically, report tokens/s on stderr."""
-    import os
-    import sys
-    import time
-
-    from tqdm import tqdm
-
-    from .tokenizer import ENDOFTEXT
-
-    ids = [tok.encode(r["prompt"], allowed_special={ENDOFTEXT}) for r in records]
-    it = iter_batch(model, ids, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                    top_p=args.top_p, eos_id=50256, generator=generator, batch_size=args.batch_size,
-                    use_cache=not args.no_cache)
-    news: list[list[int] | None] = [None] * len(ids)
-    n_tokens, start = 0, time.perf_counter()
-    with tqdm(total=len(ids), unit="prompt", file=sys.stderr, dynamic_ncols=True) as bar:
-        for i, new in it:
-            news[i] = new
-            n_tokens += len(new)
-            bar.set_postfix_str(f"{n_tokens / max(time.perf_counter() - start, 1e-9):.1f} tokens/s", refresh=False)
-            bar.update(1)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    elapsed = time.perf_counter() - start
-    tmp = args.out.with_name(f".{args.out.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            for rec, new in zip(records, news):
-                f.write(json.dumps({**rec, "completion": tok.decode(new)}, ensure_ascii=False) + "\n")
-        os.replace(tmp, args.out)
-    except OSError as e:
-        raise ValueError(f"--out {args.out}: cannot write it ({e})") from None
-    finally:
-        tmp.unlink(missing_ok=True)
-    cache = "KV cache" if supports_kv_cache(model) and not args.no_cache else "no cache"
-    B = min(len(ids), args.batch_size or DEFAULT_BATCH_SIZE)
-    print(f"[{len(ids)} prompts, {n_tokens} tokens in {elapsed:.2f} s: {n_tokens / max(elapsed, 1e-9):.1f} "
-          f"tokens/s, batch {B}, {cache}, {device}] wrote {args.out}", file=sys.stderr)
-    return 0

@@ -1,4 +1,5 @@
-"""Export to the Hugging Face GPT-2 layout: ``python -m gpt.export SOURCE OUT_DIR`` and ``save_pretrained``.
+"""Export to the Hugging Face GPT-2 layout: ``save_pretrained``, ``export_state_dict`` (and the CLI
+``python -m gpt.export SOURCE OUT_DIR``, in ``gpt/cli/export.py``).
 
 The folder holds what ``transformers.GPT2LMHeadModel.from_pretrained`` and ``AutoTokenizer.from_pretrained``
 read: ``config.json``, ``model.safetensors`` (the ``transformer.`` names, ``Conv1D`` weights ``(in, out)``,
@@ -24,17 +25,19 @@ query/key/value side by side in ``c_attn``), ``vocab.json`` + ``merges.txt`` (GP
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 
+from . import tokenizer as _tokenizer
+from .checkpoint import load_checkpoint, unwrap_model
 from .config import GPTConfig
+from .weights import read_pretrained, resolve_source
 
 GPT2_VOCAB = 50257  # token ids of the GPT-2 tokenizer; a model's vocab_size may be larger (padded)
 EOT = "<|endoftext|>"
@@ -191,9 +194,7 @@ def hf_config(cfg: GPTConfig, *, tied: bool, dtype: torch.dtype = torch.float32,
 
 def _bpe_folder() -> Path | None:
     """A folder with GPT-2's ``encoder.json`` + ``vocab.bpe``: ``GPT2_BPE_DIR`` or the package's copy."""
-    from . import tokenizer
-
-    for folder in (os.environ.get("GPT2_BPE_DIR"), getattr(tokenizer, "ASSETS", None)):
+    for folder in (os.environ.get("GPT2_BPE_DIR"), getattr(_tokenizer, "ASSETS", None)):
         if folder and (Path(folder) / "encoder.json").is_file() and (Path(folder) / "vocab.bpe").is_file():
             return Path(folder)
     return None
@@ -246,9 +247,7 @@ def tokenizer_files(*, classifier: bool = False, model_max_length: int = 1024) -
     if folder is not None:
         vocab, merges = (folder / "encoder.json").read_bytes(), (folder / "vocab.bpe").read_bytes()
     else:
-        from .tokenizer import get_tokenizer
-
-        vocab, merges = bpe_files_from_ranks(get_tokenizer()._mergeable_ranks)
+        vocab, merges = bpe_files_from_ranks(_tokenizer.get_tokenizer()._mergeable_ranks)
     special = {"bos_token": EOT, "eos_token": EOT, "unk_token": EOT}
     if classifier:
         special["pad_token"] = EOT  # pad like the book: <|endoftext|> on the right
@@ -278,10 +277,8 @@ def export_state_dict(sd: dict, cfg: GPTConfig | dict, folder: str | os.PathLike
 
     ``labels`` names a classifier's classes (default ``LABEL_0``...); ``tokenizer=False`` leaves out the
     tokenizer files (needed when ``vocab_size`` < 50257); ``force`` replaces an earlier export in ``folder``."""
-    from safetensors.torch import save_file
-
     cfg = GPTConfig.coerce(cfg)
-    out = _check_target(folder, force)
+    out = check_target(folder, force)
     hf_sd = to_hf_state_dict(sd, cfg)
     n_out = sd["out_head.weight"].shape[0]
     classifier = n_out != cfg.vocab_size
@@ -330,7 +327,8 @@ def _normal_permissions(folder: Path) -> None:
     folder.chmod(0o777 & ~umask)
 
 
-def _check_target(folder: str | os.PathLike, force: bool) -> Path:
+def check_target(folder: str | os.PathLike, force: bool) -> Path:
+    """``folder`` can receive an export (new, empty, or an earlier export with ``force``): ExportError if not."""
     out = Path(folder)
     if out.exists() and not out.is_dir():
         raise ExportError(f"output folder {out} exists and is not a folder")
@@ -362,8 +360,6 @@ def save_pretrained(model: torch.nn.Module, folder: str | os.PathLike, *, labels
                     tokenizer: bool = True, force: bool = False) -> Path:
     """``model.save_pretrained(folder)``: the model (either class, any device/dtype) as a Hugging Face
     GPT-2 folder. A classifier head (``num_classes`` outputs) exports as ``GPT2ForSequenceClassification``."""
-    from .checkpoint import unwrap_model
-
     model = unwrap_model(model)
     cfg = getattr(model, "cfg", None)
     if cfg is None or not hasattr(model, "out_head"):
@@ -372,20 +368,17 @@ def save_pretrained(model: torch.nn.Module, folder: str | os.PathLike, *, labels
 
 
 # ---------------------------------------------------------------------------------------------------
-# CLI
+# Sources
 # ---------------------------------------------------------------------------------------------------
 
 def load_source(source: str | os.PathLike) -> tuple[dict, GPTConfig, list[str] | None]:
-    """``(state_dict, config, labels)`` of anything ``from_pretrained`` takes; a classify run's
+    """``(state_dict, config, labels)`` of anything ``from_pretrained`` takes, read as tensors (no model is
+    built: converting gpt2-xl allocates its 1.5B parameters once, as the file's tensors); a classify run's
     checkpoint gives its head and labels (``from_pretrained`` itself builds only language models)."""
-    from .checkpoint import load_checkpoint
-    from .reference import GPTModel
-    from .weights import resolve_source
-
     kind, path = resolve_source(source)
     if kind != "checkpoint":
-        model = GPTModel.from_pretrained(path)
-        return model.state_dict(), model.cfg, None
+        sd, cfg = read_pretrained(path)
+        return sd, cfg, None
     ckpt = load_checkpoint(path)
     if not ckpt.get("config"):
         raise ExportError(f"{path} has no model config")
@@ -394,32 +387,7 @@ def load_source(source: str | os.PathLike) -> tuple[dict, GPTConfig, list[str] |
     return ckpt["model"], GPTConfig.from_dict(ckpt["config"]), labels
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m gpt.export",
-        description="Write a model as a Hugging Face GPT-2 folder (config.json, model.safetensors, tokenizer "
-                    "and generation config) that transformers.GPT2LMHeadModel.from_pretrained loads.")
-    parser.add_argument("source", help="a run folder, a checkpoint, a .safetensors file, a Hugging Face folder "
-                                       "or a model name (as from_pretrained)")
-    parser.add_argument("out_dir", help="the folder to write (new or empty)")
-    parser.add_argument("--force", action="store_true", help="replace an earlier export in OUT_DIR")
-    parser.add_argument("--no-tokenizer", action="store_true", help="leave out the tokenizer files")
-    args = parser.parse_args(argv)
-    try:
-        _check_target(args.out_dir, args.force)  # before loading a large model
-        sd, cfg, labels = load_source(args.source)
-        out = export_state_dict(sd, cfg, args.out_dir, labels=labels, tokenizer=not args.no_tokenizer,
-                                force=args.force)
-    except (ValueError, OSError, RuntimeError) as e:
-        msg = " ".join(str(e).split()) or type(e).__name__
-        print(f"error: {msg}", file=sys.stderr)
-        return 2
-    n_out = sd["out_head.weight"].shape[0]
-    kind = "GPT2LMHeadModel" if n_out == cfg.vocab_size else f"GPT2ForSequenceClassification, {n_out} labels"
-    print(f"wrote {out} ({kind}, {cfg.n_layers} layers, width {cfg.emb_dim}): load it with "
-          f"transformers.AutoModel...from_pretrained({str(out)!r})")
-    return 0
+if __name__ == "__main__":  # python -m gpt.export: the CLI lives in gpt/cli/export.py (imported only here)
+    from gpt.cli.export import main
 
-
-if __name__ == "__main__":
     raise SystemExit(main())

@@ -7,10 +7,13 @@ cropped to the last ``context_length`` tokens at every step (sliding window), as
 
 from __future__ import annotations
 
+import warnings
 from numbers import Integral
 
 import torch
 from torch import nn
+
+from .kv_cache import KVCache
 
 
 def context_length_of(model: nn.Module) -> int | None:
@@ -130,8 +133,6 @@ class _CachedStepper:
     With ``cuda_graph`` the decode step is replayed from a CUDA graph (captured on first use)."""
 
     def __init__(self, model: nn.Module, batch_size: int, cuda_graph: bool = False, strict: bool = True):
-        from .kv_cache import KVCache
-
         self.model, self.ctx = model, model.cfg.context_length
         self.cache = KVCache.for_model(model, batch_size)
         self.pos = None
@@ -154,8 +155,6 @@ class _CachedStepper:
             except RuntimeError as e:  # capture failed: asked for explicitly -> raise; automatic -> eager
                 if self.strict:
                     raise
-                import warnings
-
                 warnings.warn(f"CUDA graph capture of the decode step failed ({e}); decoding eagerly",
                               RuntimeWarning, stacklevel=3)
                 self.cuda_graph = False
@@ -235,109 +234,7 @@ def _stream(model, idx, max_new_tokens, temperature, top_k, top_p, eos_id, use_c
         model.train(was_training)
 
 
-# ------------------------------------------------------------------------------------------------ CLI
-def _load_model(source: str, backend: str | None, device):
-    if backend in (None, "fused"):
-        try:
-            from .model import GPTModel
-        except ImportError:
-            if backend == "fused":
-                raise ValueError("--backend fused is not available in this build") from None
-            from .reference import GPTModel
-    else:
-        from .reference import GPTModel
-    return GPTModel.from_pretrained(source, device=device)
+if __name__ == "__main__":  # python -m gpt.generate: the CLI lives in gpt/cli/generate.py (imported only here)
+    from gpt.cli.generate import main
 
-
-def _check_cli_args(args) -> None:
-    """The numeric flags, before anything is loaded: ValueError naming the flag."""
-    if args.max_new_tokens < 0:
-        raise ValueError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
-    t = args.temperature
-    if not (t == 0.0 or MIN_TEMPERATURE <= t < float("inf")):
-        raise ValueError(f"--temperature must be 0 (greedy) or a finite number >= {MIN_TEMPERATURE:.3g}, got {t}")
-    if args.top_k is not None and args.top_k <= 0:
-        raise ValueError(f"--top-k must be a positive int, got {args.top_k}")
-    if args.top_p is not None and not 0.0 < args.top_p <= 1.0:
-        raise ValueError(f"--top-p must be in (0, 1], got {args.top_p}")
-    if args.batch_size is not None and args.batch_size <= 0:
-        raise ValueError(f"--batch-size must be a positive int, got {args.batch_size}")
-    if args.prompts_file is None and (args.out is not None or args.batch_size is not None):
-        raise ValueError("--out and --batch-size go with --prompts-file")
-    if args.prompts_file is not None and args.out is None:
-        raise ValueError("--prompts-file needs --out FILE.jsonl")
-
-
-def main(argv=None) -> int:
-    import argparse
-    import sys
-    import time
-    from pathlib import Path
-
-    p = argparse.ArgumentParser(prog="python -m gpt.generate", description="Generate text with a GPT-2.")
-    p.add_argument("--init", required=True, help="weights: HF folder, .safetensors, checkpoint, run folder, model name")
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--prompt", help="one prompt: the text streams to stdout")
-    src.add_argument("--prompts-file", type=Path, default=None,
-                     help="many prompts: one per line (blank lines skipped), or .jsonl with a 'prompt' field")
-    p.add_argument("--out", type=Path, default=None, help="with --prompts-file: the output .jsonl (prompt, completion)")
-    p.add_argument("--batch-size", type=int, default=None, help="with --prompts-file: rows generated at once (default 32)")
-    p.add_argument("--max-new-tokens", type=int, default=100)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--no-cache", action="store_true", help="recompute the whole window every step")
-    p.add_argument("--backend", choices=["fused", "reference"], default=None)
-    p.add_argument("--device", default=None)
-    args = p.parse_args(argv)
-
-    from .checkpoint import CheckpointError
-    from .tokenizer import TokenizerError, get_tokenizer, text_to_token_ids
-    from .weights import WeightsError
-
-    try:
-        _check_cli_args(args)
-        if args.prompts_file is not None:
-            from .batch_generate import cli_batch, read_prompts
-
-            records = read_prompts(args.prompts_file, args.out)
-        elif not args.prompt.strip():
-            raise ValueError("--prompt is empty")
-        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        tok = get_tokenizer()
-        model = _load_model(args.init, args.backend, device)
-        gen = torch.Generator(device=device).manual_seed(args.seed) if args.seed is not None else None
-        if args.prompts_file is not None:
-            return cli_batch(model, tok, records, args, gen, device)
-        idx = text_to_token_ids(args.prompt, tok).to(device)
-        tokens = stream(model, idx, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                        top_p=args.top_p, eos_id=50256, use_cache=not args.no_cache, generator=gen)
-        sys.stdout.write(args.prompt)
-        sys.stdout.flush()
-        new_ids: list[int] = []
-        printed = 0
-        start = time.perf_counter()
-        for token in tokens:
-            new_ids.append(int(token[0, 0]))
-            text = tok.decode(new_ids)
-            if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
-                sys.stdout.write(text[printed:])
-                sys.stdout.flush()
-                printed = len(text)
-        sys.stdout.write(tok.decode(new_ids)[printed:] + "\n")  # what was held back, and end the line
-        sys.stdout.flush()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        elapsed = time.perf_counter() - start
-    except (ValueError, CheckpointError, WeightsError, TokenizerError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    n = len(new_ids)
-    print(f"\n[{n} tokens in {elapsed:.2f} s: {n / max(elapsed, 1e-9):.1f} tokens/s, "
-          f"{'KV cache' if supports_kv_cache(model) and not args.no_cache else 'no cache'}, {device}]", file=sys.stderr)
-    return 0
-
-
-if __name__ == "__main__":
     raise SystemExit(main())

@@ -18,6 +18,8 @@ which is the book's ``x = x + drop(att(norm1(x))); x = x + drop(ff(norm2(x)))`` 
 
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import nn
 
@@ -31,9 +33,9 @@ from kernels import (
     linear_cross_entropy,
 )
 
+from . import export, weights
 from .config import GPTConfig
 from .kv_cache import KVCache
-from .weights import PretrainedMixin
 
 
 class LayerNorm(nn.Module):
@@ -101,7 +103,7 @@ class TransformerBlock(nn.Module):
         return x + self.drop_shortcut(self.ff(normed))
 
 
-class GPTModel(PretrainedMixin, nn.Module):
+class GPTModel(nn.Module):
     """GPT-2 on the fused kernels; ``model(idx)`` maps ``(b, T)`` token ids to logits ``(b, T, vocab)``."""
 
     supports_kv_cache = True  # gpt.generate uses prefill/decode with a KVCache
@@ -158,3 +160,18 @@ class GPTModel(PretrainedMixin, nn.Module):
         hidden states without materializing the logits. Same as ``model(idx, targets=targets)``, the form
         to use through DDP / ``torch.compile`` wrappers."""
         return self(idx, targets=targets, ignore_index=ignore_index)
+
+    @classmethod
+    def from_pretrained(cls, source: str | os.PathLike, *, device=None, dtype: torch.dtype | None = None,
+                        **overrides):
+        """Build the model from a Hugging Face GPT-2 folder (config.json + model.safetensors), a bare
+        ``.safetensors`` file, a checkpoint of this project (file or run folder), or a model name
+        (``gpt2``, ``gpt2-medium``, ``gpt2-large``, ``gpt2-xl``; downloaded when online). ``overrides``
+        change config fields that do not affect shapes (e.g. ``drop_rate``). Returns the model in eval mode.
+        (``gpt.weights.from_pretrained``.)"""
+        return weights.from_pretrained(cls, source, device=device, dtype=dtype, **overrides)
+
+    def save_pretrained(self, folder: str | os.PathLike, **kwargs):
+        """Write the Hugging Face GPT-2 layout (config.json, model.safetensors, tokenizer files,
+        generation config) that ``transformers`` and ``from_pretrained`` load (``gpt.export.save_pretrained``)."""
+        return export.save_pretrained(self, folder, **kwargs)

@@ -7,12 +7,14 @@ trf_blocks.{i}.ff.layers.{0,2}, trf_blocks.{i}.norm{1,2}.{scale,shift}, final_no
 
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import nn
 
+from . import export, weights
 from .attention import MultiHeadAttention
 from .config import GPTConfig
-from .weights import PretrainedMixin
 
 
 class LayerNorm(nn.Module):
@@ -81,7 +83,7 @@ class TransformerBlock(nn.Module):
         return x + shortcut
 
 
-class GPTModel(PretrainedMixin, nn.Module):
+class GPTModel(nn.Module):
     """The book's GPT-2. ``model(idx)`` with idx ``(b, T)`` token ids returns logits ``(b, T, vocab_size)``."""
 
     def __init__(self, cfg: GPTConfig | dict):
@@ -123,3 +125,18 @@ class GPTModel(PretrainedMixin, nn.Module):
         """Mean next-token cross-entropy of ``targets (b, T)`` over the positions not equal to
         ``ignore_index``: plain ``cross_entropy`` on the logits. Same as ``model(idx, targets=targets)``."""
         return self(idx, targets=targets, ignore_index=ignore_index)
+
+    @classmethod
+    def from_pretrained(cls, source: str | os.PathLike, *, device=None, dtype: torch.dtype | None = None,
+                        **overrides):
+        """Build the model from a Hugging Face GPT-2 folder (config.json + model.safetensors), a bare
+        ``.safetensors`` file, a checkpoint of this project (file or run folder), or a model name
+        (``gpt2``, ``gpt2-medium``, ``gpt2-large``, ``gpt2-xl``; downloaded when online). ``overrides``
+        change config fields that do not affect shapes (e.g. ``drop_rate``). Returns the model in eval mode.
+        (``gpt.weights.from_pretrained``.)"""
+        return weights.from_pretrained(cls, source, device=device, dtype=dtype, **overrides)
+
+    def save_pretrained(self, folder: str | os.PathLike, **kwargs):
+        """Write the Hugging Face GPT-2 layout (config.json, model.safetensors, tokenizer files,
+        generation config) that ``transformers`` and ``from_pretrained`` load (``gpt.export.save_pretrained``)."""
+        return export.save_pretrained(self, folder, **kwargs)

@@ -17,7 +17,9 @@ import os
 import tempfile
 from pathlib import Path
 
+import tiktoken
 import torch
+from tiktoken_ext.openai_public import r50k_pat_str
 
 ENDOFTEXT = "<|endoftext|>"
 EOT_ID = 50256
@@ -36,8 +38,6 @@ class TokenizerError(RuntimeError):
 @functools.lru_cache(maxsize=4)
 def get_tokenizer(bpe_dir: str | None = None):
     """Return tiktoken's ``gpt2`` encoding (50,257 tokens, ``<|endoftext|>`` = 50256), offline."""
-    import tiktoken
-
     bpe_dir = bpe_dir or os.environ.get("GPT2_BPE_DIR")
     if bpe_dir:
         return _from_bpe_files(Path(bpe_dir))
@@ -63,9 +63,6 @@ def _from_bpe_files(folder: Path, check_hash: bool = False):
 
     ``encoder.json`` maps each token, written in GPT-2's printable byte alphabet, to its rank; tiktoken
     checks it equals the ranks replayed from ``vocab.bpe``'s merges, so the ranks come from it alone."""
-    import tiktoken
-    from tiktoken_ext.openai_public import r50k_pat_str
-
     enc_json, vocab_bpe = folder / "encoder.json", folder / "vocab.bpe"
     if not enc_json.is_file() or not vocab_bpe.is_file():
         raise TokenizerError(f"{folder} must hold encoder.json and vocab.bpe (the GPT-2 BPE files)")

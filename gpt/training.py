@@ -15,6 +15,7 @@ import math
 import os
 import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from torch import nn
+from tqdm import tqdm
 
 from .checkpoint import first_non_finite, load_checkpoint, save_checkpoint
 from .generate import context_length_of, generate
@@ -240,8 +242,6 @@ class _StopFlag:
 
 
 def threading_main() -> bool:
-    import threading
-
     return threading.current_thread() is threading.main_thread()
 
 
@@ -262,7 +262,7 @@ def read_metrics(path: Path) -> list[dict]:
 def plot_losses(out: Path) -> None:
     """``loss.png`` from ``metrics.jsonl`` (skipped quietly without matplotlib)."""
     try:
-        import matplotlib
+        import matplotlib  # optional (the dev extra): lazy, only to draw loss.png
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
@@ -291,6 +291,136 @@ def last_good(out: Path) -> str:
     return f"the last good checkpoint is {path}" if path.is_file() else "no checkpoint was written yet"
 
 
+class _Loop:
+    """The state of one training run and its pieces: restore, one optimizer step over the micro-batches,
+    evaluation, checkpoints (never with non-finite values), the stop flag under DDP."""
+
+    def __init__(self, model: nn.Module, spec: TrainSpec, cfg: LoopConfig, out: Path, device: torch.device,
+                 d: Dist, log):
+        self.model, self.spec, self.cfg, self.out, self.device, self.d, self.log = (
+            model, spec, cfg, out, device, d, log)
+        self.optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay, device)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.dtype == "fp16")
+        self.best_val = float("inf")
+        self.metrics_path = out / "metrics.jsonl"
+        self.amp = autocast_context(cfg.dtype, device)
+        self.last_save = time.monotonic()
+        self.sampler = EpochBatches(len(spec.train_data), cfg.batch_size, seed=cfg.seed, rank=d.rank,
+                                    world=d.world)
+        if self.sampler.per_epoch == 0:
+            raise ValueError(f"the training split holds {len(spec.train_data)} examples, fewer than one global "
+                             f"batch of {self.sampler.global_batch}: use more data or a smaller --batch-size")
+
+    def restore(self) -> int:
+        """Load ``ckpt-last.pt`` (model, optimizer, scaler, RNG states); the step to continue from."""
+        ckpt = load_checkpoint(self.out / "ckpt-last.pt", self.model, optimizer=self.optimizer,
+                               map_location=self.device, restore_rng=True)
+        start, self.best_val = ckpt["step"], ckpt["extra"].get("best_val", float("inf"))
+        if ckpt["extra"].get("scaler"):
+            self.scaler.load_state_dict(ckpt["extra"]["scaler"])
+        if self.d.main:  # drop rows logged after the checkpoint (a crash between saves)
+            rows = [r for r in read_metrics(self.metrics_path) if r["step"] <= start]
+            self.metrics_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        self.log(f"resumed from {self.out / 'ckpt-last.pt'} at step {start}")
+        return start
+
+    def wrapped(self, compile: bool) -> nn.Module:
+        """The model the steps run: compiled and/or in DDP (checkpoints always save ``self.model``)."""
+        train_model = torch.compile(self.model) if compile else self.model
+        if self.d.world > 1:
+            train_model = nn.parallel.DistributedDataParallel(
+                train_model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        return train_model
+
+    def checkpoint(self, step: int, name: str = "ckpt-last.pt", with_optimizer: bool = True) -> None:
+        optimizer = self.optimizer if with_optimizer else None
+        bad = first_non_finite(self.model, optimizer)  # every rank: they stop alike
+        if bad is not None:
+            raise TrainingDiverged(f"{bad} became non-finite by step {step}; not saved ({last_good(self.out)})")
+        if self.d.main:
+            extra = {**self.spec.extra, "best_val": self.best_val,
+                     "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None}
+            save_checkpoint(self.out / name, self.model, optimizer=optimizer, step=step, extra=extra)
+        if name == "ckpt-last.pt":
+            self.last_save = time.monotonic()
+
+    def stopping(self, stop: _StopFlag) -> bool:  # under DDP a signal on any rank stops every rank at the same step
+        if self.d.world == 1:
+            return stop.requested
+        flag = torch.tensor([float(stop.requested)], device=self.device)
+        dist.all_reduce(flag)
+        return flag.item() > 0
+
+    def set_lr(self, step: int) -> float:
+        lr = lr_at(step, self.cfg.steps, self.cfg.lr, self.cfg.warmup)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        return lr
+
+    def accumulate(self, train_model: nn.Module, step: int) -> tuple[float, int]:
+        """Forward and backward of the step's ``grad_accum`` micro-batches: (mean loss over the ranks,
+        input tokens of the global batch); a non-finite loss stops the run before any update."""
+        cfg, d = self.cfg, self.d
+        loss_sum, tokens = 0.0, 0
+        for micro in range(cfg.grad_accum):
+            batch = self.spec.collate([self.spec.train_data[i]
+                                       for i in self.sampler.indices(step * cfg.grad_accum + micro)])
+            tokens += batch[0].numel() * d.world  # input tokens of the global micro-batch
+            sync = micro == cfg.grad_accum - 1 or d.world == 1
+            ctx = train_model.no_sync() if not sync else contextlib.nullcontext()
+            with ctx, self.amp:
+                loss = self.spec.loss_fn(train_model, batch, self.device) / cfg.grad_accum
+            self.scaler.scale(loss).backward()
+            loss_sum += loss.item()
+        loss_val = _mean_across_ranks(loss_sum, d, self.device)
+        if not math.isfinite(loss_val):
+            raise TrainingDiverged(f"loss is {loss_val} at step {step + 1}; stopped without saving it "
+                                   f"({last_good(self.out)})")
+        return loss_val, tokens
+
+    def apply(self, step: int, loss_val: float) -> float:
+        """Clip, check and apply the accumulated gradients; the gradient norm before clipping."""
+        self.scaler.unscale_(self.optimizer)  # (a no-op without fp16's grad scaler)
+        clip = self.cfg.clip if self.cfg.clip > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip).item()
+        if not math.isfinite(grad_norm) and not self.scaler.is_enabled():  # fp16: the scaler skips the step
+            raise TrainingDiverged(f"gradient norm is {grad_norm} at step {step + 1} (loss {loss_val:.4g}); "
+                                   f"stopped before applying it ({last_good(self.out)})")
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        return grad_norm
+
+    def evaluate(self, step: int, loss_val: float) -> dict:
+        """Evaluate, print the metrics (and a sample), keep ``ckpt-best.pt`` for the best ``val_loss``."""
+        metrics = run_eval(self.model, self.spec, self.amp)
+        msg = f"step {step}: train loss {loss_val:.3f}" + "".join(
+            f", {k.replace('_', ' ')} {v:.4g}" for k, v in metrics.items())
+        if self.spec.sample is not None:
+            msg += f"\n  sample: {self.spec.sample(self.model)}"
+        if self.d.main:
+            tqdm.write(msg, file=sys.stdout)
+        val = metrics.get("val_loss", float("nan"))
+        if math.isfinite(val) and val < self.best_val:
+            self.best_val = val
+            self.checkpoint(step, "ckpt-best.pt", with_optimizer=False)
+        return metrics
+
+    def save_due(self, step: int) -> bool:
+        cfg = self.cfg
+        due = step % cfg.save_every == 0 or step == cfg.steps
+        if cfg.save_every_minutes is not None and self.d.main:  # only rank 0 writes: no need to agree
+            due = due or time.monotonic() - self.last_save >= cfg.save_every_minutes * 60
+        return due
+
+
+def _write_row(metrics, row: dict) -> None:
+    if metrics is not None:
+        metrics.write(json.dumps({k: None if isinstance(v, float) and not math.isfinite(v) else v
+                                  for k, v in row.items()}) + "\n")  # strict JSON: NaN -> null
+        metrics.flush()
+
+
 def train(model: nn.Module, spec: TrainSpec, cfg: LoopConfig, out: Path, device: torch.device, *,
           resume: bool = False, d: Dist | None = None, compile: bool = False, log=print) -> dict:
     """Run the loop up to ``cfg.steps`` optimizer steps; returns the last evaluation's metrics.
@@ -299,134 +429,47 @@ def train(model: nn.Module, spec: TrainSpec, cfg: LoopConfig, out: Path, device:
     on Ctrl-C/SIGTERM, never with non-finite values: the run stops instead),
     ``ckpt-best.pt`` (best ``val_loss``), ``metrics.jsonl`` and ``loss.png`` (rank 0 only).
     """
-    from tqdm import tqdm
-
     d = d or Dist()
     model.to(device)
-    optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay, device)
-    scaler = torch.amp.GradScaler(device.type, enabled=cfg.dtype == "fp16")
-    start, best_val = 0, float("inf")
-    metrics_path = out / "metrics.jsonl"
-    if resume:
-        ckpt = load_checkpoint(out / "ckpt-last.pt", model, optimizer=optimizer, map_location=device,
-                               restore_rng=True)
-        start, best_val = ckpt["step"], ckpt["extra"].get("best_val", float("inf"))
-        if ckpt["extra"].get("scaler"):
-            scaler.load_state_dict(ckpt["extra"]["scaler"])
-        if d.main:  # drop rows logged after the checkpoint (a crash between saves)
-            rows = [r for r in read_metrics(metrics_path) if r["step"] <= start]
-            metrics_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-        log(f"resumed from {out / 'ckpt-last.pt'} at step {start}")
-    train_model = torch.compile(model) if compile else model
-    if d.world > 1:
-        train_model = nn.parallel.DistributedDataParallel(
-            train_model, device_ids=[device.index] if device.type == "cuda" else None)
-    sampler = EpochBatches(len(spec.train_data), cfg.batch_size, seed=cfg.seed, rank=d.rank, world=d.world)
-    if sampler.per_epoch == 0:
-        raise ValueError(f"the training split holds {len(spec.train_data)} examples, fewer than one global "
-                         f"batch of {sampler.global_batch}: use more data or a smaller --batch-size")
-    amp = autocast_context(cfg.dtype, device)
-
-    last_save = time.monotonic()
-
-    def checkpoint(step: int, name: str = "ckpt-last.pt", with_optimizer: bool = True):
-        nonlocal last_save
-        bad = first_non_finite(model, optimizer if with_optimizer else None)  # every rank: they stop alike
-        if bad is not None:
-            raise TrainingDiverged(f"{bad} became non-finite by step {step}; not saved ({last_good(out)})")
-        if d.main:
-            extra = {**spec.extra, "best_val": best_val, "scaler": scaler.state_dict() if scaler.is_enabled() else None}
-            save_checkpoint(out / name, model, optimizer=optimizer if with_optimizer else None, step=step,
-                            extra=extra)
-        if name == "ckpt-last.pt":
-            last_save = time.monotonic()
-
-    def stopping() -> bool:  # under DDP a signal on any rank stops every rank at the same step
-        if d.world == 1:
-            return stop.requested
-        flag = torch.tensor([float(stop.requested)], device=device)
-        dist.all_reduce(flag)
-        return flag.item() > 0
-
-    metrics = open(metrics_path, "a") if d.main else None
+    loop = _Loop(model, spec, cfg, out, device, d, log)
+    step = loop.restore() if resume else 0
+    train_model = loop.wrapped(compile)
+    metrics = open(loop.metrics_path, "a") if d.main else None
     last_eval: dict = {}
-    step = start
-    bar = tqdm(total=cfg.steps, initial=start, desc=cfg.desc, dynamic_ncols=True, disable=not d.main,
+    bar = tqdm(total=cfg.steps, initial=step, desc=cfg.desc, dynamic_ncols=True, disable=not d.main,
                file=sys.stdout, mininterval=1.0)
-    t_last, tokens = time.perf_counter(), 0
+    t_last = time.perf_counter()
     model.train()
     model.zero_grad(set_to_none=True)  # (gradients left by an earlier, failed call must not leak in)
     try:
         with _StopFlag() as stop:
-            interrupted = False
             while step < cfg.steps:
-                if stopping():
-                    interrupted = True
-                    break
-                lr = lr_at(step, cfg.steps, cfg.lr, cfg.warmup)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                loss_sum = 0.0
-                for micro in range(cfg.grad_accum):
-                    batch = spec.collate([spec.train_data[i] for i in sampler.indices(step * cfg.grad_accum + micro)])
-                    tokens += batch[0].numel() * d.world  # input tokens of the global micro-batch
-                    sync = micro == cfg.grad_accum - 1 or d.world == 1
-                    ctx = train_model.no_sync() if not sync else contextlib.nullcontext()
-                    with ctx, amp:
-                        loss = spec.loss_fn(train_model, batch, device) / cfg.grad_accum
-                    scaler.scale(loss).backward()
-                    loss_sum += loss.item()
-                loss_val = _mean_across_ranks(loss_sum, d, device)
-                if not math.isfinite(loss_val):
-                    raise TrainingDiverged(f"loss is {loss_val} at step {step + 1}; stopped without saving it "
-                                           f"({last_good(out)})")
-                scaler.unscale_(optimizer)  # (a no-op without fp16's grad scaler)
-                grad_norm = torch.nn.utils.clip_grad_norm_(
-                    model.parameters(), cfg.clip if cfg.clip > 0 else float("inf")).item()
-                if not math.isfinite(grad_norm) and not scaler.is_enabled():  # fp16: the scaler skips the step
-                    raise TrainingDiverged(f"gradient norm is {grad_norm} at step {step + 1} (loss {loss_val:.4g}); "
-                                           f"stopped before applying it ({last_good(out)})")
-                scaler.step(optimizer)
-                scaler.update()
-                optimizer.zero_grad(set_to_none=True)
+                if loop.stopping(stop):
+                    loop.checkpoint(step)
+                    raise Interrupted(f"interrupted at step {step}; saved {out / 'ckpt-last.pt'}, continue with "
+                                      "--resume", 128 + (stop.signum or signal.SIGINT))
+                lr = loop.set_lr(step)
+                loss_val, tokens = loop.accumulate(train_model, step)
+                grad_norm = loop.apply(step, loss_val)
                 step += 1
                 now = time.perf_counter()
                 row = {"step": step, "train_loss": round(loss_val, 6), "lr": lr,
                        "grad_norm": round(grad_norm, 4) if math.isfinite(grad_norm) else None,
                        "tokens_per_s": round(tokens / max(now - t_last, 1e-9), 1)}
-                t_last, tokens = now, 0
+                t_last = now
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss_val:.3f}", tok_s=f"{row['tokens_per_s']:.0f}", refresh=False)
-                if step % cfg.eval_every == 0 or step == cfg.steps:
-                    last_eval = run_eval(model, spec, amp)
+                evaluated = step % cfg.eval_every == 0 or step == cfg.steps
+                if evaluated:
+                    last_eval = loop.evaluate(step, loss_val)
                     row.update(last_eval)
-                    msg = f"step {step}: train loss {loss_val:.3f}" + "".join(
-                        f", {k.replace('_', ' ')} {v:.4g}" for k, v in last_eval.items())
-                    if spec.sample is not None:
-                        msg += f"\n  sample: {spec.sample(model)}"
-                    if d.main:
-                        tqdm.write(msg, file=sys.stdout)
-                    val = last_eval.get("val_loss", float("nan"))
-                    if math.isfinite(val) and val < best_val:
-                        best_val = val
-                        checkpoint(step, "ckpt-best.pt", with_optimizer=False)
                     t_last = time.perf_counter()  # evaluation is not training throughput
-                if metrics is not None:
-                    metrics.write(json.dumps({k: None if isinstance(v, float) and not math.isfinite(v) else v
-                                              for k, v in row.items()}) + "\n")  # strict JSON: NaN -> null
-                    metrics.flush()
-                due = step % cfg.save_every == 0 or step == cfg.steps
-                if cfg.save_every_minutes is not None and d.main:  # only rank 0 writes: no need to agree
-                    due = due or time.monotonic() - last_save >= cfg.save_every_minutes * 60
-                if due:
-                    checkpoint(step)
-                    if d.main and (step % cfg.eval_every == 0 or step == cfg.steps):  # (plotting takes a second)
+                _write_row(metrics, row)
+                if loop.save_due(step):
+                    loop.checkpoint(step)
+                    if d.main and evaluated:  # (plotting takes a second)
                         plot_losses(out)
                     t_last = time.perf_counter()  # nor is writing the checkpoint or the plot
-            if interrupted:
-                checkpoint(step)
-                raise Interrupted(f"interrupted at step {step}; saved {out / 'ckpt-last.pt'}, continue with "
-                                  "--resume", 128 + (stop.signum or signal.SIGINT))
     finally:
         bar.close()
         if metrics is not None:

@@ -13,7 +13,9 @@ import re
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 
+from .checkpoint import load_checkpoint
 from .config import HF_MODEL_NAMES, GPTConfig
 
 # GPT-2 releases: head count for an embedding width (a bare .safetensors file has no config).
@@ -136,8 +138,6 @@ def load_state_dict_checked(model: torch.nn.Module, sd: dict) -> None:
 
 
 def _read_safetensors(path: Path) -> dict:
-    from safetensors.torch import load_file
-
     try:
         return load_file(str(path))
     except Exception as e:  # noqa: BLE001
@@ -147,7 +147,9 @@ def _read_safetensors(path: Path) -> dict:
 def download_pretrained(name: str, cache_dir: str | None = None) -> Path:
     """Download ``config.json`` + ``model.safetensors`` of a GPT-2 release; return the folder."""
     try:
-        from huggingface_hub import snapshot_download
+        from huggingface_hub import (
+            snapshot_download,  # optional (the hub extra): only to download a model name
+        )
     except ImportError:
         raise WeightsError(f"downloading {name!r} needs huggingface_hub: pip install huggingface_hub "
                            "(or pass a local folder / .safetensors file)") from None
@@ -178,58 +180,50 @@ def resolve_source(source: str | os.PathLike) -> tuple[str, Path]:
                        f"({', '.join(HF_MODEL_NAMES)})")
 
 
-class PretrainedMixin:
-    """Adds ``from_pretrained`` to a model class whose constructor takes a ``GPTConfig``."""
+def read_pretrained(source: str | os.PathLike, **overrides) -> tuple[dict, GPTConfig]:
+    """``(state_dict, config)`` of a pretrained source, with this project's names and no model built: a
+    Hugging Face GPT-2 folder (config.json + model.safetensors), a bare ``.safetensors`` file, a checkpoint
+    of this project (file or run folder), or a model name (``gpt2``, ``gpt2-medium``, ``gpt2-large``,
+    ``gpt2-xl``; downloaded when online). ``overrides`` change config fields that do not affect shapes."""
+    kind, path = resolve_source(source)
+    if kind == "checkpoint":
+        ckpt = load_checkpoint(path)
+        if not ckpt.get("config"):
+            raise WeightsError(f"{path} has no model config")
+        cfg = GPTConfig.from_dict(ckpt["config"]).replace(**overrides)
+        sd = ckpt["model"]
+        head = sd.get("out_head.weight")
+        extra = ckpt.get("extra") or {}
+        if extra.get("task") == "classify" or (head is not None and head.shape[0] != cfg.vocab_size):
+            labels = extra.get("labels") or [f"{head.shape[0]} classes"]
+            raise WeightsError(
+                f"{source} is a classifier (train.py classify: {', '.join(map(str, labels))}), not a language "
+                f"model: it predicts labels, not text; use `python train.py classify --init {source} "
+                "--predict TEXT`, or `python -m gpt.export` for Hugging Face")
+        return sd, cfg
+    if kind == "hf-folder":
+        cfg_path = path / "config.json"
+        if not cfg_path.is_file():
+            raise WeightsError(f"{path} has model.safetensors but no config.json")
+        hf_sd = _read_safetensors(path / "model.safetensors")
+        cfg = hf_config_to_gpt(json.loads(cfg_path.read_text()), **overrides)
+    else:
+        hf_sd = _read_safetensors(path)
+        side_cfg = path.parent / "config.json"
+        cfg = (hf_config_to_gpt(json.loads(side_cfg.read_text()), **overrides) if side_cfg.is_file()
+               else infer_config_from_hf_state_dict(hf_sd, **overrides))
+    if not cfg.qkv_bias and any(v.any() for k, v in hf_sd.items() if k.endswith("attn.c_attn.bias")):
+        cfg = cfg.replace(qkv_bias=True)  # biases trained since the export: keep them
+    return hf_to_state_dict(hf_sd, cfg), cfg
 
-    @classmethod
-    def from_pretrained(cls, source: str | os.PathLike, *, device=None, dtype: torch.dtype | None = None,
-                        **overrides):
-        """Build the model from a Hugging Face GPT-2 folder (config.json + model.safetensors), a bare
-        ``.safetensors`` file, a checkpoint of this project (file or run folder), or a model name
-        (``gpt2``, ``gpt2-medium``, ``gpt2-large``, ``gpt2-xl``; downloaded when online). ``overrides``
-        change config fields that do not affect shapes (e.g. ``drop_rate``). Returns the model in eval mode.
-        """
-        kind, path = resolve_source(source)
-        if kind == "checkpoint":
-            from .checkpoint import load_checkpoint
 
-            ckpt = load_checkpoint(path)
-            if not ckpt.get("config"):
-                raise WeightsError(f"{path} has no model config")
-            cfg = GPTConfig.from_dict(ckpt["config"]).replace(**overrides)
-            sd = ckpt["model"]
-            head = sd.get("out_head.weight")
-            extra = ckpt.get("extra") or {}
-            if extra.get("task") == "classify" or (head is not None and head.shape[0] != cfg.vocab_size):
-                labels = extra.get("labels") or [f"{head.shape[0]} classes"]
-                raise WeightsError(
-                    f"{source} is a classifier (train.py classify: {', '.join(map(str, labels))}), not a language "
-                    f"model: it predicts labels, not text; use `python train.py classify --init {source} "
-                    "--predict TEXT`, or `python -m gpt.export` for Hugging Face")
-        else:
-            if kind == "hf-folder":
-                cfg_path = path / "config.json"
-                if not cfg_path.is_file():
-                    raise WeightsError(f"{path} has model.safetensors but no config.json")
-                hf_sd = _read_safetensors(path / "model.safetensors")
-                cfg = hf_config_to_gpt(json.loads(cfg_path.read_text()), **overrides)
-            else:
-                hf_sd = _read_safetensors(path)
-                side_cfg = path.parent / "config.json"
-                cfg = (hf_config_to_gpt(json.loads(side_cfg.read_text()), **overrides) if side_cfg.is_file()
-                       else infer_config_from_hf_state_dict(hf_sd, **overrides))
-            if not cfg.qkv_bias and any(v.any() for k, v in hf_sd.items() if k.endswith("attn.c_attn.bias")):
-                cfg = cfg.replace(qkv_bias=True)  # biases trained since the export: keep them
-            sd = hf_to_state_dict(hf_sd, cfg)
-        model = cls(cfg)
-        load_state_dict_checked(model, sd)
-        if device is not None or dtype is not None:
-            model.to(device=device, dtype=dtype)
-        return model.eval()
-
-    def save_pretrained(self, folder: str | os.PathLike, **kwargs):
-        """Write the Hugging Face GPT-2 layout (config.json, model.safetensors, tokenizer files,
-        generation config) that ``transformers`` and ``from_pretrained`` load; see ``gpt.export``."""
-        from .export import save_pretrained
-
-        return save_pretrained(self, folder, **kwargs)
+def from_pretrained(cls, source: str | os.PathLike, *, device=None, dtype: torch.dtype | None = None,
+                    **overrides):
+    """``cls.from_pretrained(source)``: a ``cls`` (either GPTModel) built from ``read_pretrained(source)``,
+    moved to ``device`` / ``dtype``, in eval mode."""
+    sd, cfg = read_pretrained(source, **overrides)
+    model = cls(cfg)
+    load_state_dict_checked(model, sd)
+    if device is not None or dtype is not None:
+        model.to(device=device, dtype=dtype)
+    return model.eval()

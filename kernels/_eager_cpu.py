@@ -151,3 +151,20 @@ def linear_cross_entropy(x, weight, target, bias, ignore_index: int, reduction: 
     """``x`` (N, d), ``target`` (N,) already validated; returns the fp32 scalar loss."""
     return _LinearCrossEntropyGradInForward.apply(x, weight, bias, target, ignore_index,
                                                   reduction == "mean", chunk_elements, torch.is_grad_enabled())
+
+
+def rms_norm(x, weight, eps: float, offset: float) -> torch.Tensor:
+    w = weight if weight is None or offset == 0.0 else weight + offset
+    return F.rms_norm(x, (x.shape[-1],), w, eps)
+
+
+def gated_activation(gate, up, activation: str) -> torch.Tensor:
+    if activation == "silu":
+        return F.silu(gate) * up
+    return F.gelu(gate, approximate="tanh" if activation == "gelu_tanh" else "none") * up
+
+
+def apply_rotary(x, cos, sin) -> torch.Tensor:
+    c, s = (cos[:, None], sin[:, None]) if cos.dim() == 3 else (cos, sin)  # (B, T, D) -> (B, 1, T, D)
+    h = x.shape[-1] // 2
+    return x * c + torch.cat((-x[..., h:], x[..., :h]), dim=-1) * s

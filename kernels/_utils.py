@@ -120,6 +120,44 @@ def sm_count(device: torch.device) -> int:
     return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
 
 
+def as_rows(t: torch.Tensor | None) -> torch.Tensor | None:
+    """View ``t`` as ``(rows, N)`` with a unit-stride last dim (copying only when that is impossible):
+    the layout of the row-wise kernels (LayerNorm, RMSNorm, the gated activations)."""
+    if t is None:
+        return None
+    t2 = t.reshape(-1, t.shape[-1])
+    return t2 if t2.stride(-1) == 1 or t2.shape[-1] == 1 else t2.contiguous()
+
+
+def any_float64(*tensors: torch.Tensor | None) -> bool:
+    """float64 anywhere: the op runs its differentiable PyTorch reference (the kernels compute in fp32)."""
+    return any(t is not None and t.dtype == torch.float64 for t in tensors)
+
+
+def row_launch_config(M: int, N: int, device: torch.device, tile: int, interpret_tile: int
+                      ) -> tuple[int, int, int]:
+    """``(BLOCK_M, BLOCK_N, num_warps)`` for a kernel that holds whole rows of width ``N`` in registers.
+
+    CUDA: about ``tile`` elements per program (~16 per thread), warps scaled with it. The interpreter
+    runs programs one after another in Python, so it gets big tiles (``interpret_tile``) instead."""
+    BLOCK_N = next_power_of_2(N)
+    if device.type != "cuda":
+        return max(1, min(next_power_of_2(M), interpret_tile // BLOCK_N)), BLOCK_N, 1
+    BLOCK_M = max(1, min(16, tile // BLOCK_N))
+    num_warps = min(16, max(1, BLOCK_M * BLOCK_N // 512))
+    return BLOCK_M, BLOCK_N, num_warps
+
+
+def row_partials_grid(M: int, BLOCK_M: int, num_warps: int, device: torch.device, interpret_programs: int) -> int:
+    """Programs of a row-wise backward that also reduces a weight gradient into per-program partial rows
+    (deterministic, no atomics): about one wave on CUDA (~32 resident warps per SM), at least 1."""
+    if device.type == "cuda":
+        grid = min(triton.cdiv(M, BLOCK_M), sm_count(device) * max(1, 32 // num_warps))
+    else:
+        grid = min(triton.cdiv(M, BLOCK_M), interpret_programs)
+    return max(grid, 1)
+
+
 def kernel_op(name: str, *, launch, fallback, dispatch_arg: int = 0, triton_if=None,
               backward=None, setup_context=None):
     """Register a ``torch.library.triton_op`` with its CPU kernel and autograd in one call (a decorator).

@@ -80,17 +80,30 @@ def _logits_tile(X, W, B, rows_o, row_mask, cols, cols_o, col_mask, stride_xn, s
     return acc
 
 
-# Forward, per row i with logits z_i = x_i Wᵀ + b (fp32) over the vocabulary slice [v_lo, v_hi):
+# Softcap (Gemma 2's final_logit_softcapping), c > 0:  z' = c · tanh(z / c),  dz'/dz = 1 − tanh²(z / c),
+# with tanh(u) = 1 − 2 / (1 + exp(2u)): one exp2 and one division; exp(2u) = inf gives 1 and 0 gives −1
+# (no NaN), and the derivative is exactly 0 there.
+@triton.jit
+def _softcap(z, softcap):
+    t = 1.0 - 2.0 / (1.0 + tl.math.exp2(z * (2.0 * LOG2E / softcap)))
+    return softcap * t, 1.0 - t * t
+
+
+# Forward, per row i with logits z_i = x_i Wᵀ + b (fp32; capped by _softcap when SOFTCAP) over the
+# vocabulary slice [v_lo, v_hi):
 #   m = max_v z_iv (running),  l = Σ_v exp(z_iv - m) (rescaled by exp(m_old - m) when m grows),
-#   part_lse_i = m + log(l)  (-inf for an empty slice),  part_t_i = z_{i, t_i} if t_i is in the slice else 0.
-# The launcher combines slices: lse_i = logsumexp_s part_lse_si, z_{i,t_i} = Σ_s part_t_si, and
-#   loss_i = lse_i - z_{i,t_i}  (0 when t_i == ignore_index).
+#   part_lse_i = m + log(l)  (-inf for an empty slice),  part_t_i = z_{i, t_i} if t_i is in the slice else 0,
+#   part_s_i = Σ_v z_iv over the slice (only with label smoothing, SMOOTH).
+# The launcher combines slices: lse_i = logsumexp_s part_lse_si, z_{i,t_i} = Σ_s part_t_si, S_i = Σ_s part_s_si,
+#   loss_i = lse_i - (1 - ε)·z_{i,t_i} - ε/V · S_i  (0 when t_i == ignore_index; ε the label smoothing:
+#   torch's (1 - ε)·nll + ε·mean_v(-log p_v), as -log p_v = lse - z_v).
 @triton.jit
 def _lce_fwd_kernel(
-    X, W, B, T, PART_LSE, PART_T,  # PART_*: (splits, N) fp32
+    X, W, B, T, PART_LSE, PART_T, PART_S,  # PART_*: (splits, N) fp32; PART_S only when SMOOTH
     stride_xn, stride_xd, stride_wv, stride_wd,
-    N, V, D, V_PER_SPLIT,
+    N, V, D, V_PER_SPLIT, softcap,
     HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, LARGE: tl.constexpr,
+    SOFTCAP: tl.constexpr, SMOOTH: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
@@ -104,12 +117,17 @@ def _lce_fwd_kernel(
     m_i = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_N,), dtype=tl.float32)
     t_i = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    s_i = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for v0 in range(v_lo, v_hi, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V)
         col_mask = cols < v_hi
         cols_o = cols.to(tl.int64) if LARGE else cols
         z = _logits_tile(X, W, B, rows_o, row_mask, cols, cols_o, col_mask, stride_xn, stride_xd, stride_wv,
                          stride_wd, D, HAS_BIAS, IEEE, BLOCK_N, BLOCK_V, BLOCK_K)
+        if SOFTCAP:
+            z, _ = _softcap(z, softcap)
+        if SMOOTH:  # (columns past the slice hold z = 0: zero-filled W/b loads, and softcap(0) = 0)
+            s_i += tl.sum(z, 1)
         z = tl.where(col_mask[None, :], z, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(z, 1))  # finite: every tile holds at least one column
         p = tl.math.exp2((z - m_new[:, None]) * LOG2E)
@@ -120,12 +138,15 @@ def _lce_fwd_kernel(
     out = split.to(tl.int64) * N + rows
     tl.store(PART_LSE + out, part_lse, mask=row_mask)
     tl.store(PART_T + out, t_i, mask=row_mask)
+    if SMOOTH:
+        tl.store(PART_S + out, s_i, mask=row_mask)
 
 
 # Backward math. With p_iv = softmax(z_i)_v = exp(z_iv - lse_i) and g_i the upstream gradient of
 # loss_i (g_i = grad / num_valid for "mean", grad for "sum", grad_i for "none"; forced to 0 on ignored
-# rows), d loss_i / d z_iv = p_iv - [v == t_i], so
-#   dz_iv = g_i · (p_iv - [v == t_i])                     (dlogits; recomputed, one chunk of rows at a time)
+# rows), d loss_i / d z_iv = p_iv - (1 - ε)·[v == t_i] - ε/V (ε: label smoothing), so
+#   dz_iv = g_i · (p_iv - (1 - ε)·[v == t_i] - ε/V)       (dlogits; recomputed, one chunk of rows at a time)
+# (with a softcap, z is the capped logit and dz is multiplied by its derivative 1 - tanh²(z₀/c)), then
 #   dx_i  = Σ_v dz_iv W_v          = (dz @ W)_i            (per chunk, GEMM)
 #   dW_v  = Σ_i dz_iv x_i          = (dzᵀ @ x)_v           (accumulated chunk after chunk, in order)
 #   db_v  = Σ_i dz_iv                                      (fp32, chunk after chunk)
@@ -135,8 +156,9 @@ def _lce_fwd_kernel(
 def _lce_dlogits_kernel(
     X, W, B, T, LSE, G, DZ,
     stride_xn, stride_xd, stride_wv, stride_wd, stride_dz,
-    row0, n_rows, V, D, ignore_index,
+    row0, n_rows, V, D, ignore_index, softcap, smoothing,
     HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, LARGE: tl.constexpr,
+    SOFTCAP: tl.constexpr, SMOOTH: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     local = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # row index inside the chunk
@@ -152,8 +174,15 @@ def _lce_dlogits_kernel(
     lse = tl.load(LSE + rows, mask=row_mask, other=0.0)
     g = tl.load(G + rows, mask=row_mask, other=0.0)
     g = tl.where(tgt == ignore_index, 0.0, g)
+    if SOFTCAP:
+        z, cap_grad = _softcap(z, softcap)
     p = tl.math.exp2((z - lse[:, None]) * LOG2E)
-    dz = (p - tl.where(cols[None, :] == tgt[:, None], 1.0, 0.0)) * g[:, None]
+    if SMOOTH:
+        dz = (p - tl.where(cols[None, :] == tgt[:, None], 1.0 - smoothing, 0.0) - smoothing / V) * g[:, None]
+    else:
+        dz = (p - tl.where(cols[None, :] == tgt[:, None], 1.0, 0.0)) * g[:, None]
+    if SOFTCAP:
+        dz = dz * cap_grad
     tl.store(DZ + local.to(tl.int64)[:, None] * stride_dz + cols[None, :], dz.to(DZ.dtype.element_ty),
              mask=row_mask[:, None] & col_mask[None, :])
 
@@ -182,10 +211,25 @@ _DLOGITS_CONFIGS = [] if not hasattr(triton, "Config") else [
     _cfg(128, 128, 64, 8, 3),   # 128 regs, 96 KB
     _cfg(64, 128, 64, 4, 4),    # 130 regs, 96 KB
 ]
-_KEY = ["D", "HAS_BIAS", "N"]
+# With label smoothing or a softcap the forward holds more per row and the 3-stage 128x128 tile spills
+# (255 regs, 8/8 B at d=4096; so do 64x128 w4s4, 8/8 B, and 64x256, 12/12 B): those calls try these
+# instead (as launched, bf16 d=4096 V=50257 N=8192, triton 3.9): 128x128 with 2 stages (255 regs, 0 spills,
+# 64 KB) and 128x64 (180 regs, 0 spills, 72 KB), both with wgmma. SOFTCAP/SMOOTH are in the key.
+_FWD_OPTION_CONFIGS = [] if not hasattr(triton, "Config") else [
+    _cfg(128, 128, 64, 8, 2),
+    _cfg(128, 64, 64, 8, 3),
+]
+
+
+def _fwd_prune(configs, named_args, **meta):
+    return _FWD_OPTION_CONFIGS if meta.get("SOFTCAP") or meta.get("SMOOTH") else configs
+
+
+_KEY = ["D", "HAS_BIAS", "N", "SOFTCAP", "SMOOTH"]
 _DLOGITS_KEY = ["D", "HAS_BIAS", "n_rows"]
 if hasattr(triton, "autotune"):
-    _lce_fwd_tuned = triton.autotune(configs=_FWD_CONFIGS, key=_KEY)(_lce_fwd_kernel)
+    _lce_fwd_tuned = triton.autotune(configs=_FWD_CONFIGS, key=_KEY,
+                                     prune_configs_by={"early_config_prune": _fwd_prune})(_lce_fwd_kernel)
     _lce_dlogits_tuned = triton.autotune(configs=_DLOGITS_CONFIGS, key=_DLOGITS_KEY)(_lce_dlogits_kernel)
 
 # The interpreter runs programs one after another in Python: small fixed tiles that still exercise
@@ -217,15 +261,19 @@ def _chunk_rows(N: int, V: int, dtype: torch.dtype, device: torch.device) -> int
 # bias (V,) contiguous or None
 # ---------------------------------------------------------------------------------------------------
 
-def _combine_loss(lse, tlogit, target, ignore_index, V):
-    """Per-row loss from lse and the target logit: 0 on ignored rows, NaN on out-of-range targets."""
+def _combine_loss(lse, tlogit, zsum, target, ignore_index, V, label_smoothing):
+    """Per-row loss from lse, the target logit and (label smoothing) the logits' sum: 0 on ignored rows,
+    NaN on out-of-range targets."""
     valid = target != ignore_index
     in_range = (target >= 0) & (target < V)
-    loss = torch.where(in_range, lse - tlogit, torch.full_like(lse, float("nan")))
+    loss = lse - (1.0 - label_smoothing) * tlogit
+    if zsum is not None:
+        loss = loss - (label_smoothing / V) * zsum
+    loss = torch.where(in_range, loss, torch.full_like(lse, float("nan")))
     return torch.where(valid, loss, torch.zeros_like(lse))
 
 
-def _lce_fwd_launch(x, weight, target, bias, ignore_index):
+def _lce_fwd_launch(x, weight, target, bias, ignore_index, label_smoothing=0.0, softcap=0.0):
     N, D = x.shape
     V = weight.shape[0]
     if N == 0:
@@ -235,16 +283,22 @@ def _lce_fwd_launch(x, weight, target, bias, ignore_index):
     v_per_split = triton.cdiv(V, splits)
     part_lse = torch.empty((splits, N), dtype=torch.float32, device=x.device)
     part_t = torch.empty((splits, N), dtype=torch.float32, device=x.device)
-    meta = dict(HAS_BIAS=bias is not None, IEEE=x.dtype == torch.float32, LARGE=needs_int64(x, weight))
-    args = (x, weight, bias, target, part_lse, part_t, *x.stride(), *weight.stride(), N, V, D, v_per_split)
+    smooth = label_smoothing > 0
+    part_s = torch.empty((splits, N), dtype=torch.float32, device=x.device) if smooth else None
+    meta = dict(HAS_BIAS=bias is not None, IEEE=x.dtype == torch.float32, LARGE=needs_int64(x, weight),
+                SOFTCAP=softcap > 0, SMOOTH=smooth)
+    args = (x, weight, bias, target, part_lse, part_t, part_s, *x.stride(), *weight.stride(), N, V, D, v_per_split,
+            float(softcap))
     launch(_lce_fwd_kernel, lambda m: (triton.cdiv(N, m["BLOCK_N"]), splits), args, meta,
            tuned=_lce_fwd_tuned, interpret=_INTERPRET_BLOCKS)
     lse = torch.logsumexp(part_lse, dim=0) if splits > 1 else part_lse[0]  # (N,)
     tlogit = part_t.sum(dim=0) if splits > 1 else part_t[0]
-    return _combine_loss(lse, tlogit, target, ignore_index, V), lse
+    zsum = part_s.sum(dim=0) if smooth else None
+    return _combine_loss(lse, tlogit, zsum, target, ignore_index, V, label_smoothing), lse
 
 
-def _lce_bwd_launch(g, x, weight, target, bias, lse, ignore_index, need_dx, need_dw, need_db):
+def _lce_bwd_launch(g, x, weight, target, bias, lse, ignore_index, need_dx, need_dw, need_db, label_smoothing=0.0,
+                    softcap=0.0):
     N, D = x.shape
     V = weight.shape[0]
     dx = torch.empty((N, D), dtype=x.dtype, device=x.device) if need_dx else x.new_empty(0)
@@ -254,12 +308,13 @@ def _lce_bwd_launch(g, x, weight, target, bias, lse, ignore_index, need_dx, need
         return dx, dw, db.to(x.dtype)
     C = min(N, _chunk_rows(N, V, x.dtype, x.device))
     dz_buf = torch.empty((C, V), dtype=x.dtype, device=x.device)  # the only (rows, V) buffer
-    meta = dict(HAS_BIAS=bias is not None, IEEE=x.dtype == torch.float32, LARGE=needs_int64(x, weight))
+    meta = dict(HAS_BIAS=bias is not None, IEEE=x.dtype == torch.float32, LARGE=needs_int64(x, weight),
+                SOFTCAP=softcap > 0, SMOOTH=label_smoothing > 0)
     for row0 in range(0, N, C):
         n_rows = min(C, N - row0)
         dz = dz_buf[:n_rows]
         args = (x, weight, bias, target, lse, g, dz, *x.stride(), *weight.stride(), dz.stride(0),
-                row0, n_rows, V, D, ignore_index)
+                row0, n_rows, V, D, ignore_index, float(softcap), float(label_smoothing))
         launch(_lce_dlogits_kernel, lambda m, n=n_rows: (triton.cdiv(n, m["BLOCK_N"]), triton.cdiv(V, m["BLOCK_V"])),
                args, meta, tuned=_lce_dlogits_tuned, interpret=_INTERPRET_BLOCKS)
         if need_dx:
@@ -283,15 +338,17 @@ def _not_float64(x: torch.Tensor) -> bool:
            dispatch_arg=1, triton_if=_not_float64)
 def _linear_cross_entropy_bwd(g: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
                               bias: torch.Tensor | None, lse: torch.Tensor, ignore_index: int, need_dx: bool,
-                              need_dw: bool, need_db: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                              need_dw: bool, need_db: bool, label_smoothing: float = 0.0, softcap: float = 0.0
+                              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dx, dweight, dbias) in the inputs' dtypes (empty when not needed); g is the (N,) loss gradient."""
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, target, bias, ignore_index = inputs
+    x, weight, target, bias, ignore_index, label_smoothing, softcap = inputs
     _loss, lse = output
     ctx.mark_non_differentiable(lse)
     ctx.ignore_index = ignore_index
+    ctx.options = (label_smoothing, softcap)
     ctx.has_bias = bias is not None
     ctx.save_for_backward(x, weight, target, bias, lse)
 
@@ -301,15 +358,15 @@ def _backward(ctx, dloss, _dlse):
     need_dx, need_dw, _, need_db = ctx.needs_input_grad[:4]
     need_db = need_db and ctx.has_bias
     dx, dw, db = torch.ops.gpt_kernels.linear_cross_entropy_bwd(
-        dloss.contiguous(), x, weight, target, bias, lse, ctx.ignore_index, need_dx, need_dw, need_db)
-    return dx if need_dx else None, dw if need_dw else None, None, db if need_db else None, None
+        dloss.contiguous(), x, weight, target, bias, lse, ctx.ignore_index, need_dx, need_dw, need_db, *ctx.options)
+    return dx if need_dx else None, dw if need_dw else None, None, db if need_db else None, None, None, None
 
 
 @kernel_op("gpt_kernels::linear_cross_entropy_fwd", launch=_lce_fwd_launch, fallback=ref.linear_cross_entropy_fwd_ref,
            triton_if=_not_float64, backward=_backward, setup_context=_setup_context)
 def _linear_cross_entropy_fwd(x: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
-                              bias: torch.Tensor | None, ignore_index: int
-                              ) -> tuple[torch.Tensor, torch.Tensor]:
+                              bias: torch.Tensor | None, ignore_index: int, label_smoothing: float = 0.0,
+                              softcap: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss, lse) per row of 2-D x, both (N,) fp32 (fp64 for fp64 inputs); loss 0 on ignored rows.
     lse is the natural log-sum-exp of the logits (the loss is lse - z[target], so it stays natural)."""
 
@@ -318,7 +375,17 @@ def _linear_cross_entropy_fwd(x: torch.Tensor, weight: torch.Tensor, target: tor
 # Functional API
 # ---------------------------------------------------------------------------------------------------
 
-def _check_args(x, weight, target, bias, ignore_index, reduction):
+def _check_options(label_smoothing, softcap):
+    for name, v in (("label_smoothing", label_smoothing), ("softcap", softcap)):
+        if not isinstance(v, (int, float)) or isinstance(v, bool):
+            raise TypeError(f"{name} must be a float, got {type(v).__name__}")
+    if not 0.0 <= label_smoothing < 1.0:
+        raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing!r}")
+    if not (softcap >= 0.0 and softcap != float("inf")):
+        raise ValueError(f"softcap must be a finite number >= 0 (0: no cap), got {softcap!r}")
+
+
+def _check_args(x, weight, target, bias, ignore_index, reduction, label_smoothing=0.0, softcap=0.0):
     check_tensor("x", x, min_ndim=1, dtypes=DTYPES)
     check_tensor("weight", weight, ndim=2, dtypes=DTYPES)
     V, d = weight.shape
@@ -346,6 +413,7 @@ def _check_args(x, weight, target, bias, ignore_index, reduction):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    _check_options(label_smoothing, softcap)
     if target.device.type == "cpu" and not torch.compiler.is_compiling():
         bad = (target != ignore_index) & ((target < 0) | (target >= V))
         if bool(bad.any()):
@@ -356,7 +424,7 @@ def _check_args(x, weight, target, bias, ignore_index, reduction):
 
 def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
                          bias: torch.Tensor | None = None, *, ignore_index: int = -100,
-                         reduction: str = "mean") -> torch.Tensor:
+                         reduction: str = "mean", label_smoothing: float = 0.0, softcap: float = 0.0) -> torch.Tensor:
     """``cross_entropy(x @ weight.T + bias, target)`` without storing the ``(N, V)`` logits.
 
     x ``(..., d)``, weight ``(V, d)``, bias ``(V,)`` or None (same dtype as x), target ``(...)`` int64
@@ -365,8 +433,13 @@ def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, target: torch.Te
     is fp32 (fp64 for fp64 inputs). Differentiable in x, weight and bias; gradients are deterministic.
     Targets outside ``[0, V)`` (other than ``ignore_index``) raise ``ValueError`` on CPU and give a NaN
     loss on CUDA (no host sync). Under ``torch.autocast`` the inputs are cast like ``F.linear``'s.
+
+    ``label_smoothing`` ε in ``[0, 1)`` has ``F.cross_entropy``'s semantics (``(1 − ε)·nll + ε·mean_v(−log
+    p_v)``; ignored rows excluded, also from the mean's count); ``softcap`` c > 0 replaces the logits by
+    ``c·tanh(logits / c)`` first (Gemma 2's ``final_logit_softcapping``). Both run inside the online
+    log-sum-exp (still no ``(N, V)`` logits), gradients included.
     """
-    _check_args(x, weight, target, bias, ignore_index, reduction)
+    _check_args(x, weight, target, bias, ignore_index, reduction, label_smoothing, softcap)
     if torch.is_autocast_enabled(x.device.type) and x.dtype != torch.float64:
         dt = torch.get_autocast_dtype(x.device.type)
         x, weight = x.to(dt), weight.to(dt)
@@ -374,10 +447,12 @@ def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, target: torch.Te
     x2 = x.reshape(-1, x.shape[-1])  # (N, d): a view whenever the leading dims allow it
     t = target.reshape(-1).contiguous()  # (N,)
     b = bias.contiguous() if bias is not None else None
-    if _eager_cpu.linear_cross_entropy_applies(x2, weight, b, reduction):  # fp32 eager CPU: no recompute
+    plain = label_smoothing == 0 and softcap == 0
+    if plain and _eager_cpu.linear_cross_entropy_applies(x2, weight, b, reduction):  # fp32 eager CPU: no recompute
         return _eager_cpu.linear_cross_entropy(x2, weight, t, b, int(ignore_index), reduction,
                                                ref.LCE_CHUNK_ELEMENTS)
-    loss, _lse = torch.ops.gpt_kernels.linear_cross_entropy_fwd(x2, weight, t, b, int(ignore_index))
+    loss, _lse = torch.ops.gpt_kernels.linear_cross_entropy_fwd(x2, weight, t, b, int(ignore_index),
+                                                                float(label_smoothing), float(softcap))
     if reduction == "none":
         return loss.view(target.shape)
     total = loss.sum()

@@ -27,6 +27,9 @@ NotImplementedError naming why. Dropout applies only while ``module.training``.
 
 ``replace_modules(model)`` swaps ``torch.nn.LayerNorm`` for ``kernels.LayerNorm`` (the same Parameter
 objects, eps, elementwise_affine) and ``torch.nn.GELU`` for ``kernels.GELU`` (same ``approximate``);
+``torch.nn.RMSNorm`` and the RMSNorm modules of transformers' Llama, Mistral, Qwen2/3 and Gemma 1/2/3
+for ``kernels.RMSNorm`` (the same weight, eps; Gemma's ``1 + weight`` as ``offset=1``) and those
+families' gated MLPs for ``kernels.GatedMLP`` (the same Linear modules, the fused SiLU/GELU gate);
 exact types only, so subclasses with their own behaviour are left alone. When transformers' activations
 are loaded its GELU classes are swapped too: ``NewGELUActivation``, ``GELUTanh`` and ``FastGELUActivation``
 (the tanh form) and ``GELUActivation`` (erf). No class or function of torch or transformers is patched;
@@ -43,7 +46,9 @@ from torch import nn
 
 from .attention import MAX_HEAD_DIM, MIN_HEAD_DIM, flash_attention, flash_attention_varlen
 from .gelu import GELU
+from .glu import GatedMLP
 from .layernorm import LayerNorm
+from .rmsnorm import RMSNorm
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Attention features the kernels do not implement: any of these set is a call they cannot serve.
@@ -351,29 +356,110 @@ def _swap_layer_norm(old: nn.LayerNorm) -> nn.Module:
     return new.train(old.training)
 
 
-def replace_modules(model: nn.Module, *, layer_norm: bool = True, gelu: bool = True) -> nn.Module:
-    """Replace ``torch.nn.LayerNorm`` and ``torch.nn.GELU`` submodules of ``model`` (and transformers'
-    GELU activations) with ``kernels.LayerNorm`` / ``kernels.GELU``, in place; returns ``model``.
+# The Llama family's modules that ``replace_modules`` swaps, by transformers module: its RMSNorm classes
+# (attribute holding eps; the offset of ``offset + weight``) and its gated MLP classes
+# (``down_proj(act_fn(gate_proj(x)) * up_proj(x))``). Looked up only among already-imported modules.
+_HF_FAMILIES = {
+    "llama": ("LlamaRMSNorm", "LlamaMLP", "variance_epsilon", 0.0),
+    "mistral": ("MistralRMSNorm", "MistralMLP", "variance_epsilon", 0.0),
+    "qwen2": ("Qwen2RMSNorm", "Qwen2MLP", "variance_epsilon", 0.0),
+    "qwen3": ("Qwen3RMSNorm", "Qwen3MLP", "variance_epsilon", 0.0),
+    "gemma": ("GemmaRMSNorm", "GemmaMLP", "eps", 1.0),
+    "gemma2": ("Gemma2RMSNorm", "Gemma2MLP", "eps", 1.0),
+    "gemma3": ("Gemma3RMSNorm", "Gemma3MLP", "eps", 1.0),
+}
 
-    Parameters are the same objects, settings (``eps``, ``elementwise_affine``, ``approximate``) and
-    train/eval mode carry over; a module shared by several parents stays shared. ``model`` itself is
-    never replaced (wrap it in a container to swap a bare ``LayerNorm``)."""
+
+def _hf_family_classes() -> tuple[dict[type, tuple[str, float]], set[type]]:
+    """``({RMSNorm class: (eps attribute, offset)}, {gated MLP class})`` of the loaded transformers models."""
+    norms: dict[type, tuple[str, float]] = {}
+    mlps: set[type] = set()
+    for family, (norm_name, mlp_name, eps_attr, offset) in _HF_FAMILIES.items():
+        mod = sys.modules.get(f"transformers.models.{family}.modeling_{family}")
+        if mod is None:
+            continue
+        if isinstance(getattr(mod, norm_name, None), type):
+            norms[getattr(mod, norm_name)] = (eps_attr, offset)
+        if isinstance(getattr(mod, mlp_name, None), type):
+            mlps.add(getattr(mod, mlp_name))
+    return norms, mlps
+
+
+def _gated_activation_of(act: nn.Module, gelus: dict[type, str]) -> str | None:
+    """``GatedMLP``'s activation name for an MLP's ``act_fn`` module (None: not one we fuse)."""
+    acts = sys.modules.get("transformers.activations")
+    if type(act) is nn.SiLU or (acts is not None and type(act) is getattr(acts, "SiLUActivation", None)):
+        return "silu"
+    if type(act) is nn.GELU:
+        return "gelu_tanh" if act.approximate == "tanh" else "gelu"
+    if type(act) in gelus:
+        return "gelu_tanh" if gelus[type(act)] == "tanh" else "gelu"
+    return None
+
+
+def _swap_rms_norm(old: nn.Module, eps, offset: float) -> nn.Module:
+    w = old.weight
+    if w is not None and w.dtype not in SUPPORTED_DTYPES:
+        return old  # float64 and friends: the kernel has no such path
+    shape = getattr(old, "normalized_shape", None) or tuple(w.shape)
+    new = RMSNorm(shape, eps=eps, offset=offset, elementwise_affine=w is not None, device="meta")
+    new.weight = old.weight  # the same Parameter object (optimizers keep working)
+    return new.train(old.training)
+
+
+def _swap_gated_mlp(old: nn.Module, gelus: dict[type, str]) -> nn.Module:
+    parts = [getattr(old, n, None) for n in ("gate_proj", "up_proj", "down_proj", "act_fn")]
+    if any(not isinstance(p, nn.Module) for p in parts):
+        return old
+    activation = _gated_activation_of(parts[3], gelus)
+    if activation is None:
+        return old  # an activation without a fused kernel: left alone
+    return GatedMLP(*parts[:3], activation=activation).train(old.training)
+
+
+def replace_modules(model: nn.Module, *, layer_norm: bool = True, gelu: bool = True, rms_norm: bool = True,
+                    mlp: bool = True) -> nn.Module:
+    """Replace submodules of ``model`` with the Triton-kernel ones, in place; returns ``model``.
+
+    * ``layer_norm``: ``torch.nn.LayerNorm`` -> ``kernels.LayerNorm``;
+    * ``gelu``: ``torch.nn.GELU`` and transformers' GELU activations -> ``kernels.GELU``;
+    * ``rms_norm``: ``torch.nn.RMSNorm`` and the RMSNorm of transformers' Llama, Mistral, Qwen2, Qwen3
+      (``q_norm``/``k_norm`` included), Gemma, Gemma2 and Gemma3 (offset 1) -> ``kernels.RMSNorm``;
+    * ``mlp``: those families' gated MLPs (``gate_proj``/``up_proj``/``down_proj`` with a SiLU or GELU
+      ``act_fn``) -> ``kernels.GatedMLP`` holding the same Linear modules.
+
+    Parameters are the same objects, settings (``eps``, ``elementwise_affine``, ``approximate``, the
+    activation) and train/eval mode carry over, state_dict keys are unchanged; a module shared by several
+    parents stays shared. Exact types only: subclasses and unrecognized modules are left alone, and so
+    are modules with float64 parameters. ``model`` itself is never replaced (wrap it in a container to
+    swap a bare module). No class or function of torch or transformers is patched."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    if not isinstance(layer_norm, bool) or not isinstance(gelu, bool):
-        raise TypeError("layer_norm and gelu must be bools")
-    gelus = {nn.GELU: None, **_hf_gelu_classes()} if gelu else {}
+    for name, flag in (("layer_norm", layer_norm), ("gelu", gelu), ("rms_norm", rms_norm), ("mlp", mlp)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
+    hf_gelus = _hf_gelu_classes()
+    gelus = {nn.GELU: None, **hf_gelus} if gelu else {}
+    hf_norms, hf_mlps = _hf_family_classes()
     swapped: dict[int, nn.Module] = {}
     for parent in list(model.modules()):
         for child_name, child in list(parent._modules.items()):
             if child is None:
                 continue
             if id(child) not in swapped:
-                if layer_norm and type(child) is nn.LayerNorm:
+                kind = type(child)
+                if layer_norm and kind is nn.LayerNorm:
                     swapped[id(child)] = _swap_layer_norm(child)
-                elif type(child) in gelus:
-                    approx = gelus[type(child)] or child.approximate
+                elif kind in gelus:
+                    approx = gelus[kind] or child.approximate
                     swapped[id(child)] = GELU(approximate=approx).train(child.training)
+                elif rms_norm and kind is nn.RMSNorm:
+                    swapped[id(child)] = _swap_rms_norm(child, child.eps, 0.0)
+                elif rms_norm and kind in hf_norms:
+                    eps_attr, offset = hf_norms[kind]
+                    swapped[id(child)] = _swap_rms_norm(child, float(getattr(child, eps_attr)), offset)
+                elif mlp and kind in hf_mlps:
+                    swapped[id(child)] = _swap_gated_mlp(child, hf_gelus)
                 else:
                     continue
             setattr(parent, child_name, swapped[id(child)])

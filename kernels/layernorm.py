@@ -26,12 +26,14 @@ from . import _eager_cpu
 from . import reference as ref
 from ._utils import (
     FLOAT_DTYPES,
+    any_float64,
+    as_rows,
     check_same_device,
     check_tensor,
     kernel_op,
     launch,
-    next_power_of_2,
-    sm_count,
+    row_launch_config,
+    row_partials_grid,
     tl,
     triton,
 )
@@ -153,16 +155,6 @@ _TILE_INTERPRET = 32768
 _BWD_PROGRAMS_INTERPRET = 4
 
 
-def _launch_config(M: int, N: int, device: torch.device, tile: int) -> tuple[int, int, int]:
-    """``(BLOCK_M, BLOCK_N, num_warps)``: whole rows per program, warps scaled with the tile size."""
-    BLOCK_N = next_power_of_2(N)
-    if device.type != "cuda":
-        return max(1, min(next_power_of_2(M), _TILE_INTERPRET // BLOCK_N)), BLOCK_N, 1
-    BLOCK_M = max(1, min(16, tile // BLOCK_N))
-    num_warps = min(16, max(1, BLOCK_M * BLOCK_N // 512))
-    return BLOCK_M, BLOCK_N, num_warps
-
-
 def _layer_norm_fwd_launch(x, residual, weight, bias, eps, sum_dtype):
     """Triton forward on 2-D tensors: ``(y, s, mean, rstd)`` (``s`` is empty without a residual)."""
     M, N = x.shape
@@ -173,7 +165,7 @@ def _layer_norm_fwd_launch(x, residual, weight, bias, eps, sum_dtype):
     rstd = torch.empty((M,), dtype=torch.float32, device=x.device)
     if M == 0:
         return y, s, mean, rstd
-    BLOCK_M, BLOCK_N, num_warps = _launch_config(M, N, x.device, _TILE_FWD)
+    BLOCK_M, BLOCK_N, num_warps = row_launch_config(M, N, x.device, _TILE_FWD, _TILE_INTERPRET)
     launch(_layer_norm_fwd_kernel, (triton.cdiv(M, BLOCK_M),),
            (x, residual, s, y, weight, bias, mean, rstd,
             x.stride(0), residual.stride(0) if has_res else 0, N, N,
@@ -189,13 +181,8 @@ def _layer_norm_bwd_launch(dy, x, weight, mean, rstd, ds, compute_dw, compute_db
     M, N = x.shape
     compute_dw = compute_dw and weight is not None
     dx = torch.empty((M, N), dtype=x.dtype, device=x.device)
-    BLOCK_M, BLOCK_N, num_warps = _launch_config(M, N, x.device, _TILE_BWD)
-    if x.device.type == "cuda":
-        programs_per_sm = max(1, 32 // num_warps)  # ~32 resident warps per SM
-        grid = min(triton.cdiv(M, BLOCK_M), sm_count(x.device) * programs_per_sm)
-    else:
-        grid = min(triton.cdiv(M, BLOCK_M), _BWD_PROGRAMS_INTERPRET)
-    grid = max(grid, 1)
+    BLOCK_M, BLOCK_N, num_warps = row_launch_config(M, N, x.device, _TILE_BWD, _TILE_INTERPRET)
+    grid = row_partials_grid(M, BLOCK_M, num_warps, x.device, _BWD_PROGRAMS_INTERPRET)
     # Every program writes its partial row, so only an empty problem needs zeros.
     alloc = torch.zeros if M == 0 else torch.empty
     dw_partial = alloc((grid, N) if compute_dw else (0,), dtype=torch.float32, device=x.device)
@@ -211,14 +198,6 @@ def _layer_norm_bwd_launch(dy, x, weight, mean, rstd, ds, compute_dw, compute_db
     dw = dw_partial.sum(dim=0) if compute_dw else dw_partial
     db = db_partial.sum(dim=0) if compute_db else db_partial
     return dx, dw, db
-
-
-def _rows(t: torch.Tensor | None) -> torch.Tensor | None:
-    """View ``t`` as (rows, N) with a unit-stride last dim (copying only when that is impossible)."""
-    if t is None:
-        return None
-    t2 = t.reshape(-1, t.shape[-1])
-    return t2 if t2.stride(-1) == 1 or t2.shape[-1] == 1 else t2.contiguous()
 
 
 def _check_layer_norm_args(x, weight, bias, eps, *, name="x"):
@@ -265,8 +244,8 @@ def _layer_norm_setup_context(ctx, inputs, output):
 def _layer_norm_backward(ctx, dy, ds, _dmean, _drstd):
     normed_in, weight, mean, rstd = ctx.saved_tensors
     need_x, need_res, need_w, need_b = ctx.needs_input_grad[:4]
-    dy = _rows(dy)
-    ds = _rows(ds) if ctx.has_res else None
+    dy = as_rows(dy)
+    ds = as_rows(ds) if ctx.has_res else None
     dx, dw, db = torch.ops.gpt_kernels.layer_norm_bwd(
         dy, normed_in, weight, mean, rstd, ds, need_w, need_b and ctx.has_bias)
     dw = dw.to(weight.dtype) if weight is not None and need_w else None
@@ -288,11 +267,6 @@ def _layer_norm_fwd(x: torch.Tensor, residual: torch.Tensor | None, weight: torc
 # Functional API
 # ---------------------------------------------------------------------------------------------------
 
-def _any_float64(*tensors: torch.Tensor | None) -> bool:
-    """float64 runs the differentiable PyTorch reference (the kernels compute in fp32)."""
-    return any(t is not None and t.dtype == torch.float64 for t in tensors)
-
-
 def layer_norm(x: torch.Tensor, weight: torch.Tensor | None = None, bias: torch.Tensor | None = None,
                eps: float = 1e-5) -> torch.Tensor:
     """LayerNorm over the last dim of ``x`` (any leading dims, width up to ``MAX_WIDTH``).
@@ -305,11 +279,11 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor | None = None, bias: torch.
     """
     _check_layer_norm_args(x, weight, bias, eps)
     check_same_device(x=x, weight=weight, bias=bias)
-    if _any_float64(x, weight, bias):
+    if any_float64(x, weight, bias):
         return ref.layer_norm_ref(x, weight, bias, eps)
     if _eager_cpu.applies(x, weight, bias):  # fp32 eager CPU fallback: torch's native op, no dispatch cost
         return _eager_cpu.layer_norm(x, weight, bias, float(eps))
-    y, _s, _mean, _rstd = torch.ops.gpt_kernels.layer_norm_fwd(_rows(x), None, weight, bias, float(eps), x.dtype)
+    y, _s, _mean, _rstd = torch.ops.gpt_kernels.layer_norm_fwd(as_rows(x), None, weight, bias, float(eps), x.dtype)
     return y.view(x.shape)
 
 
@@ -326,13 +300,13 @@ def add_layer_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor
     if residual.shape != x.shape:
         raise ValueError(f"residual must have the shape of x {tuple(x.shape)}, got {tuple(residual.shape)}")
     check_same_device(x=x, residual=residual, weight=weight, bias=bias)
-    if _any_float64(x, residual, weight, bias):
+    if any_float64(x, residual, weight, bias):
         return ref.add_layer_norm_ref(x, residual, weight, bias, eps)
     if _eager_cpu.applies(x, residual, weight, bias):  # fp32 eager CPU fallback (see kernels/_eager_cpu.py)
         return _eager_cpu.add_layer_norm(x, residual, weight, bias, float(eps))
     sum_dtype = torch.promote_types(x.dtype, residual.dtype)
     y, s, _mean, _rstd = torch.ops.gpt_kernels.layer_norm_fwd(
-        _rows(x), _rows(residual), weight, bias, float(eps), sum_dtype)
+        as_rows(x), as_rows(residual), weight, bias, float(eps), sum_dtype)
     return y.view(x.shape), s.view(x.shape)
 
 

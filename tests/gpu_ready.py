@@ -44,7 +44,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource, make_backend  # noqa: E402
 from triton.runtime.jit import JITFunction, create_function_from_signature  # noqa: E402
 
-from kernels._utils import needs_int64  # noqa: E402
+from kernels._utils import needs_int64, row_launch_config  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 SMEM_LIMIT = 232448  # 227 KB: the most shared memory one block may opt into on sm_90
@@ -247,7 +247,7 @@ def layernorm_cases(dtn, N, *, residual=True) -> list[Case]:
 
     dtype = DTYPES[dtn]
     M = 8 * 1024  # GPT-2 rows: batch 8 x T 1024
-    cuda = torch.device("cuda")  # _launch_config reads only device.type (no CUDA call)
+    cuda = torch.device("cuda")  # row_launch_config reads only device.type (no CUDA call)
     x = torch.empty((M, N), dtype=dtype)
     res = torch.empty((M, N), dtype=dtype) if residual else None
     w = torch.empty((N,), dtype=dtype)
@@ -256,12 +256,12 @@ def layernorm_cases(dtn, N, *, residual=True) -> list[Case]:
     y = torch.empty((M, N), dtype=dtype)
     mean = torch.empty((M,), dtype=torch.float32)
     rstd = torch.empty((M,), dtype=torch.float32)
-    bm, bn, warps = LN._launch_config(M, N, cuda, LN._TILE_FWD)
+    bm, bn, warps = row_launch_config(M, N, cuda, LN._TILE_FWD, LN._TILE_INTERPRET)
     fwd = Case("ln_fwd", f"{dtn} N={N} res={residual} BLOCK_M={bm} w{warps}", unwrap(LN._layer_norm_fwd_kernel),
                (x, res, s, y, w, b, mean, rstd, x.stride(0), res.stride(0) if residual else 0, N, N,
                 w.stride(0), b.stride(0), M, N, 1e-5),
                dict(HAS_RES=residual, HAS_W=True, HAS_B=True, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps), dtn)
-    bm, bn, warps = LN._launch_config(M, N, cuda, LN._TILE_BWD)
+    bm, bn, warps = row_launch_config(M, N, cuda, LN._TILE_BWD, LN._TILE_INTERPRET)
     grid = min(triton.cdiv(M, bm), 132 * max(1, 32 // warps))
     dy = torch.empty((M, N), dtype=dtype)
     ds = torch.empty((M, N), dtype=dtype) if residual else None
@@ -287,7 +287,8 @@ def gelu_cases(dtn, approx=True) -> list[Case]:
             Case("gelu_bwd", tag, unwrap(G._gelu_bwd_kernel), (dy, x, y, n), meta, dtn)]
 
 
-def lce_cases(dtn, D, has_bias, configs: str) -> list[Case]:
+def lce_cases(dtn, D, has_bias, configs: str, *, options: bool = False) -> list[Case]:
+    """``options``: label smoothing and a softcap on (Gemma 2's loss), else the plain loss."""
     import kernels.cross_entropy as CE
 
     dtype = DTYPES[dtn]
@@ -298,14 +299,16 @@ def lce_cases(dtn, D, has_bias, configs: str) -> list[Case]:
     target = torch.empty((N,), dtype=torch.int64)
     splits = max(1, min(16, triton.cdiv(2 * 132, triton.cdiv(N, 128)), triton.cdiv(V, 1024)))
     part = torch.empty((splits, N), dtype=torch.float32)
-    meta = dict(HAS_BIAS=has_bias, IEEE=dtn == "fp32", LARGE=needs_int64(x, w))
-    fwd_args = (x, w, bias, target, part, part, *x.stride(), *w.stride(), N, V, D, triton.cdiv(V, splits))
+    meta = dict(HAS_BIAS=has_bias, IEEE=dtn == "fp32", LARGE=needs_int64(x, w), SOFTCAP=options, SMOOTH=options)
+    fwd_args = (x, w, bias, target, part, part, part if options else None, *x.stride(), *w.stride(), N, V, D,
+                triton.cdiv(V, splits), 30.0 if options else 0.0)
     C = min(N, max(256, CE._CHUNK_BYTES // (V * x.element_size()) // 256 * 256))
     dz = torch.empty((C, V), dtype=dtype)
     lse = torch.empty((N,), dtype=torch.float32)
     g = torch.empty((N,), dtype=torch.float32)
-    dl_args = (x, w, bias, target, lse, g, dz, *x.stride(), *w.stride(), dz.stride(0), 0, C, V, D, -100)
-    tag = f"{dtn} d={D} bias={has_bias}"
+    dl_args = (x, w, bias, target, lse, g, dz, *x.stride(), *w.stride(), dz.stride(0), 0, C, V, D, -100,
+               30.0 if options else 0.0, 0.1 if options else 0.0)
+    tag = f"{dtn} d={D} bias={has_bias}" + (" smoothing+softcap" if options else "")
     out = []
     for name, kern, args in (("lce_fwd", CE._lce_fwd_kernel, fwd_args), ("lce_dlogits", CE._lce_dlogits_kernel, dl_args)):
         cfgs = candidates({"lce_fwd": CE._lce_fwd_tuned, "lce_dlogits": CE._lce_dlogits_tuned}[name], unwrap(kern),
@@ -316,7 +319,71 @@ def lce_cases(dtn, D, has_bias, configs: str) -> list[Case]:
     return out
 
 
+def rms_norm_cases(dtn, N, *, residual=True) -> list[Case]:
+    import kernels.rmsnorm as RMS
+
+    dtype = DTYPES[dtn]
+    M = 4 * 2048  # Llama rows: batch 4 x T 2048
+    cuda = torch.device("cuda")
+    x, y, dy, dx = (torch.empty((M, N), dtype=dtype) for _ in range(4))
+    res = torch.empty((M, N), dtype=dtype) if residual else None
+    s = torch.empty((M, N), dtype=dtype) if residual else x.new_empty(0)
+    w = torch.empty((N,), dtype=torch.float32)  # fp32 parameters with bf16 activations
+    rstd = torch.empty((M,), dtype=torch.float32)
+    bm, bn, warps = row_launch_config(M, N, cuda, RMS._TILE_FWD, RMS._TILE_INTERPRET)
+    fwd = Case("rms_fwd", f"{dtn} N={N} res={residual} BLOCK_M={bm} w{warps}", unwrap(RMS._rms_norm_fwd_kernel),
+               (x, res, s, y, w, rstd, x.stride(0), res.stride(0) if residual else 0, N, N, w.stride(0), M, N,
+                1e-6, 1.0),
+               dict(HAS_RES=residual, HAS_W=True, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps), dtn)
+    bm, bn, warps = row_launch_config(M, N, cuda, RMS._TILE_BWD, RMS._TILE_INTERPRET)
+    grid = min(triton.cdiv(M, bm), 132 * max(1, 32 // warps))  # row_partials_grid on 132 SMs
+    ds = torch.empty((M, N), dtype=dtype) if residual else None
+    dw = torch.empty((grid, N), dtype=torch.float32)
+    bwd = Case("rms_bwd", f"{dtn} N={N} ds={residual} BLOCK_M={bm} w{warps}", unwrap(RMS._rms_norm_bwd_kernel),
+               (dy, x, w, rstd, ds, dx, dw, dy.stride(0), x.stride(0), ds.stride(0) if residual else 0, N,
+                w.stride(0), M, N, 1.0),
+               dict(HAS_W=True, HAS_DS=residual, COMPUTE_DW=True, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps), dtn)
+    return [fwd, bwd]
+
+
+def glu_cases(dtn, activation="silu", hidden=14336) -> list[Case]:
+    import kernels.glu as GLU
+
+    dtype = DTYPES[dtn]
+    M = 4 * 2048
+    fused = torch.empty((M, 2 * hidden), dtype=dtype)  # gate/up as the halves of one projection
+    gate, up = fused[:, :hidden], fused[:, hidden:]
+    y, dy, dg, du = (torch.empty((M, hidden), dtype=dtype) for _ in range(4))
+    _grid, bm, bn, warps = GLU._grid(M, hidden, torch.device("cuda"))
+    meta = dict(ACT=GLU.ACTIVATIONS.index(activation), BLOCK_M=bm, BLOCK_N=bn, num_warps=warps)
+    tag = f"{dtn} {M}x{hidden} {activation} BLOCK={bm}x{bn} w{warps}"
+    return [Case("glu_fwd", tag, unwrap(GLU._glu_fwd_kernel), (gate, up, y, gate.stride(0), up.stride(0), M, hidden),
+                 meta, dtn),
+            Case("glu_bwd", tag, unwrap(GLU._glu_bwd_kernel),
+                 (dy, gate, up, dg, du, dy.stride(0), gate.stride(0), up.stride(0), M, hidden), meta, dtn)]
+
+
+def rotary_cases(dtn, D=128) -> list[Case]:
+    import kernels.rotary as ROT
+
+    dtype = DTYPES[dtn]
+    B, H, T = 4, 32, 2048
+    x = torch.empty((B, T, H, D), dtype=dtype).transpose(1, 2)  # a (B, T, H, D) projection viewed as (B, H, T, D)
+    y = torch.empty((B, H, T, D), dtype=dtype)
+    cos = torch.empty((B, T, D), dtype=dtype)
+    sin = torch.empty((B, T, D), dtype=dtype)
+    bd = triton.next_power_of_2(D // 2)
+    bt = max(1, min(triton.next_power_of_2(T), ROT._TILE // bd))
+    out = []
+    for backward in (False, True):
+        args = (x, cos, sin, y, *x.stride(), *ROT._cos_strides(cos), *ROT._cos_strides(sin), *y.stride(), H, T, D // 2)
+        out.append(Case("rotary", f"{dtn} D={D} backward={backward} BLOCK_T={bt}", unwrap(ROT._rotary_kernel), args,
+                        dict(BACKWARD=backward, BLOCK_T=bt, BLOCK_D=bd, num_warps=ROT._NUM_WARPS), dtn))
+    return out
+
+
 GPT2_WIDTHS = (768, 1024, 1280, 1600)
+LLAMA_WIDTHS = (2048, 4096, 8192)
 
 
 def fast_cases() -> list[Case]:
@@ -334,6 +401,10 @@ def fast_cases() -> list[Case]:
         cases += layernorm_cases("bf16", N)
     cases += gelu_cases("bf16")
     cases += lce_cases("bf16", 768, False, "first")
+    cases += lce_cases("bf16", 4096, False, "first", options=True)  # Gemma 2's loss options, a Llama width
+    cases += rms_norm_cases("bf16", 4096)
+    cases += glu_cases("bf16", "silu") + glu_cases("bf16", "gelu_tanh")[:1]
+    cases += rotary_cases("bf16", 128)
     return cases
 
 
@@ -358,6 +429,13 @@ def full_cases() -> list[Case]:
         cases += gelu_cases(dtn, True) + gelu_cases(dtn, False)
         for D, bias in ((768, False), (768, True), (1600, False)):
             cases += lce_cases(dtn, D, bias, "all")
+        cases += lce_cases(dtn, 4096, True, "all", options=True)
+        for N in LLAMA_WIDTHS + (128, 16384):  # (128: Qwen3's per-head q_norm/k_norm)
+            cases += rms_norm_cases(dtn, N, residual=True) + rms_norm_cases(dtn, N, residual=False)
+        for act in ("silu", "gelu_tanh", "gelu"):
+            cases += glu_cases(dtn, act)
+        for D in (64, 80, 128):
+            cases += rotary_cases(dtn, D)
     return cases
 
 

@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 from gpt import prepare as P
+from gpt.cli.prepare import main as prepare_cli
 from gpt.tokenizer import get_tokenizer
 
 
@@ -82,7 +83,7 @@ def main() -> int:
     (old / "o.txt").write_text("the previous output's corpus\n" * 50)
     previous = work / "previous-output"
     with contextlib.redirect_stdout(io.StringIO()):
-        assert P.main(["prepare", str(old), "--out", str(previous), "--val-tokens", "10", "--workers", "1",
+        assert prepare_cli(["prepare", str(old), "--out", str(previous), "--val-tokens", "10", "--workers", "1",
                        "--quiet"]) == 0
     late = []
     signal.signal(signal.SIGTERM, lambda *a: late.append("TERM"))  # a signal after a run ended: noted
@@ -105,7 +106,7 @@ def main() -> int:
             faulthandler.dump_traceback_later(item.get("timeout", 120), exit=True)  # a hang: stacks, exit 1
             t0 = time.perf_counter()
             try:
-                rc = P.main(["prepare", str(src), "--out", str(out), "--overwrite", "--quiet", "--workers",
+                rc = prepare_cli(["prepare", str(src), "--out", str(out), "--overwrite", "--quiet", "--workers",
                              str(workers), "--val-tokens", "10", "--shard-tokens", "2000"])
             except KeyboardInterrupt:  # Ctrl-C outside main's try: a failure of the test, reported
                 rc = "KeyboardInterrupt escaped"

@@ -3,6 +3,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -23,14 +24,16 @@ def test_python_m_bench_quick_writes_json_markdown_and_plots(tmp_path):
     r = _run("-m", "bench", "--quick", "--no-compile", "--out", str(tmp_path))
     assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
     assert "CPU smoke run" in r.stdout
-    for part in ("layernorm_gelu", "attention", "decode", "train", "generate"):
+    for part in ("layernorm_gelu", "attention", "decode", "train", "generate", "llama_kernels", "llama_loss",
+                 "llama_layer"):
         assert f"### {part}" in r.stdout, part
     [js] = tmp_path.glob("*.json")
     payload = json.loads(js.read_text())
     assert {"device", "torch", "triton"} <= set(payload["env"]) and payload["ceilings"]["copy_gbs"] > 0
     names = {row["name"] for row in payload["rows"]}
     assert {"attention fwd", "attention fwd+bwd", "decode_attention", "train step", "layer_norm fwd",
-            "generate_batch", "gqa H/Hk=4 fwd+bwd", "gqa H/Hk=8 fwd", "varlen fwd+bwd", "window W=16 fwd"} <= names
+            "generate_batch", "rms_norm fwd+bwd", "swiglu bwd", "rotary fwd", "decoder layer fwd+bwd",
+            "gqa H/Hk=4 fwd+bwd", "gqa H/Hk=8 fwd", "varlen fwd+bwd", "window W=16 fwd"} <= names
     assert not payload["errors"]
     assert list(tmp_path.glob("*.md")) and list(tmp_path.glob("*.png"))
 
@@ -44,7 +47,9 @@ def test_pytest_benchmarks_run_once():
     pytest.importorskip("pytest_benchmark")
     r = _run("-m", "pytest", "bench", "-q", "-p", "no:cacheprovider", "--benchmark-disable")
     assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
-    assert "12 passed" in r.stdout
+    summary = r.stdout.strip().splitlines()[-1]  # e.g. "12 passed in 3.1s" or "12 passed, 1 warning in ..."
+    counts = {kind: int(n) for n, kind in re.findall(r"(\d+) (passed|failed|errors?|skipped)", summary)}
+    assert counts == {"passed": 12}, summary
 
 
 def test_cpu_train_comparison_runs(capsys, monkeypatch):

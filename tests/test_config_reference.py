@@ -64,11 +64,29 @@ def test_state_dict_names():
 
 
 def test_book_checkpoint_with_mask_buffer_loads_strict():
+    """A book checkpoint (with the derived ``mask`` buffer) loads strictly, every weight arrives, and the
+    mask it carries is dropped, never trusted: a corrupted one (no masking at all) leaves the model causal."""
     cfg = GPTConfig.from_preset("tiny", n_layers=1)
-    model = GPTModel(cfg)
-    sd = model.state_dict()
+    torch.manual_seed(0)
+    src = GPTModel(cfg).eval()
+    sd = src.state_dict()
     sd["trf_blocks.0.att.mask"] = torch.triu(torch.ones(128, 128), diagonal=1)  # as the book saves it
-    GPTModel(cfg).load_state_dict(sd, strict=True)
+    torch.manual_seed(1)
+    dst = GPTModel(cfg).eval()
+    dst.load_state_dict(sd, strict=True)
+    assert dst.state_dict().keys() == src.state_dict().keys()
+    for key, value in src.state_dict().items():
+        assert torch.equal(dst.state_dict()[key], value), key
+    idx = torch.randint(0, cfg.vocab_size, (2, 9))
+    with torch.no_grad():
+        want = src(idx)
+        assert torch.equal(dst(idx), want)
+        sd["trf_blocks.0.att.mask"] = torch.zeros(128, 128)  # no masking at all
+        dst.load_state_dict(sd, strict=True)
+        assert torch.equal(dst(idx), want)
+        later = idx.clone()
+        later[:, 5:] = (later[:, 5:] + 1) % cfg.vocab_size  # change only the later tokens
+        assert torch.equal(dst(later)[:, :5], want[:, :5])  # earlier positions never see them
 
 
 def test_forward_shape_causality_and_too_long():

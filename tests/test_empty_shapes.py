@@ -10,7 +10,7 @@ Paths: ``interp`` (fp32, ``TRITON_INTERPRET=1``: the Triton kernels' launchers),
 ``TRITON_INTERPRET=0``: the ATen fast path of ``kernels/_eager_cpu.py`` where it applies, else the
 fallback) and ``fallback`` (bf16, ``TRITON_INTERPRET=0``: always the registered op's PyTorch fallback).
 Expectations are torch's own ops in fp64 on the same shapes (``F.scaled_dot_product_attention`` math
-backend, ``F.layer_norm``, ``F.gelu``, ``F.cross_entropy``), or explicit values where torch's are not our
+backend, ``F.layer_norm``, ``F.gelu``, ``F.cross_entropy``, ``F.rms_norm``, ``F.silu``), or explicit values where torch's are not our
 contract (the mean of zero targets is 0, as for all-ignored targets; meaningless shapes raise ValueError).
 """
 
@@ -248,7 +248,7 @@ def _case_gelu(shape, approximate, module=False):
     return run
 
 
-def _case_lce(lead, V, reduction, bias, d=8, ignore_all=False):
+def _case_lce(lead, V, reduction, bias, d=8, ignore_all=False, label_smoothing=0.0, softcap=0.0):
     def run(dt):
         import torch
         import torch.nn.functional as F
@@ -260,14 +260,17 @@ def _case_lce(lead, V, reduction, bias, d=8, ignore_all=False):
         t = torch.randint(0, max(V, 1), lead) if not ignore_all else torch.full(lead, -100)
 
         def ref_fn(x, w, b):
-            loss = F.cross_entropy(F.linear(x, w, b).reshape(-1, V), t.reshape(-1), reduction=reduction)
+            z = F.linear(x, w, b).reshape(-1, V)
+            z = softcap * torch.tanh(z / softcap) if softcap else z
+            loss = F.cross_entropy(z, t.reshape(-1), reduction=reduction, label_smoothing=label_smoothing)
             if reduction == "none":
                 return loss.view(lead)
             if reduction == "mean" and not bool((t != -100).any()):  # our contract: 0 (torch says NaN)
                 return (x.sum() + w.sum() + (b.sum() if b is not None else 0.0)) * 0.0
             return loss
 
-        return _fwd_bwd(lambda x, w, b: kernels.linear_cross_entropy(x, w, t, b, reduction=reduction),
+        return _fwd_bwd(lambda x, w, b: kernels.linear_cross_entropy(x, w, t, b, reduction=reduction,
+                                                                     label_smoothing=label_smoothing, softcap=softcap),
                         ref_fn, [x, w, b], ["x", "weight", "bias"])
     return run
 
@@ -298,6 +301,100 @@ def _case_attention_module(B, T, d_in=8):
         want = torch.autograd.grad(exp, [x64, *ref.parameters()], g)
         names = ["x", *(n for n, _ in m.named_parameters())]
         return [("out", out, exp), *[(f"d{n}", a, e) for n, a, e in zip(names, got, want)]]
+    return run
+
+
+def _case_rms_norm(shape, affine, add=False, module=False):
+    def run(dt):
+        import torch
+        import torch.nn.functional as F
+
+        import kernels
+
+        n = shape[-1]
+        x = _randn(shape, dt)
+        w = _randn((n,), dt) if affine else None
+        if module:
+            m = kernels.RMSNorm(n, elementwise_affine=affine).to(dt)
+            ref = torch.nn.RMSNorm(n, eps=1e-6, elementwise_affine=affine, dtype=torch.float64)
+            if affine:
+                ref.load_state_dict({k: p.double() for k, p in m.state_dict().items()})
+            x64 = _f64(x)
+            out, exp = m(x), ref(x64)
+            g = torch.randn(out.shape, dtype=torch.float64)
+            got = torch.autograd.grad(out, [x, *m.parameters()], g.to(dt))
+            want = torch.autograd.grad(exp, [x64, *ref.parameters()], g)
+            return [("out", out, exp), *[(f"d{i}", a, e) for i, (a, e) in enumerate(zip(got, want))]]
+        if add:
+            r = _randn(shape, dt)
+
+            def fn(x, r, w):
+                y, s = kernels.add_rms_norm(x, r, w, offset=1.0)
+                return torch.cat([y.reshape(-1), s.reshape(-1)])
+
+            def ref_fn(x, r, w):
+                s = x + r
+                return torch.cat([F.rms_norm(s, (n,), None if w is None else 1.0 + w, 1e-6).reshape(-1),
+                                  s.reshape(-1)])
+
+            return _fwd_bwd(fn, ref_fn, [x, r, w], ["x", "residual", "weight"])
+        return _fwd_bwd(lambda x, w: kernels.rms_norm(x, w), lambda x, w: F.rms_norm(x, (n,), w, 1e-6),
+                        [x, w], ["x", "weight"])
+    return run
+
+
+def _case_glu(shape, op):
+    def run(dt):
+        import torch.nn.functional as F
+
+        import kernels
+
+        fn = kernels.swiglu if op == "swiglu" else kernels.geglu
+        act = F.silu if op == "swiglu" else (lambda g: F.gelu(g, approximate="tanh"))
+        return _fwd_bwd(fn, lambda g, u: act(g) * u, [_randn(shape, dt), _randn(shape, dt)], ["gate", "up"])
+    return run
+
+
+def _case_gated_mlp(lead, d_in=8, hidden=12):
+    def run(dt):
+        import copy
+
+        import torch
+        import torch.nn.functional as F
+
+        import kernels
+
+        lins = [torch.nn.Linear(d_in, hidden, bias=False), torch.nn.Linear(d_in, hidden, bias=False),
+                torch.nn.Linear(hidden, d_in)]
+        m = kernels.GatedMLP(*lins).to(dt)
+        ref = copy.deepcopy(m).double()
+        x = _randn((*lead, d_in), dt)
+        x64 = _f64(x)
+        out = m(x)
+        exp = ref.down_proj(F.silu(ref.gate_proj(x64)) * ref.up_proj(x64))
+        g = torch.randn(out.shape, dtype=torch.float64)
+        got = torch.autograd.grad(out, [x, *m.parameters()], g.to(dt))
+        want = torch.autograd.grad(exp, [x64, *ref.parameters()], g)
+        names = ["x", *(n for n, _ in m.named_parameters())]
+        return [("out", out, exp), *[(f"d{n}", a, e) for n, a, e in zip(names, got, want)]]
+    return run
+
+
+def _case_rotary(B, H, T, d=D, batched=False):
+    def run(dt):
+        import torch
+
+        import kernels
+
+        cos = torch.randn((B, T, d) if batched else (T, d), dtype=dt)
+        sin = torch.randn(cos.shape, dtype=dt)
+
+        def ref_fn(x):
+            c, s = (cos[:, None], sin[:, None]) if batched else (cos, sin)
+            h = d // 2
+            return x * c.double() + torch.cat((-x[..., h:], x[..., :h]), -1) * s.double()
+
+        return _fwd_bwd(lambda x: kernels.apply_rotary(x, cos, sin), ref_fn, [_randn((B, H, T, d), dt)], ["x"])
     return run
 
 
@@ -366,6 +463,11 @@ def cases() -> list[tuple[str, object]]:
             for bias in (True, False):
                 out.append((f"linear_cross_entropy[N={lead},{reduction},bias={bias}]",
                             _case_lce(lead, 5, reduction, bias)))
+    for reduction in ("mean", "none"):
+        out.append((f"linear_cross_entropy[N=(0,),{reduction},label_smoothing,softcap]",
+                    _case_lce((0,), 5, reduction, True, label_smoothing=0.1, softcap=3.0)))
+        out.append((f"linear_cross_entropy[all ignored,{reduction},label_smoothing,softcap]",
+                    _case_lce((3,), 5, reduction, True, ignore_all=True, label_smoothing=0.1, softcap=3.0)))
     for reduction in ("mean", "sum", "none"):
         out.append((f"linear_cross_entropy[all ignored,{reduction}]", _case_lce((3,), 5, reduction, True,
                                                                                 ignore_all=True)))
@@ -373,6 +475,25 @@ def cases() -> list[tuple[str, object]]:
     out.append(("linear_cross_entropy[V=0,N=0]", _raises_value_error(_case_lce((0,), 0, "mean", False))))
     for B, T in ((0, 4), (2, 0), (0, 0)):
         out.append((f"CausalSelfAttention[B={B},T={T}]", _case_attention_module(B, T)))
+    for lead in ((0,), (2, 0), (0, 3)):
+        for affine in (True, False):
+            shape = (*lead, 8)
+            out.append((f"rms_norm[{shape},affine={affine}]", _case_rms_norm(shape, affine)))
+            out.append((f"add_rms_norm[{shape},affine={affine}]", _case_rms_norm(shape, affine, add=True)))
+            out.append((f"RMSNorm[{shape},affine={affine}]", _case_rms_norm(shape, affine, module=True)))
+    for shape in ((3, 0), (0,)):
+        out.append((f"rms_norm[width 0 {shape}]", _raises_value_error(_case_rms_norm(shape, True))))
+        out.append((f"add_rms_norm[width 0 {shape}]", _raises_value_error(_case_rms_norm(shape, True, add=True))))
+        out.append((f"RMSNorm[width 0 {shape}]", _raises_value_error(_case_rms_norm(shape, True, module=True))))
+    for shape in ((0,), (0, 4), (3, 0), (2, 0, 5)):
+        for op in ("swiglu", "geglu"):
+            out.append((f"{op}[{shape}]", _case_glu(shape, op)))
+    for lead in ((0,), (2, 0)):
+        out.append((f"GatedMLP[{lead}]", _case_gated_mlp(lead)))
+    for B, H, T in ((0, 2, 3), (2, 0, 3), (2, 2, 0), (0, 0, 0)):
+        out.append((f"apply_rotary[B={B},H={H},T={T}]", _case_rotary(B, H, T)))
+        out.append((f"apply_rotary[B={B},H={H},T={T},(B,T,D) table]", _case_rotary(B, H, T, batched=True)))
+    out.append(("apply_rotary[D=0]", _raises_value_error(_case_rotary(1, 2, 3, d=0))))
     return out
 
 

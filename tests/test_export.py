@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from gpt.checkpoint import save_checkpoint
+from gpt.cli.export import main
 from gpt.config import GPTConfig
-from gpt.export import ExportError, bpe_files_from_ranks, export_state_dict, main
+from gpt.export import ExportError, bpe_files_from_ranks, export_state_dict
 from gpt.model import GPTModel as FusedGPT
 from gpt.reference import GPTModel
 
@@ -277,3 +278,21 @@ def test_export_permissions_follow_the_umask(tmp_path, umask):
         assert "model.safetensors" in {p.name for p in files}
         for p in files:
             assert stat.S_IMODE(p.stat().st_mode) == 0o666 & ~umask, (p.name, oct(p.stat().st_mode))
+
+
+def test_cli_export_converts_tensors_without_building_a_model(tmp_path, monkeypatch):
+    """Re-exporting a Hugging Face folder (or a model name) converts the state_dict directly: building a
+    model to read its state_dict back allocated every parameter a second time (1.5B for gpt2-xl)."""
+    from safetensors.torch import load_file
+
+    cfg = CFG.replace(vocab_size=300, drop_rate=0.0)
+    src = export_state_dict(_random_model(cfg=cfg).state_dict(), cfg, tmp_path / "src", tokenizer=False)
+
+    def refuse(self, *a, **k):
+        raise AssertionError("a model was built to export a state_dict")
+
+    monkeypatch.setattr(GPTModel, "__init__", refuse)
+    monkeypatch.setattr(FusedGPT, "__init__", refuse)
+    assert main([str(src), str(tmp_path / "out"), "--no-tokenizer"]) == 0
+    want, got = load_file(str(src / "model.safetensors")), load_file(str(tmp_path / "out" / "model.safetensors"))
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)

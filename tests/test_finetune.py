@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from gpt.cli.train import parse_args
 from gpt.finetune import classify as C
 from gpt.finetune import instruct as I
 
@@ -103,16 +104,6 @@ def test_classification_dataset_pads_to_the_given_length_as_the_book():
     assert C.ClassificationDataset([("a", "xy")], ["a"], Tok(), limit=3).max_length == 2
 
 
-def load_train_module():
-    import importlib.util
-    from pathlib import Path
-
-    spec = importlib.util.spec_from_file_location("train_cli", Path(__file__).resolve().parents[1] / "train.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 class CharTok:
     def encode(self, text):
         return [ord(c) % 200 for c in text]
@@ -137,13 +128,12 @@ def test_classify_reports_accuracy_at_the_training_length(tmp_path):
 
     from gpt.config import GPTConfig
 
-    train_py = load_train_module()
     g = torch.Generator().manual_seed(4)
     rows = [(label, label[0] + "x" * int(torch.randint(1, 30, (1,), generator=g)))
             for label in ("ham", "spam") for _ in range(30)]
-    args = train_py.parse_args(["classify", "--batch-size", "4"])
+    args = parse_args(["classify", "--batch-size", "4"])
     args.data = ["rows.tsv"]
-    spec, _, finish = train_py.classify_spec(args, None, GPTConfig.from_preset("tiny"), CharTok(), "cpu", rows)
+    spec, _, finish = C.classify_spec(args, None, GPTConfig.from_preset("tiny"), CharTok(), "cpu", rows)
     train_rows, val_rows, test_rows, labels = C.balance_and_split(rows, seed=args.seed)
     length = max(len(t) for _, t in train_rows)  # independently: the longest training text
     assert spec.extra["max_length"] == length
@@ -156,12 +146,11 @@ def test_classify_reports_accuracy_at_the_training_length(tmp_path):
 
 
 def test_classify_refuses_an_empty_split(tmp_path):
-    train_py = load_train_module()
     path = tmp_path / "few.tsv"
     path.write_text("".join(f"{label}\t{label} text {i}\n" for label in ("ham", "spam") for i in range(4)))
-    args = train_py.parse_args(["classify", "--data", str(path)])
+    args = parse_args(["classify", "--data", str(path)])
     with pytest.raises(ValueError, match=r"split 70/10/20 into 5/0/3; every split needs a row"):
-        train_py.classify_spec(args, None, None, CharTok(), "cpu", C.read_tsv(path))
+        C.classify_spec(args, None, None, CharTok(), "cpu", C.read_tsv(path))
 
 
 def test_read_tsv_drops_a_byte_order_mark(tmp_path):

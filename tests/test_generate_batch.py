@@ -10,8 +10,9 @@ from torch import nn
 from gpt import batch_generate as BG
 from gpt import generate, generate_batch
 from gpt.checkpoint import save_checkpoint
+from gpt.cli.generate import main, read_prompts
 from gpt.config import GPTConfig
-from gpt.generate import main, sample_next_token
+from gpt.generate import sample_next_token
 from gpt.model import GPTModel
 from gpt.reference import GPTModel as RefModel
 
@@ -292,10 +293,10 @@ def test_read_prompts_drops_a_byte_order_mark(tmp_path):
     in the output; a .jsonl file with one would fail on line 1."""
     text = tmp_path / "p.txt"
     text.write_bytes("\ufeffhello\r\nwörld\r\n".encode())
-    assert [r["prompt"] for r in BG.read_prompts(text, tmp_path / "o.jsonl")] == ["hello", "wörld"]
+    assert [r["prompt"] for r in read_prompts(text, tmp_path / "o.jsonl")] == ["hello", "wörld"]
     jl = tmp_path / "p.jsonl"
     jl.write_bytes(("\ufeff" + json.dumps({"prompt": "hi", "id": 1}) + "\n").encode())
-    assert BG.read_prompts(jl, tmp_path / "o.jsonl") == [{"prompt": "hi", "id": 1}]
+    assert read_prompts(jl, tmp_path / "o.jsonl") == [{"prompt": "hi", "id": 1}]
 
 
 def test_no_prompts_give_no_rows(fallback_path):

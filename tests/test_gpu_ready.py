@@ -71,7 +71,9 @@ def _report(bad: list[dict]) -> str:
 def test_fast_subset_covers_every_kernel(fast_facts):
     names = {f["name"] for f in fast_facts}
     assert names >= {"attn_fwd", "attn_dkdv", "attn_dq", "decode_split", "decode_combine", "ln_fwd", "ln_bwd",
-                     "gelu_fwd", "gelu_bwd", "lce_fwd", "lce_dlogits"}, names
+                     "gelu_fwd", "gelu_bwd", "lce_fwd", "lce_dlogits", "rms_fwd", "rms_bwd", "glu_fwd", "glu_bwd",
+                     "rotary"}, names
+    assert any("smoothing+softcap" in f["label"] for f in fast_facts if f["name"] == "lce_dlogits")
     assert {re.search(r"D=(\d+)", f["label"]).group(1) for f in fast_facts if f["name"] == "attn_fwd"} == {"64", "128"}
 
 

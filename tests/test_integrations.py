@@ -229,7 +229,7 @@ def test_replace_modules_options_and_errors():
     assert type(model[1]) is nn.LayerNorm and type(model[2]) is nn.GELU  # float64: no kernel path, left alone
     with pytest.raises(TypeError, match="model"):
         kernels.replace_modules("model")
-    with pytest.raises(TypeError, match="bools"):
+    with pytest.raises(TypeError, match="gelu must be a bool"):
         kernels.replace_modules(nn.Linear(2, 2), gelu="yes")
 
 
@@ -254,7 +254,7 @@ def test_docs_integrations_page_runs(tmp_path, monkeypatch, capsys):
     import io
     import shlex
 
-    from gpt.export import main as export_main
+    from gpt.cli.export import main as export_main
     from tests.utils import check_output, parse_markdown
 
     doc = ROOT / "docs" / "integrations.md"

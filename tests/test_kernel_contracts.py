@@ -18,11 +18,17 @@ from kernels import (
     GELU,
     CausalSelfAttention,
     LayerNorm,
+    RMSNorm,
     add_layer_norm,
+    add_rms_norm,
+    apply_rotary,
     decode_attention,
     flash_attention,
+    geglu,
     gelu,
     layer_norm,
+    rms_norm,
+    swiglu,
 )
 from kernels import reference as ref
 from tests.guard_utils import CUDA, assert_close_to_ref
@@ -147,6 +153,34 @@ def _run_gelu(dtype, device):
         x, approximate="tanh")]
 
 
+def _run_rms_norm(dtype, device):
+    x, w = (_leaf(_t(shape, dtype, i, device)) for i, shape in enumerate([(3, 40), (40,)]))
+    return [x, w], lambda x, w: [rms_norm(x, w, offset=1.0)], lambda x, w: [torch.nn.functional.rms_norm(
+        x, (40,), 1.0 + w, 1e-6)]
+
+
+def _run_add_rms_norm(dtype, device):
+    x, r, w = (_leaf(_t(shape, dtype, i, device)) for i, shape in enumerate([(3, 40), (3, 40), (40,)]))
+    return [x, r, w], lambda x, r, w: list(add_rms_norm(x, r, w)), lambda x, r, w: [
+        torch.nn.functional.rms_norm(x + r, (40,), w, 1e-6), x + r]
+
+
+def _run_glu(dtype, device):
+    g, u = (_leaf(_t((5, 33), dtype, i, device)) for i in range(2))
+    return [g, u], lambda g, u: [swiglu(g, u), geglu(g, u)], lambda g, u: [
+        torch.nn.functional.silu(g) * u, torch.nn.functional.gelu(g, approximate="tanh") * u]
+
+
+def _run_rotary(dtype, device):
+    x = _leaf(_t((2, 2, 5, 8), dtype, 0, device))
+    ang = torch.arange(5.0)[:, None] * torch.rand(4, generator=torch.Generator().manual_seed(1))
+    cos, sin = (torch.cat([f(ang)] * 2, -1).to(device) for f in (torch.cos, torch.sin))  # fp32 tables
+
+    def oracle(x):
+        return [x * cos.to(x.dtype) + torch.cat((-x[..., 4:], x[..., :4]), -1) * sin.to(x.dtype)]
+    return [x], lambda x: [apply_rotary(x, cos, sin)], oracle
+
+
 def _run_module(mod_cls, torch_cls, *args):
     def make(dtype, device):
         torch.manual_seed(0)
@@ -197,6 +231,11 @@ CASES = {
     "gelu": (_run_gelu, NORM_DTYPES),
     "LayerNorm": (_run_module(LayerNorm, torch.nn.LayerNorm, 24), NORM_DTYPES),
     "GELU": (_run_module(lambda: GELU("tanh"), lambda: torch.nn.GELU("tanh")), NORM_DTYPES),
+    "rms_norm": (_run_rms_norm, NORM_DTYPES),
+    "add_rms_norm": (_run_add_rms_norm, NORM_DTYPES),
+    "RMSNorm": (_run_module(lambda: RMSNorm(24, eps=1e-6), lambda: torch.nn.RMSNorm(24, eps=1e-6)), NORM_DTYPES),
+    "swiglu_geglu": (_run_glu, NORM_DTYPES),
+    "apply_rotary": (_run_rotary, NORM_DTYPES),
     "flash_attention": (_run_flash_attention, ATTN_DTYPES),
     "decode_attention": (_run_decode, ATTN_DTYPES),
     "CausalSelfAttention": (_run_self_attention, ATTN_DTYPES),

@@ -115,6 +115,20 @@ def test_cuda_graph_needs_cuda():
         generate(fused, torch.zeros(1, 3, dtype=torch.long), 2, cuda_graph=True)
 
 
+def _assert_greedy_under(ref, seq, n_prompt: int, tol: float = 1e-4) -> None:
+    """Every generated token of ``seq`` is the reference model's greedy choice for the window before it
+    (uncached, sliding past the context as ``generate`` does), up to a logit tie within ``tol``: a
+    divergence at any step fails, a late one included, while fp32 rounding at an exact tie does not."""
+    ctx = ref.cfg.context_length
+    with torch.no_grad():
+        for t in range(n_prompt, seq.shape[1]):
+            logits = ref(seq[:, max(0, t - ctx):t])[:, -1].double()  # (B, V)
+            chosen = logits.gather(1, seq[:, t:t + 1]).squeeze(1)
+            gap = logits.max(-1).values - chosen
+            assert (gap <= tol).all(), f"step {t - n_prompt}: token {seq[:, t].tolist()} is {gap.max():.3g} " \
+                                       "below the reference's greedy choice"
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("batch", [1, 3])
 def test_gpu_cuda_graph_decode_gives_the_eager_tokens(batch):
@@ -128,7 +142,8 @@ def test_gpu_cuda_graph_decode_gives_the_eager_tokens(batch):
     graphed = generate(fused, prompt, 40, cuda_graph=True)
     assert torch.equal(graphed, eager)
     assert torch.equal(generate(fused, prompt, 40, cuda_graph=True), graphed)
-    assert (eager == want).float().mean() > 0.9  # fp32 kernels vs the reference: argmax ties aside
+    assert eager.shape == want.shape
+    _assert_greedy_under(ref, eager, prompt.shape[1])  # every step, not 90% of the tokens
     g = [torch.Generator(device="cuda").manual_seed(7) for _ in range(2)]
     a = generate(fused, prompt, 20, temperature=1.0, top_k=20, generator=g[0], cuda_graph=True)
     b = generate(fused, prompt, 20, temperature=1.0, top_k=20, generator=g[1], cuda_graph=False)

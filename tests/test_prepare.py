@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 
 from gpt import data as D
 from gpt import prepare as P
+from gpt.cli.prepare import main as prepare_cli
 from gpt.tokenizer import _tiktoken_has_cache, get_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -184,7 +185,7 @@ def test_text_too_large_for_memory_points_to_prepare(corpus):
 
 # ------------------------------------------------------------------------------------------ bad input
 def cli(capsys, *args):
-    code = P.main(["prepare", *map(str, args), "--quiet"])
+    code = prepare_cli(["prepare", *map(str, args), "--quiet"])
     err = capsys.readouterr().err.strip().splitlines()
     return code, err
 
@@ -459,13 +460,13 @@ def test_failures_with_workers_never_hang_repeated(tmp_path):
 
 def test_help_lists_prepare_and_exits_0(capsys):
     """``python -m gpt.data --help`` was a usage error (exit 2)."""
-    assert P.main(["--help"]) == 0 and P.main(["-h"]) == 0
+    assert prepare_cli(["--help"]) == 0 and prepare_cli(["-h"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("usage: python -m gpt.data prepare") and "\n  prepare " in out
-    assert P.main([]) == 2 and P.main(["nonsense"]) == 2
+    assert prepare_cli([]) == 2 and prepare_cli(["nonsense"]) == 2
     assert capsys.readouterr().err.startswith("usage: ")
     with pytest.raises(SystemExit) as e:
-        P.main(["prepare", "--help"])
+        prepare_cli(["prepare", "--help"])
     assert e.value.code == 0
     out = capsys.readouterr().out
     assert "only\nthese files in it are read" in out or "only these files in it are read" in out.replace("\n", " ")
@@ -478,7 +479,7 @@ def test_folder_reports_the_files_it_skips(tmp_path, capsys):
     (src / "a.txt").write_text("kept text\n" * 5)
     for name in ("b.csv", "c.CSV", "d.py", "Makefile", ".hidden.csv"):
         (src / name).write_text("x,y\n")
-    code = P.main(["prepare", str(src), "--out", str(tmp_path / "o"), "--val-tokens", "1", "--workers", "1"])
+    code = prepare_cli(["prepare", str(src), "--out", str(tmp_path / "o"), "--val-tokens", "1", "--workers", "1"])
     out, err = capsys.readouterr()
     assert code == 0
     assert err.splitlines() == ["note: 4 files (.csv 2, (no suffix) 1, .py 1) in the input folders skipped "
@@ -486,7 +487,7 @@ def test_folder_reports_the_files_it_skips(tmp_path, capsys):
     assert "from 1 files, 4 files (.csv 2, (no suffix) 1, .py 1) skipped by suffix," in out
     manifest = json.loads((tmp_path / "o" / "prepare.json").read_text())
     assert manifest["skipped_files"] == {"(no suffix)": 1, ".csv": 2, ".py": 1}
-    P.main(["prepare", str(src), "--out", str(tmp_path / "o2"), "--val-tokens", "1", "--workers", "1", "--quiet"])
+    prepare_cli(["prepare", str(src), "--out", str(tmp_path / "o2"), "--val-tokens", "1", "--workers", "1", "--quiet"])
     assert capsys.readouterr().err == ""  # --quiet: no notice (the count stays in prepare.json)
 
 

@@ -3,11 +3,10 @@ NaN gradients, a failing checkpoint write (disk full), a changed run on --resume
 
 Every case checks that nothing already on disk is lost and that every checkpoint on disk loads with finite
 weights. Runs use a micro model (vocabulary 256, one 16-wide layer) on an llm.c shard so a step costs
-milliseconds; the reference run and most runs are in-process (``train.cli``), only the processes that get
+milliseconds; the reference run and most runs are in-process (``gpt.cli.train.cli``, what train.py runs), only the processes that get
 killed are subprocesses. The randomized kill loop is ``@pytest.mark.slow``.
 """
 
-import importlib.util
 import json
 import os
 import random
@@ -21,20 +20,16 @@ from pathlib import Path
 import pytest
 import torch
 
+from gpt.cli.train import cli as train_cli
+from gpt.cli.train import parse_args
+from gpt.run import choose_run_folder, resume_args
+
 pytestmark = pytest.mark.usefixtures("fallback_path")
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 8
 
 
-def load_train_module():
-    spec = importlib.util.spec_from_file_location("train_cli", ROOT / "train.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-TRAIN = load_train_module()
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +54,7 @@ def common(micro):
 
 
 def cli(*args) -> int:
-    return TRAIN.cli([str(a) for a in args])
+    return train_cli([str(a) for a in args])
 
 
 def popen(*args, pause: float | None = None):
@@ -364,7 +359,7 @@ def test_resume_of_another_command_or_a_broken_checkpoint(micro, reference, tmp_
         assert len(err) == 1 and match in err[0], err
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     with pytest.raises(ValueError, match="used 1 processes, this is 2"):
-        TRAIN.resume_args(TRAIN.parse_args(["--resume"]), out, world=2)
+        resume_args(parse_args(["--resume"]), out, world=2)
     ckpt = torch.load(out / "ckpt-last.pt", weights_only=True)
     for name, broken, match in [("shape", lambda c: c["model"].update(
             {"tok_emb.weight": torch.zeros(3, 16)}), "does not fit the model"),
@@ -383,7 +378,7 @@ def test_a_run_that_crashed_before_its_first_checkpoint_is_not_stuck(micro, refe
     out = tmp_path / "run"
     out.mkdir()
     shutil.copy(reference / "config.json", out / "config.json")
-    assert TRAIN.choose_run_folder(str(out), "pretrain") == out  # config.json alone: a fresh run may reuse it
+    assert choose_run_folder(str(out), "pretrain") == out  # config.json alone: a fresh run may reuse it
     (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in metric_rows(reference)[:2]))
     assert cli(*common(micro), "--out", out) == 2  # logged steps: not overwritten by a fresh run ...
     assert "already holds a run" in capsys.readouterr().err
@@ -426,14 +421,14 @@ def test_bad_input_exits_2_and_writes_nothing(micro, tmp_path, capsys):
 ])
 def test_numeric_flags_are_validated_before_anything_runs(argv, capsys):
     with pytest.raises(SystemExit) as e:
-        TRAIN.parse_args(argv)
+        parse_args(argv)
     assert e.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: "), err
 
 
 def test_zero_means_zero():
-    args = TRAIN.parse_args(["--warmup", "0", "--clip", "0", "--weight-decay", "0", "--seed", "0", "--lr", "2e-3"])
+    args = parse_args(["--warmup", "0", "--clip", "0", "--weight-decay", "0", "--seed", "0", "--lr", "2e-3"])
     assert (args.warmup, args.clip, args.weight_decay, args.seed, args.lr) == (0, 0.0, 0.0, 0, 2e-3)
     assert args.given == {"warmup", "clip", "weight_decay", "seed", "lr"}
 
@@ -446,7 +441,7 @@ def test_zero_means_zero():
 ])
 def test_each_command_has_its_own_help(command, has, lacks, capsys):
     with pytest.raises(SystemExit) as e:
-        TRAIN.parse_args([command, "--help"] if command else ["--help"])
+        parse_args([command, "--help"] if command else ["--help"])
     assert e.value.code == 0
     text = capsys.readouterr().out
     assert all(s in text for s in has) and not any(s in text for s in lacks), text
@@ -489,23 +484,37 @@ def test_random_kill_9_then_resume_until_done_is_bit_exact(micro, reference, tmp
 
 def test_tokens_per_s_leaves_out_checkpoint_writes(tmp_path, monkeypatch):
     """Checkpoint writes (and the loss plot), like evaluations, are no training throughput: a slow save
-    must not show up as a slow next step in metrics.jsonl."""
+    or evaluation must not show up as a slow next step in metrics.jsonl. The loop's clock is a fake one
+    that only the test moves (no wall-clock bound): each micro-batch takes 1 s, each checkpoint write 100 s
+    and each evaluation 1000 s, so every step's throughput must be exactly 16 tokens / 1 s."""
+    from types import SimpleNamespace
+
     import gpt.training as T
     from gpt.config import GPTConfig
     from gpt.reference import GPTModel
 
+    clock = [0.0]
+    monkeypatch.setattr(T, "time", SimpleNamespace(perf_counter=lambda: clock[0], monotonic=lambda: clock[0]))
+
+    def advance(seconds, fn):
+        def wrapped(*a, **k):
+            clock[0] += seconds
+            return fn(*a, **k)
+        return wrapped
+
     model = GPTModel(GPTConfig(vocab_size=32, context_length=8, emb_dim=16, n_heads=2, n_layers=1, drop_rate=0.0))
     data = [(torch.randint(0, 32, (8,)), torch.randint(0, 32, (8,))) for _ in range(8)]
     spec = T.TrainSpec(train_data=data, collate=lambda items: tuple(torch.stack(t) for t in zip(*items)),
-                       loss_fn=lambda m, b, dev: torch.nn.functional.cross_entropy(m(b[0]).flatten(0, 1), b[1].flatten()),
-                       evaluate=lambda m: {"val_loss": 1.0})
-    real_save = T.save_checkpoint
-    monkeypatch.setattr(T, "save_checkpoint", lambda *a, **k: (time.sleep(0.6), real_save(*a, **k))[1])
-    T.train(model, spec, T.LoopConfig(steps=4, batch_size=2, save_every=2, eval_every=100), tmp_path,
+                       loss_fn=advance(1.0, lambda m, b, dev: torch.nn.functional.cross_entropy(
+                           m(b[0]).flatten(0, 1), b[1].flatten())),
+                       evaluate=advance(1000.0, lambda m: {"val_loss": 1.0}))
+    monkeypatch.setattr(T, "save_checkpoint", advance(100.0, T.save_checkpoint))
+    T.train(model, spec, T.LoopConfig(steps=6, batch_size=2, save_every=2, eval_every=3), tmp_path,
             torch.device("cpu"), log=lambda *a: None)
     rows = metric_rows(tmp_path)
-    seconds = [16 / r["tokens_per_s"] for r in rows]  # 2 x 8 tokens per step
-    assert seconds[2] < 0.3, seconds  # step 3 follows step 2's 0.6 s checkpoint write
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    assert clock[0] == 6 * 1.0 + 4 * 100.0 + 2 * 1000.0  # 6 steps, ckpt-last at 2, 4, 6 and ckpt-best at 3, 2 evals
+    assert [r["tokens_per_s"] for r in rows] == [16.0] * 6  # 2 x 8 tokens per 1 s step, after saves and evals
 
 
 def test_resume_refuses_fewer_steps_than_done(micro, reference, tmp_path, capsys):

@@ -14,6 +14,8 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from ..data import DataError
+from ..run import write_json_atomic
+from ..training import TrainSpec
 
 PAD_ID = 50256
 
@@ -133,3 +135,39 @@ def classify_text(model: nn.Module, text: str, tokenizer, labels: list[str], dev
     model.eval()
     with torch.no_grad():
         return labels[model(x)[0, -1, :].argmax().item()]
+
+
+# ------------------------------------------------------------------------------ the train.py recipe
+def classify_spec(args, model, cfg, tokenizer, device, rows):
+    """The classify recipe of ``train.py``: (TrainSpec, info line, finish) for the balanced 70/10/20 split of
+    ``rows``; ``finish`` writes ``accuracy.json`` into the run folder."""
+    train_rows, val_rows, test_rows, labels = balance_and_split(rows, seed=args.seed)
+    if not (train_rows and val_rows and test_rows):  # an empty split has no accuracy
+        n = len(train_rows) + len(val_rows) + len(test_rows)
+        raise DataError(f"{args.data[0]}: the {n} rows left after balancing the labels split 70/10/20 into "
+                        f"{len(train_rows)}/{len(val_rows)}/{len(test_rows)}; every split needs a row "
+                        "(at least 10 balanced rows)")
+    # The book pads every split to the training set's length (the last token's position changes the logits).
+    train_ds = ClassificationDataset(train_rows, labels, tokenizer, limit=cfg.context_length)
+    val_ds = ClassificationDataset(val_rows, labels, tokenizer, max_length=train_ds.max_length)
+    test_ds = ClassificationDataset(test_rows, labels, tokenizer, max_length=train_ds.max_length)
+
+    def evaluate(m):
+        train_acc, _ = accuracy_and_loss(m, train_ds, device, args.batch_size, args.eval_batches)
+        val_acc, val_loss = accuracy_and_loss(m, val_ds, device, args.batch_size, args.eval_batches)
+        return {"val_loss": val_loss, "train_acc": train_acc, "val_acc": val_acc}
+
+    def finish(m, out: Path):
+        m.eval()
+        with torch.no_grad():
+            acc = {name: accuracy_and_loss(m, ds, device, args.batch_size)[0]
+                   for name, ds in (("train", train_ds), ("val", val_ds), ("test", test_ds))}
+        write_json_atomic(out / "accuracy.json", acc)
+        print("accuracy: " + ", ".join(f"{k} {v * 100:.1f}%" for k, v in acc.items()))
+
+    spec = TrainSpec(train_data=train_ds, collate=collate, loss_fn=loss_fn, evaluate=evaluate,
+                     extra={"task": "classify", "labels": labels, "max_length": train_ds.max_length})
+    info = (f"data: {len(rows)} rows, labels {labels}; balanced split {len(train_rows)}/{len(val_rows)}/"
+            f"{len(test_rows)}, {train_ds.max_length} tokens per text")
+    return spec, info, finish
+

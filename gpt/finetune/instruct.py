@@ -4,12 +4,19 @@ from __future__ import annotations
 
 import json
 import os
+import sys
+import time
 from pathlib import Path
 
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
 
+from ..batch_generate import iter_batch
 from ..data import DataError
+from ..generate import generate
+from ..tokenizer import text_to_token_ids, token_ids_to_text
+from ..training import TrainSpec, calc_loss_batch, calc_loss_loader
 
 PAD_ID = 50256
 IGNORE_INDEX = -100
@@ -105,16 +112,49 @@ def generate_responses(model, entries: list[dict], tokenizer, max_new_tokens: in
     """The model's greedy answer to every entry (as ``extract_response`` cuts it), all generated together
     with ``gpt.generate_batch`` (ragged prompts, each row stops at end-of-text); each answer equals
     generating for that entry alone."""
-    import sys
-
-    from tqdm import tqdm
-
-    from ..batch_generate import iter_batch
-    from ..tokenizer import text_to_token_ids
-
     prompts = [text_to_token_ids(format_input(e), tokenizer)[0] for e in entries]  # 1-D each
     answers = [""] * len(entries)
     rows = iter_batch(model, prompts, max_new_tokens, eos_id=PAD_ID, batch_size=batch_size)
     for i, ids in tqdm(rows, total=len(entries), desc="responses", file=sys.stdout, disable=not progress):
         answers[i] = tokenizer.decode(ids).replace("### Response:", "").strip()
     return answers
+
+
+# ------------------------------------------------------------------------------ the train.py recipe
+def instruct_spec(args, model, cfg, tokenizer, device, data):
+    """The instruct recipe of ``train.py``: (TrainSpec, info line, finish) for the book's 85/5/10 split of
+    ``data``; ``finish`` writes the test split's ``responses.json`` into the run folder."""
+    train_data, val_data, test_data = split(data)
+    train_ds, val_ds = InstructionDataset(train_data, tokenizer), InstructionDataset(val_data, tokenizer)
+
+    def collate(items):
+        return custom_collate_fn(items, allowed_max_length=cfg.context_length, mask_prompt=args.mask_prompt)
+
+    val_loader = DataLoader(val_ds, batch_size=args.batch_size, shuffle=False, collate_fn=collate)
+
+    def evaluate(m):
+        return {"val_loss": calc_loss_loader(val_loader, m, device, args.eval_batches)} if len(val_ds) else {}
+
+    def respond(m, entry) -> str:
+        prompt = format_input(entry)
+        ids = generate(m, text_to_token_ids(prompt, tokenizer)[:, -cfg.context_length:].to(device),
+                       args.max_new_tokens, eos_id=PAD_ID, use_cache=True)
+        return extract_response(token_ids_to_text(ids, tokenizer), prompt)
+
+    def finish(m, out: Path):
+        m.eval()
+        start = time.perf_counter()
+        answers = generate_responses(m, test_data, tokenizer, args.max_new_tokens, progress=True)
+        results = [{**entry, "model_response": a} for entry, a in zip(test_data, answers)]
+        (out / "responses.json").write_text(json.dumps(results, indent=4))
+        print(f"wrote {len(results)} test responses to {out / 'responses.json'} "
+              f"(generated together in {time.perf_counter() - start:.1f} s)")
+
+    spec = TrainSpec(train_data=train_ds, collate=collate,
+                     loss_fn=lambda m, batch, dev: calc_loss_batch(batch[0], batch[1], m, dev),
+                     evaluate=evaluate,
+                     sample=lambda m: respond(m, val_data[0]).replace("\n", " ")[:200] if val_data else "",
+                     extra={"task": "instruct"})
+    info = f"data: {len(data)} entries, split {len(train_data)}/{len(val_data)}/{len(test_data)}"
+    return spec, info, finish
+

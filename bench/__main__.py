@@ -66,6 +66,8 @@ STEPS = {
     "decode_attention": "decode attention kernel vs SDPA: µs and GB/s over cache lengths",
     "batch_generate": "generate_batch on ragged prompts vs one at a time and HF generate: tokens/s",
     "loss_train": "GPT-2 training step with and without the fused loss, each at its largest batch",
+    "attention_variants": "GQA H/Hk 4, 8 (D 128, T 4k), varlen documents summing to 16k, window W=4096 at T=16k: "
+                          "fwd, fwd+bwd vs SDPA (enable_gqa, explicit masks) and the dense kernel",
     "llama_layers": "Llama family: RMSNorm/add+RMSNorm/SwiGLU/rotary GB/s vs torch eager; linear+CE at V=128,256; "
                     "a Llama decoder layer with and without replace_modules",
 }
@@ -134,6 +136,10 @@ def step_pieces(step: str, *, quick: bool, device: str, ceilings: dict, use_comp
         from bench import loss
 
         return [("loss_train", lambda: loss.run_train(True, **common))]
+    if step == "attention_variants":
+        from bench import attention_variants
+
+        return attention_variants.pieces(True, **common)
     if step == "llama_layers":
         from bench import llama_layers
 

@@ -35,6 +35,7 @@ PLAN=(
     "decode_attn  |  45 | opt | bench.log     | bench decode_attention"
     "batch_gen    |  60 | opt | bench.log     | bench batch_generate"
     "loss_train   |  90 | opt | bench.log     | bench loss_train"
+    "attn_var     |  75 | opt | bench.log     | bench attention_variants"
     "llama_layers |  90 | opt | bench.log     | bench llama_layers"
 )
 BUDGET_S=${BUDGET_S:-540}

@@ -187,10 +187,12 @@ class TrainSpec:
 
     train_data: object  # a Dataset (indexable, len)
     collate: Callable[[list], tuple]
-    loss_fn: Callable[[nn.Module, tuple, torch.device], torch.Tensor]
+    loss_fn: Callable[[nn.Module, tuple, torch.device], torch.Tensor]  # or (loss, {name: value}): logged too
     evaluate: Callable[[nn.Module], dict]  # -> metrics; "val_loss" picks ckpt-best.pt
     sample: Callable[[nn.Module], str] | None = None
     extra: dict = field(default_factory=dict)  # stored in checkpoints (labels, task, ...)
+    show: tuple = ()  # names of loss_fn statistics shown on the progress bar
+    trainable_only: bool = False  # checkpoints hold only the trainable parameters (LoRA: the adapters)
 
 
 @dataclass
@@ -314,7 +316,7 @@ class _Loop:
     def restore(self) -> int:
         """Load ``ckpt-last.pt`` (model, optimizer, scaler, RNG states); the step to continue from."""
         ckpt = load_checkpoint(self.out / "ckpt-last.pt", self.model, optimizer=self.optimizer,
-                               map_location=self.device, restore_rng=True)
+                               map_location=self.device, restore_rng=True, only_trainable=self.spec.trainable_only)
         start, self.best_val = ckpt["step"], ckpt["extra"].get("best_val", float("inf"))
         if ckpt["extra"].get("scaler"):
             self.scaler.load_state_dict(ckpt["extra"]["scaler"])
@@ -340,7 +342,8 @@ class _Loop:
         if self.d.main:
             extra = {**self.spec.extra, "best_val": self.best_val,
                      "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None}
-            save_checkpoint(self.out / name, self.model, optimizer=optimizer, step=step, extra=extra)
+            save_checkpoint(self.out / name, self.model, optimizer=optimizer, step=step, extra=extra,
+                            only_trainable=self.spec.trainable_only)
         if name == "ckpt-last.pt":
             self.last_save = time.monotonic()
 

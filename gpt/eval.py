@@ -168,88 +168,24 @@ def evaluate_hellaswag(model: nn.Module, examples: list[dict], tokenizer, *, bat
     return summary, preds
 
 
-# ---------------------------------------------------------------------------------------------------
-# CLI: python -m gpt.eval hellaswag --init SOURCE --data FILE.jsonl [--limit N] [--batch-size B] [--out F]
-# ---------------------------------------------------------------------------------------------------
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def summary_path(out: str | os.PathLike) -> Path:
-    """Where ``--out preds.jsonl`` puts the summary: ``preds.summary.json`` next to it."""
+    """Where predictions written to ``preds.jsonl`` put their summary: ``preds.summary.json`` next to it."""
     out = Path(out)
     return out.with_name(out.stem + ".summary.json")
 
 
-def main(argv=None) -> int:
-    import argparse
-
-    class Parser(argparse.ArgumentParser):
-        def error(self, message):  # one line on stderr, exit 2
-            self.exit(2, f"error: {message} (see `{self.prog} --help`)\n")
-
-    def positive(text):
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-        return value
-
-    p = Parser(prog="python -m gpt.eval", description="Evaluate a model on a benchmark.")
-    sub = p.add_subparsers(dest="task", required=True, parser_class=Parser)
-    h = sub.add_parser("hellaswag", help="HellaSwag accuracy (acc, acc_norm) as llm.c and build-nanogpt compute it",
-                       description="HellaSwag: each example's four endings scored by the summed (acc) and the "
-                                   "per-token mean (acc_norm) log-probability after the context. Prints "
-                                   '{"acc", "acc_norm", "n"} as JSON.')
-    h.add_argument("--init", required=True, help="the model: anything from_pretrained takes (HF folder, "
-                                                  ".safetensors, checkpoint, run folder, model name)")
-    h.add_argument("--data", required=True, help="HellaSwag jsonl (e.g. hellaswag_val.jsonl, see the README)")
-    h.add_argument("--limit", type=positive, default=None, help="only the first N examples")
-    h.add_argument("--batch-size", type=positive, default=8, help="examples per forward pass (4 rows each)")
-    h.add_argument("--out", default=None, help="write one prediction per example to this .jsonl, and the "
-                                               "summary to <stem>.summary.json next to it")
-    h.add_argument("--backend", choices=["fused", "reference"], default=None)
-    h.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if available)")
-    args = p.parse_args(argv)
-
-    from .checkpoint import CheckpointError
-    from .tokenizer import TokenizerError, get_tokenizer
-    from .weights import WeightsError
-
-    try:
-        if args.out is not None:
-            out = Path(args.out)
-            if out.is_dir():
-                raise ValueError(f"--out {out} is a folder; give a file name such as preds.jsonl")
-            if not out.parent.is_dir():
-                raise ValueError(f"--out {out}: the folder {out.parent} does not exist")
-        examples = read_hellaswag(args.data, args.limit)  # bad data fails before the model loads
-        try:
-            device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        except RuntimeError:
-            raise ValueError(f"--device {args.device!r} is not a device (cpu, cuda, cuda:N)") from None
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"--device {args.device}: CUDA is not available on this machine")
-        if args.backend == "reference":
-            from .reference import GPTModel
-        else:
-            from .model import GPTModel
-        model = GPTModel.from_pretrained(args.init, device=device)
-        summary, preds = evaluate_hellaswag(model, examples, get_tokenizer(), batch_size=args.batch_size,
-                                            device=device, progress=True)
-        if args.out is not None:
-            _write_atomic(out, "".join(json.dumps(r) + "\n" for r in preds))
-            _write_atomic(summary_path(out), json.dumps(summary) + "\n")
-    except (ValueError, OSError, CheckpointError, WeightsError, TokenizerError) as e:
-        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
-        return 2
-    print(json.dumps(summary))
-    return 0
+def write_predictions(out: str | os.PathLike, preds: list[dict], summary: dict) -> Path:
+    """``out``: one prediction per line; ``summary_path(out)``: the summary. Each written atomically."""
+    out = Path(out)
+    for path, text in ((out, "".join(json.dumps(r) + "\n" for r in preds)),
+                       (summary_path(out), json.dumps(summary) + "\n")):
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    return out
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # python -m gpt.eval: the CLI lives in gpt/cli/eval.py (imported only here)
+    from gpt.cli.eval import main
+
     raise SystemExit(main())

@@ -295,6 +295,12 @@ def plot_losses(out: Path) -> None:
         ax.plot(*zip(*val), "o-", label="validation")
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
+    hs = [(r["step"], r["hellaswag_acc_norm"]) for r in rows if r.get("hellaswag_acc_norm") is not None]
+    if hs:  # train.py pretrain --eval-hellaswag: accuracy on a second axis
+        ax2 = ax.twinx()
+        ax2.plot(*zip(*hs), "s--", color="tab:green", label="HellaSwag acc_norm")
+        ax2.set_ylabel("HellaSwag acc_norm")
+        ax2.legend(loc="upper center")
     ax.legend()
     fig.tight_layout()
     tmp = out / ".loss.png.tmp.png"

@@ -11,9 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from gpt.cli.eval import main
 from gpt.config import GPTConfig
 from gpt.data import DataError
-from gpt.eval import evaluate_hellaswag, main, read_hellaswag, render_example, summary_path
+from gpt.eval import evaluate_hellaswag, read_hellaswag, render_example, summary_path
 from gpt.model import GPTModel
 from gpt.reference import GPTModel as RefModel
 from gpt.tokenizer import get_tokenizer

@@ -29,7 +29,7 @@ from torch.utils.data import Dataset
 
 from ..data import DataError
 from ..training import TrainSpec, calc_token_logprobs
-from .instruct import PAD_ID, format_input
+from .instruct import PAD_ID, format_input, split
 
 FIELDS = ("instruction", "chosen", "rejected")  # required; "input" may be absent (""), "output" is unused
 
@@ -60,6 +60,23 @@ def read_preferences(path: str | os.PathLike) -> list[dict]:
             if not isinstance(entry[name], str):
                 raise DataError(f"{path}: entry {i}: '{name}' must be a string, got {type(entry[name]).__name__}")
     return data
+
+
+def preferences_from_instructions(entries: list[dict], n: int | None = None) -> list[dict]:
+    """A toy preference set from Alpaca-style instruction data, as shipped in
+    ``data/preference-data.json`` (the first 50 entries of the book's ``instruction-data.json``): entry
+    ``i`` keeps its ``instruction``, ``input`` and ``output``; ``chosen`` is its own ``output`` and
+    ``rejected`` the ``output`` of entry ``i + 1`` (the next one, cyclically): a fluent answer to
+    another instruction. (The book's ``instruction-data-with-preference.json`` instead asks a larger
+    model for a polite and an impolite answer; this needs no model and no download.)"""
+    entries = entries[:n] if n is not None else list(entries)
+    if len(entries) < 2:
+        raise ValueError("preferences_from_instructions needs at least 2 entries")
+    out = []
+    for i, e in enumerate(entries):
+        out.append({"instruction": e["instruction"], "input": e.get("input", ""), "output": e["output"],
+                    "chosen": e["output"], "rejected": entries[(i + 1) % len(entries)]["output"]})
+    return out
 
 
 class PreferenceDataset(Dataset):
@@ -223,3 +240,23 @@ def filter_scorable(ds: PreferenceDataset, allowed_max_length: int | None) -> tu
         ds.data = [ds.data[i] for i in keep]
         ds.encoded_texts = [ds.encoded_texts[i] for i in keep]
     return ds, dropped
+
+
+# ------------------------------------------------------------------------------ the train.py recipe
+def dpo_recipe(args, model, cfg, tokenizer, device, data, reference_model):
+    """The dpo recipe of ``train.py``: (TrainSpec, info line, None) for the book's 85/5/10 split of the
+    preference ``data`` (as instruct's), DPO against the frozen ``reference_model`` (the ``--init`` model)
+    with ``--beta``; entries whose responses do not fit the context are left out (counted in the info)."""
+    train_data, val_data, test_data = split(data)
+    train_ds, dropped = filter_scorable(PreferenceDataset(train_data, tokenizer), cfg.context_length)
+    val_ds, dropped_val = filter_scorable(PreferenceDataset(val_data, tokenizer), cfg.context_length)
+    if len(train_ds) == 0:
+        raise DataError(f"no training entry of {args.data[0]} has response tokens within the context of "
+                        f"{cfg.context_length} tokens")
+    spec = dpo_spec(train_ds, val_ds, reference_model.to(device), beta=args.beta,
+                    allowed_max_length=cfg.context_length, batch_size=args.batch_size,
+                    eval_batches=args.eval_batches, device=device)
+    info = (f"data: {len(data)} preference entries, split {len(train_data)}/{len(val_data)}/{len(test_data)}"
+            + (f" ({dropped + dropped_val} left out: no response token within the context)"
+               if dropped + dropped_val else "") + f"; beta {args.beta}, frozen reference: {args.init}")
+    return spec, info, None

@@ -5,9 +5,9 @@ checkpoints need.
 Semantics are the printed book's: ``A`` ``(in_dim, rank)`` kaiming-uniform with ``a=√5``, ``B``
 ``(rank, out_dim)`` zeros, output ``alpha · (x @ A @ B)`` added to the frozen linear's output, so an
 adapted model starts with exactly the base model's outputs. (Followed: rasbt/LLMs-from-scratch
-``appendix-E/01_main-chapter-code/appendix-E.ipynb``; its online version since commit 1c9f49c, Dec 2025,
-scales by ``alpha / rank`` instead; with ``--lora-alpha`` = the book's value divided by the rank the two
-agree.) Merging folds an adapter into its linear: ``W' = W + alpha · (A @ B)ᵀ``, same outputs.
+``appendix-E/01_main-chapter-code/appendix-E.ipynb``, whose online version, as of its commit 1c9f49c
+of Dec 2025, scales by ``alpha / rank`` instead of the printed ``alpha``: pass ``alpha / rank`` here to
+get that.) Merging folds an adapter into its linear: ``W' = W + alpha · (A @ B)ᵀ``, same outputs.
 
 Fused projections. The fused model reads some weights directly instead of calling the layer: its
 attention concatenates ``W_query.weight``, ``W_key.weight``, ``W_value.weight`` into one QKV GEMM, and

@@ -7,7 +7,6 @@ A micro model with GPT-2's vocabulary (one 16-wide layer) keeps a step at millis
 shipped data/preference-data.json (also read as Alpaca instructions)."""
 
 import json
-import os
 import shutil
 import signal
 from pathlib import Path
@@ -74,12 +73,11 @@ def references(base, tmp_path_factory):
 
 
 def test_shipped_preference_file_is_built_as_documented():
-    src = Path(os.environ.get("GPT_SHARED_DATA", ROOT.parent / "shared" / "data")) / "instruction-data.json"
     shipped = json.loads(PREFS.read_text())
     assert len(shipped) == 50 and all(e["chosen"] == e["output"] for e in shipped)
     assert shipped[0]["rejected"] == shipped[1]["output"] and shipped[-1]["rejected"] == shipped[0]["output"]
-    if src.is_file():
-        assert preferences_from_instructions(json.loads(src.read_text()), 50) == shipped
+    instructions = json.loads((ROOT / "data" / "instruction-data.json").read_text())
+    assert preferences_from_instructions(instructions, 50) == shipped
 
 
 def test_dpo_run_logs_rewards(references):  # (the margin growing: tests/test_dpo.py, on a learnable toy set)

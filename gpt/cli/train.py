@@ -33,8 +33,8 @@ run folder: config.json (the model and the run's arguments), metrics.jsonl, ckpt
 ckpt-best.pt, loss.png and a .lock held while a process trains in it (a second run on the folder exits 2).
 --resume continues the run in --out exactly, with the arguments stored in its config.json; on --resume
 only --steps/--epochs (to extend the run), --eval-every, --eval-batches, --save-every,
---save-every-minutes, --device, --compile, --prompt, --max-new-tokens and --eval-hellaswag may be given
-with a new value;
+--save-every-minutes, --device, --compile, --prompt, --max-new-tokens, --eval-hellaswag
+may be given with a new value;
 any other flag that differs from the stored one is an error. A folder whose run crashed before its first
 checkpoint resumes from step 0 with its stored arguments.
 Ctrl-C or SIGTERM: finish the step, save ckpt-last.pt, exit 130 / 143. A non-finite loss or gradient

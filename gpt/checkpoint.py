@@ -117,9 +117,19 @@ def first_non_finite(model: nn.Module, optimizer=None) -> str | None:
     return None if bool(finite.all()) else named[int((~finite).nonzero()[0])][0]
 
 
+def trainable_state_dict(model: nn.Module) -> dict:
+    """The entries of ``model.state_dict()`` that are trainable parameters (``requires_grad``): what a
+    LoRA run (or any run with a frozen base) needs to save."""
+    names = {n for n, p in model.named_parameters(remove_duplicate=False) if p.requires_grad}
+    return {k: v for k, v in model.state_dict().items() if k in names}
+
+
 def save_checkpoint(path: str | os.PathLike, model: nn.Module, *, optimizer=None, step: int = 0,
-                    config=None, extra: dict | None = None, rng: bool = True) -> Path:
+                    config=None, extra: dict | None = None, rng: bool = True,
+                    only_trainable: bool = False) -> Path:
     """Save model (unwrapped from DDP/compile), optimizer, step, RNG states and config atomically.
+    ``only_trainable``: only the trainable parameters (``trainable_state_dict``; the frozen base is
+    not written and must be supplied on load).
 
     Refuses (``ValueError``) weights or optimizer state holding NaN/inf, so a checkpoint on disk is always
     one to go back to; a failed write (``CheckpointError``, "disk full" for ENOSPC) keeps the old file."""
@@ -134,7 +144,7 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, *, optimizer=None
     payload = {
         "format": FORMAT,
         "version": VERSION,
-        "model": model.state_dict(),
+        "model": trainable_state_dict(model) if only_trainable else model.state_dict(),
         "config": dict(config) if config is not None else None,
         "step": int(step),
         "optimizer": optimizer.state_dict() if optimizer is not None else None,
@@ -150,9 +160,12 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, *, optimizer=None
 
 
 def load_checkpoint(path: str | os.PathLike, model: nn.Module | None = None, *, optimizer=None,
-                    map_location="cpu", restore_rng: bool = False, strict: bool = True) -> dict:
+                    map_location="cpu", restore_rng: bool = False, strict: bool = True,
+                    only_trainable: bool = False) -> dict:
     """Read a checkpoint (clear ``CheckpointError`` if missing or corrupt), optionally restoring
-    ``model``, ``optimizer`` and the RNG states into place. Returns the checkpoint dict."""
+    ``model``, ``optimizer`` and the RNG states into place. Returns the checkpoint dict.
+    ``only_trainable``: the file holds exactly ``model``'s trainable parameters (as saved with
+    ``only_trainable=True``); the other weights are left as they are."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
@@ -166,7 +179,14 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module | None = None, *, 
     if ckpt.get("version", 0) > VERSION:
         raise CheckpointError(f"{path} has checkpoint version {ckpt['version']}; this code reads up to {VERSION}")
     try:
-        if model is not None:
+        if model is not None and only_trainable:
+            want = set(trainable_state_dict(unwrap_model(model)))
+            missing, extra = sorted(want - set(ckpt["model"])), sorted(set(ckpt["model"]) - want)
+            if missing or extra:
+                raise CheckpointError(f"{path} does not fit the model's trainable parameters: "
+                                      + (f"missing {missing[:3]}" if missing else f"unexpected {extra[:3]}"))
+            unwrap_model(model).load_state_dict(ckpt["model"], strict=False)
+        elif model is not None:
             unwrap_model(model).load_state_dict(ckpt["model"], strict=strict)
         if optimizer is not None:
             if ckpt.get("optimizer") is None:

@@ -37,7 +37,7 @@ from safetensors.torch import save_file
 from . import tokenizer as _tokenizer
 from .checkpoint import load_checkpoint, unwrap_model
 from .config import GPTConfig
-from .weights import read_pretrained, resolve_source
+from .weights import checkpoint_state_dict, read_pretrained, resolve_source
 
 GPT2_VOCAB = 50257  # token ids of the GPT-2 tokenizer; a model's vocab_size may be larger (padded)
 EOT = "<|endoftext|>"
@@ -384,7 +384,7 @@ def load_source(source: str | os.PathLike) -> tuple[dict, GPTConfig, list[str] |
         raise ExportError(f"{path} has no model config")
     extra = ckpt.get("extra") or {}
     labels = extra.get("labels") if extra.get("task") == "classify" else None
-    return ckpt["model"], GPTConfig.from_dict(ckpt["config"]), labels
+    return checkpoint_state_dict(ckpt, path), GPTConfig.from_dict(ckpt["config"]), labels
 
 
 if __name__ == "__main__":  # python -m gpt.export: the CLI lives in gpt/cli/export.py (imported only here)

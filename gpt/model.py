@@ -128,9 +128,9 @@ class GPTModel(nn.Module):
         return self.trf_blocks[i + 1].norm1 if i + 1 < len(self.trf_blocks) else self.final_norm
 
     def forward(self, in_idx: torch.Tensor, *, targets: torch.Tensor | None = None, ignore_index: int = -100,
-                cache: KVCache | None = None, positions: torch.Tensor | None = None,
+                reduction: str = "mean", cache: KVCache | None = None, positions: torch.Tensor | None = None,
                 seqlens: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits ``(b, T, vocab)``; with ``targets`` the mean token loss instead (see ``loss``). With ``cache``: ``positions (T,)`` (or per row ``(b, T)``) are the
+        """Logits ``(b, T, vocab)``; with ``targets`` the token loss instead (see ``loss``). With ``cache``: ``positions (T,)`` (or per row ``(b, T)``) are the
         tokens' absolute positions (written into the cache); ``seqlens (b,)`` int32 switches to decode
         attention."""
         _, T = in_idx.shape
@@ -151,15 +151,17 @@ class GPTModel(nn.Module):
             normed, resid = add_layer_norm(block.drop_shortcut(block.ff(normed)), resid, nxt.scale, nxt.shift)
         if targets is not None:  # the head fused with the loss: no (b, T, vocab) logits
             return linear_cross_entropy(normed, self.out_head.weight, targets, self.out_head.bias,
-                                        ignore_index=ignore_index)
+                                        ignore_index=ignore_index, reduction=reduction)
         return self.out_head(normed)  # (b, T, vocab_size)
 
-    def loss(self, idx: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    def loss(self, idx: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100,
+             reduction: str = "mean") -> torch.Tensor:
         """Mean next-token cross-entropy of ``targets (b, T)`` over the positions not equal to
         ``ignore_index`` (0 if there are none), computed by ``kernels.linear_cross_entropy`` on the final
-        hidden states without materializing the logits. Same as ``model(idx, targets=targets)``, the form
+        hidden states without materializing the logits. ``reduction="sum"`` sums, ``"none"`` gives the
+        ``(b, T)`` fp32 token losses (0 where ignored). Same as ``model(idx, targets=targets)``, the form
         to use through DDP / ``torch.compile`` wrappers."""
-        return self(idx, targets=targets, ignore_index=ignore_index)
+        return self(idx, targets=targets, ignore_index=ignore_index, reduction=reduction)
 
     @classmethod
     def from_pretrained(cls, source: str | os.PathLike, *, device=None, dtype: torch.dtype | None = None,

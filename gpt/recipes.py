@@ -11,13 +11,14 @@ recipe builders return ``(TrainSpec, info line, finish)``: ``pretrain_spec`` her
 from __future__ import annotations
 
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from .checkpoint import CheckpointError, load_checkpoint
+from .checkpoint import CheckpointError, load_checkpoint, trainable_state_dict
 from .config import GPTConfig
 from .data import (
     DataError,
@@ -28,8 +29,11 @@ from .data import (
     split_shards,
     train_val_split,
 )
+from .eval import evaluate_hellaswag, read_hellaswag
 from .finetune.classify import classify_spec, classify_text, make_classifier, read_tsv
+from .finetune.dpo import dpo_recipe, read_preferences
 from .finetune.instruct import instruct_spec, read_instructions
+from .lora import count_parameters, replace_linear_with_lora, state_dict_fingerprint
 from .reference import GPTModel as ReferenceGPT
 from .run import (
     NOT_STORED,
@@ -54,7 +58,7 @@ from .training import (
     perplexity,
     train,
 )
-from .weights import resolve_source
+from .weights import checkpoint_state_dict, load_state_dict_checked, read_pretrained, resolve_source
 
 try:  # the fused model needs the kernels package (always present in this repository; a stripped build may lack it)
     from .model import GPTModel as FusedGPT
@@ -62,7 +66,8 @@ except ImportError:  # pragma: no cover
     FusedGPT = None
 
 DEFAULT_STEPS = 300
-DEFAULT_EPOCHS = {"classify": 5, "instruct": 2}  # (pretrain: DEFAULT_STEPS)
+DEFAULT_EPOCHS = {"classify": 5, "instruct": 2, "dpo": 1}  # (pretrain: DEFAULT_STEPS)
+DEFAULT_LORA_ALPHA = 16.0  # the book's Appendix E (rank 16, alpha 16)
 
 
 def model_class(backend: str | None):
@@ -78,21 +83,30 @@ def _stack(items):
     return tuple(torch.stack(t) for t in zip(*items))  # (b, T), (b, T)
 
 
+def _resume_checkpoint(args):
+    """The checkpoint --resume continues from (validated: a model config, this command's task)."""
+    path = args.out_path / "ckpt-last.pt"
+    ckpt = load_checkpoint(path)  # validates the file before anything runs
+    if not isinstance(ckpt.get("config"), dict):
+        raise CheckpointError(f"{path} holds no model config; it cannot be resumed")
+    task = ckpt["extra"].get("task")
+    if task not in (None, args.command):
+        raise CheckpointError(f"{path} is a checkpoint of a {task} run, not {args.command}")
+    if bool(ckpt["extra"].get("lora")) != (args.lora_rank is not None):
+        raise CheckpointError(f"{path} is {'a' if ckpt['extra'].get('lora') else 'not a'} LoRA checkpoint, but the "
+                              f"run's arguments say {'no ' if args.lora_rank is None else ''}--lora-rank")
+    return ckpt
+
+
 def build_model(args, device, extra_cfg=None):
     """(model, cfg, backend, checkpoint): from --resume's checkpoint config, --init weights, or a preset."""
     cls, backend = model_class(args.backend)
     if args.resume and (args.out_path / "ckpt-last.pt").is_file():
-        path = args.out_path / "ckpt-last.pt"
-        ckpt = load_checkpoint(path)  # validates the file before anything runs
-        if not isinstance(ckpt.get("config"), dict):
-            raise CheckpointError(f"{path} holds no model config; it cannot be resumed")
-        task = ckpt["extra"].get("task")
-        if task not in (None, args.command):
-            raise CheckpointError(f"{path} is a checkpoint of a {task} run, not {args.command}")
+        ckpt = _resume_checkpoint(args)
         try:
             cfg = GPTConfig.from_dict(ckpt["config"])
         except (TypeError, ValueError) as e:
-            raise CheckpointError(f"{path} holds an invalid model config ({e})") from None
+            raise CheckpointError(f"{args.out_path / 'ckpt-last.pt'} holds an invalid model config ({e})") from None
         return cls(cfg), cfg, backend, ckpt
     if args.init:
         if args.preset is not None:  # the weights decide the architecture
@@ -103,6 +117,46 @@ def build_model(args, device, extra_cfg=None):
     preset = args.preset if args.preset is not None else ("gpt2-small" if device.type == "cuda" else "tiny")
     cfg = GPTConfig.from_preset(preset, **(extra_cfg or {}))
     return cls(cfg), cfg, backend, None
+
+
+def build_lora_base(args):
+    """(model, cfg, backend, checkpoint, base fingerprint) of a LoRA run: the --init base model, always
+    (a LoRA checkpoint holds only what was trained). On --resume the base must still load and hold the
+    weights the run started from (``gpt.lora.state_dict_fingerprint``)."""
+    if not args.init:
+        raise ValueError("--lora-rank needs --init: the base model the adapters apply to")
+    cls, backend = model_class(args.backend)
+    ckpt = _resume_checkpoint(args) if args.resume and (args.out_path / "ckpt-last.pt").is_file() else None
+    try:
+        sd, cfg = read_pretrained(args.init)
+    except ValueError as e:  # WeightsError, CheckpointError
+        if ckpt is None:
+            raise
+        raise ValueError(f"the LoRA run in {args.out_path} applies to the base model {args.init}, which cannot be "
+                         f"loaded: {' '.join(str(e).split())}") from None
+    fingerprint = state_dict_fingerprint(sd)
+    if ckpt is not None and ckpt["extra"]["lora"].get("base_fingerprint") != fingerprint:
+        raise ValueError(f"the base model {args.init} has changed since the LoRA run in {args.out_path} started "
+                         "(its weights' fingerprint differs); the adapters only apply to the base they were trained on")
+    model = cls(cfg)
+    load_state_dict_checked(model, sd)
+    return model, cfg, backend, ckpt, fingerprint
+
+
+def apply_lora(model, args) -> dict:
+    """Freeze ``model`` and add the book's LoRA adapters (``--lora-rank``, ``--lora-alpha``): to every
+    linear layer (the output head included, as the book does), or for classify to the transformer blocks
+    with the new classification head trained in full. Returns the ``extra["lora"]`` record (without the
+    base)."""
+    alpha = args.lora_alpha if args.lora_alpha is not None else DEFAULT_LORA_ALPHA
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if args.command == "classify":
+        replace_linear_with_lora(model.trf_blocks, args.lora_rank, alpha)
+        model.out_head.requires_grad_(True)
+    else:
+        replace_linear_with_lora(model, args.lora_rank, alpha)
+    return {"rank": args.lora_rank, "alpha": alpha}
 
 
 def steps_for(args, n_items: int, world: int, default_epochs: float | None) -> int:
@@ -151,10 +205,18 @@ def pretrain_spec(args, model, cfg, tokenizer, device):
     prompt = args.prompt or ("The function" if not args.data else "Every effort moves you")
 
     val_loader = DataLoader(val_ds, batch_size=args.batch_size, shuffle=False, collate_fn=_stack)
+    hellaswag = read_hellaswag(args.eval_hellaswag) if args.eval_hellaswag else None
+    if hellaswag is not None and cfg.vocab_size < tokenizer.n_vocab:
+        raise ValueError(f"--eval-hellaswag needs a model of GPT-2's vocabulary ({tokenizer.n_vocab} tokens); this "
+                         f"one has {cfg.vocab_size}")
 
     def evaluate(m):
         val = calc_loss_loader(val_loader, m, device, args.eval_batches)
-        return {"val_loss": val, "val_ppl": perplexity(val)}
+        metrics = {"val_loss": val, "val_ppl": perplexity(val)}
+        if hellaswag is not None:
+            scores, _ = evaluate_hellaswag(m, hellaswag, tokenizer, batch_size=args.batch_size, device=device)
+            metrics.update(hellaswag_acc=scores["acc"], hellaswag_acc_norm=scores["acc_norm"])
+        return metrics
 
     spec = TrainSpec(
         train_data=train_ds,
@@ -166,7 +228,8 @@ def pretrain_spec(args, model, cfg, tokenizer, device):
         if cfg.vocab_size >= tokenizer.n_vocab else None,  # (a model of a smaller vocabulary: no text sample)
         extra={"task": "pretrain"},
     )
-    info = f"data: {source}: {n_train:,} train / {n_val:,} val tokens, context {ctx}"
+    info = f"data: {source}: {n_train:,} train / {n_val:,} val tokens, context {ctx}" + (
+        f"; HellaSwag: {len(hellaswag)} examples of {args.eval_hellaswag}" if hellaswag is not None else "")
     return spec, info, None
 
 
@@ -182,7 +245,7 @@ def predict(args, device, tokenizer) -> str:
     cls, _ = model_class(args.backend)
     model = make_classifier(cls(GPTConfig.from_dict(ckpt["config"])), len(ckpt["extra"]["labels"]))
     try:
-        model.load_state_dict(ckpt["model"])
+        model.load_state_dict(checkpoint_state_dict(ckpt, path))  # (a LoRA run: merged into its base)
     except RuntimeError as e:
         raise ValueError(f"{path} does not fit its own config: {str(e).strip().splitlines()[-1].strip()}") from None
     model.to(device)
@@ -215,6 +278,13 @@ def _read_task_data(args):
         if not args.data:
             raise ValueError("instruct needs --data FILE.json (Alpaca-format entries)")
         return read_instructions(args.data[0])
+    if args.command == "dpo":
+        if not args.data:
+            raise ValueError("dpo needs --data FILE.json (preference entries: instruction, input, chosen, rejected)")
+        data = read_preferences(args.data[0])
+        if not args.init:
+            raise ValueError("dpo needs --init: the model to tune, also the frozen reference (e.g. an instruct run)")
+        return data
     return None
 
 
@@ -226,13 +296,30 @@ def _recipe(args, model, cfg, tokenizer, device, task_data, resume_ckpt):
         return classify_spec(args, model, cfg, tokenizer, device, task_data)
     if args.command == "instruct":
         return instruct_spec(args, model, cfg, tokenizer, device, task_data)
+    if args.command == "dpo":
+        reference = model_class(args.backend)[0].from_pretrained(args.init)  # the frozen --init model
+        fingerprint = state_dict_fingerprint(reference.state_dict())
+        if resume_ckpt is not None and resume_ckpt["extra"].get("reference_fingerprint") not in (None, fingerprint):
+            raise ValueError(f"the reference model {args.init} has changed since the DPO run in {args.out_path} "
+                             "started (its weights' fingerprint differs)")
+        if reference.cfg != cfg:
+            raise ValueError(f"the reference model {args.init} does not match the run's model config")
+        spec, info, finish = dpo_recipe(args, model, cfg, tokenizer, device, task_data, reference)
+        spec.extra["reference_fingerprint"] = fingerprint
+        return spec, info, finish
     return pretrain_spec(args, model, cfg, tokenizer, device)
 
 
-def _load_resumed(model, ckpt, path: Path) -> None:
-    """A checkpoint that does not fit the model fails now, not mid-run."""
+def _load_resumed(model, ckpt, path: Path, trainable_only: bool = False) -> None:
+    """A checkpoint that does not fit the model fails now, not mid-run (a LoRA run's: exactly the
+    trainable parameters)."""
+    if trainable_only:
+        want, have = set(trainable_state_dict(model)), set(ckpt["model"])
+        if want != have:
+            raise CheckpointError(f"{path} does not hold the run's trainable parameters: missing "
+                                  f"{sorted(want - have)[:3]}, unexpected {sorted(have - want)[:3]}")
     try:
-        model.load_state_dict(ckpt["model"])
+        model.load_state_dict(ckpt["model"], strict=not trainable_only)
     except RuntimeError as e:
         raise CheckpointError(f"{path} does not fit the model: {str(e).strip().splitlines()[-1].strip()}") from None
 
@@ -241,7 +328,8 @@ def _loop_config(args, cfg, steps: int, device) -> LoopConfig:
     """The loop's settings from the flags and their defaults (learning rate, warm-up, dtype)."""
     finetune = args.command != "pretrain"
     dtype = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
-    lr = args.lr if args.lr is not None else (5e-5 if finetune else (1e-3 if cfg.emb_dim <= 256 else 6e-4))
+    default_lr = 5e-6 if args.command == "dpo" else (5e-5 if finetune else (1e-3 if cfg.emb_dim <= 256 else 6e-4))
+    lr = args.lr if args.lr is not None else default_lr
     return LoopConfig(steps=steps, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=lr,
                       warmup=args.warmup if args.warmup is not None else max(1, steps // 20),
                       weight_decay=args.weight_decay, clip=args.clip, dtype=dtype, eval_every=args.eval_every,
@@ -277,10 +365,22 @@ def run(args) -> None:
     args, out, from_checkpoint = _run_folder(args, d)
     torch.manual_seed(args.seed)
     task_data = _read_task_data(args)
-    model, cfg, backend, resume_ckpt = build_model(args, device)
+    if args.lora_rank is not None:
+        if args.train_all:
+            raise ValueError("--train-all and --lora-rank exclude each other (LoRA trains only the adapters)")
+        model, cfg, backend, resume_ckpt, base_fingerprint = build_lora_base(args)
+    else:
+        model, cfg, backend, resume_ckpt = build_model(args, device)
     spec, info, finish = _recipe(args, model, cfg, tokenizer, device, task_data, resume_ckpt)
+    if args.lora_rank is not None:
+        lora = apply_lora(model, args)
+        spec = replace(spec, trainable_only=True, extra={**spec.extra, "lora": {
+            **lora, "base": stored_form("init", args.init), "base_fingerprint": base_fingerprint}})
+        trainable, total = count_parameters(model)
+        info += (f"\nLoRA rank {lora['rank']}, alpha {lora['alpha']:g}: {trainable:,} trainable of {total:,} "
+                 f"parameters ({100 * trainable / total:.2f}%); checkpoints hold only those")
     if resume_ckpt is not None:
-        _load_resumed(model, resume_ckpt, out / "ckpt-last.pt")
+        _load_resumed(model, resume_ckpt, out / "ckpt-last.pt", spec.trainable_only)
     steps = steps_for(args, len(spec.train_data), d.world, DEFAULT_EPOCHS.get(args.command))
     if resume_ckpt is not None and steps < resume_ckpt["step"]:  # (config.json would then claim fewer steps)
         raise ValueError(f"the run in {out} is at step {resume_ckpt['step']}, past the {steps} steps asked for; "

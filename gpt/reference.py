@@ -98,8 +98,8 @@ class GPTModel(nn.Module):
         self.out_head = nn.Linear(cfg.emb_dim, cfg.vocab_size, bias=False)
 
     def forward(self, in_idx: torch.Tensor, *, targets: torch.Tensor | None = None,
-                ignore_index: int = -100) -> torch.Tensor:
-        """Logits ``(b, T, vocab_size)``; with ``targets`` the mean token loss instead (see ``loss``)."""
+                ignore_index: int = -100, reduction: str = "mean") -> torch.Tensor:
+        """Logits ``(b, T, vocab_size)``; with ``targets`` the token loss instead (see ``loss``)."""
         batch_size, seq_len = in_idx.shape
         if seq_len > self.cfg.context_length:
             raise ValueError(f"sequence length {seq_len} exceeds context_length {self.cfg.context_length}")
@@ -111,20 +111,27 @@ class GPTModel(nn.Module):
         x = self.final_norm(x)
         logits = self.out_head(x)  # (b, T, vocab_size)
         if targets is not None:
-            return self._mean_loss(logits, targets, ignore_index)
+            return self._loss(logits, targets, ignore_index, reduction)
         return logits
 
     @staticmethod
-    def _mean_loss(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int) -> torch.Tensor:
-        """The book's ``cross_entropy`` (in fp32) over the non-ignored positions; 0 if there are none."""
+    def _loss(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int, reduction: str = "mean") -> torch.Tensor:
+        """The book's ``cross_entropy`` (in fp32) over the non-ignored positions; mean (0 if there are
+        none), sum, or per token ``(b, T)`` (0 where ignored)."""
+        if reduction not in ("mean", "sum", "none"):
+            raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
         loss = nn.functional.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(),
-                                           ignore_index=ignore_index, reduction="sum")
-        return loss / (targets != ignore_index).sum().clamp(min=1)
+                                           ignore_index=ignore_index, reduction="none" if reduction == "none" else "sum")
+        if reduction == "none":
+            return loss.view(targets.shape)
+        return loss if reduction == "sum" else loss / (targets != ignore_index).sum().clamp(min=1)
 
-    def loss(self, idx: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    def loss(self, idx: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100,
+             reduction: str = "mean") -> torch.Tensor:
         """Mean next-token cross-entropy of ``targets (b, T)`` over the positions not equal to
-        ``ignore_index``: plain ``cross_entropy`` on the logits. Same as ``model(idx, targets=targets)``."""
-        return self(idx, targets=targets, ignore_index=ignore_index)
+        ``ignore_index``: plain ``cross_entropy`` on the logits; ``reduction`` ``"sum"`` or ``"none"``
+        (``(b, T)``, 0 where ignored) as the fused model. Same as ``model(idx, targets=targets)``."""
+        return self(idx, targets=targets, ignore_index=ignore_index, reduction=reduction)
 
     @classmethod
     def from_pretrained(cls, source: str | os.PathLike, *, device=None, dtype: torch.dtype | None = None,

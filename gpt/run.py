@@ -20,7 +20,7 @@ LOCK_NAME = ".lock"
 NOT_STORED = {"given", "out_path", "out", "resume", "predict"}
 # Flags a resumed run may change; every other flag is part of the run and fixed by its first launch.
 RESUMABLE = {"steps", "epochs", "eval_every", "eval_batches", "save_every", "save_every_minutes", "device",
-             "compile", "prompt", "max_new_tokens"}
+             "compile", "prompt", "max_new_tokens", "eval_hellaswag"}
 
 
 def check_device(arg: str | None) -> None:
@@ -81,7 +81,7 @@ def stored_form(name: str, value):
     """An argument as config.json stores it: data and local --init paths absolute."""
     if name == "data" and value is not None:
         return [os.path.abspath(v) for v in value]
-    if name == "init" and value is not None and os.path.exists(value):
+    if name in ("init", "eval_hellaswag") and value is not None and os.path.exists(value):
         return os.path.abspath(value)
     return value
 

@@ -45,6 +45,21 @@ def calc_loss_batch(input_batch: torch.Tensor, target_batch: torch.Tensor, model
     return nn.functional.cross_entropy(logits.flatten(0, 1).float(), target_batch.flatten())
 
 
+def calc_token_logprobs(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
+                        ignore_index: int = -100) -> torch.Tensor:
+    """``(b, T)`` fp32 log-probability of each target token ``targets[:, t]`` given ``inputs[:, :t + 1]``,
+    0 where the target is ``ignore_index``. Models with a ``loss`` method (both GPTModels) give it as
+    ``-model(inputs, targets=..., reduction="none")``: the fused model then runs its head fused with the
+    loss (``linear_cross_entropy``), never materializing ``(b, T, V)`` logits; other models through
+    ``log_softmax`` of their logits."""
+    if _has_loss(model):
+        return -model(inputs, targets=targets, ignore_index=ignore_index, reduction="none")
+    logits = model(inputs).float()  # (b, T, V)
+    keep = targets != ignore_index
+    logp = torch.log_softmax(logits, dim=-1).gather(-1, targets.where(keep, 0).unsqueeze(-1)).squeeze(-1)
+    return logp * keep
+
+
 def _has_loss(model: nn.Module) -> bool:
     """Whether the model under any DDP (``.module``) / torch.compile (``._orig_mod``) wrappers has ``loss``."""
     for _ in range(4):
@@ -187,10 +202,12 @@ class TrainSpec:
 
     train_data: object  # a Dataset (indexable, len)
     collate: Callable[[list], tuple]
-    loss_fn: Callable[[nn.Module, tuple, torch.device], torch.Tensor]
+    loss_fn: Callable[[nn.Module, tuple, torch.device], torch.Tensor]  # or (loss, {name: value}): logged too
     evaluate: Callable[[nn.Module], dict]  # -> metrics; "val_loss" picks ckpt-best.pt
     sample: Callable[[nn.Module], str] | None = None
     extra: dict = field(default_factory=dict)  # stored in checkpoints (labels, task, ...)
+    show: tuple = ()  # names of loss_fn statistics shown on the progress bar
+    trainable_only: bool = False  # checkpoints hold only the trainable parameters (LoRA: the adapters)
 
 
 @dataclass
@@ -278,6 +295,12 @@ def plot_losses(out: Path) -> None:
         ax.plot(*zip(*val), "o-", label="validation")
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
+    hs = [(r["step"], r["hellaswag_acc_norm"]) for r in rows if r.get("hellaswag_acc_norm") is not None]
+    if hs:  # train.py pretrain --eval-hellaswag: accuracy on a second axis
+        ax2 = ax.twinx()
+        ax2.plot(*zip(*hs), "s--", color="tab:green", label="HellaSwag acc_norm")
+        ax2.set_ylabel("HellaSwag acc_norm")
+        ax2.legend(loc="upper center")
     ax.legend()
     fig.tight_layout()
     tmp = out / ".loss.png.tmp.png"
@@ -314,7 +337,7 @@ class _Loop:
     def restore(self) -> int:
         """Load ``ckpt-last.pt`` (model, optimizer, scaler, RNG states); the step to continue from."""
         ckpt = load_checkpoint(self.out / "ckpt-last.pt", self.model, optimizer=self.optimizer,
-                               map_location=self.device, restore_rng=True)
+                               map_location=self.device, restore_rng=True, only_trainable=self.spec.trainable_only)
         start, self.best_val = ckpt["step"], ckpt["extra"].get("best_val", float("inf"))
         if ckpt["extra"].get("scaler"):
             self.scaler.load_state_dict(ckpt["extra"]["scaler"])
@@ -340,7 +363,8 @@ class _Loop:
         if self.d.main:
             extra = {**self.spec.extra, "best_val": self.best_val,
                      "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None}
-            save_checkpoint(self.out / name, self.model, optimizer=optimizer, step=step, extra=extra)
+            save_checkpoint(self.out / name, self.model, optimizer=optimizer, step=step, extra=extra,
+                            only_trainable=self.spec.trainable_only)
         if name == "ckpt-last.pt":
             self.last_save = time.monotonic()
 
@@ -357,26 +381,33 @@ class _Loop:
             group["lr"] = lr
         return lr
 
-    def accumulate(self, train_model: nn.Module, step: int) -> tuple[float, int]:
+    def accumulate(self, train_model: nn.Module, step: int) -> tuple[float, int, dict]:
         """Forward and backward of the step's ``grad_accum`` micro-batches: (mean loss over the ranks,
-        input tokens of the global batch); a non-finite loss stops the run before any update."""
+        input tokens of the global batch, the mean of the statistics the loss function returned, such as
+        DPO's rewards); a non-finite loss stops the run before any update."""
         cfg, d = self.cfg, self.d
-        loss_sum, tokens = 0.0, 0
+        loss_sum, tokens, stats = 0.0, 0, {}
         for micro in range(cfg.grad_accum):
             batch = self.spec.collate([self.spec.train_data[i]
                                        for i in self.sampler.indices(step * cfg.grad_accum + micro)])
-            tokens += batch[0].numel() * d.world  # input tokens of the global micro-batch
+            tokens += _n_tokens(batch) * d.world  # input tokens of the global micro-batch
             sync = micro == cfg.grad_accum - 1 or d.world == 1
             ctx = train_model.no_sync() if not sync else contextlib.nullcontext()
             with ctx, self.amp:
-                loss = self.spec.loss_fn(train_model, batch, self.device) / cfg.grad_accum
+                loss = self.spec.loss_fn(train_model, batch, self.device)
+                if isinstance(loss, tuple):  # (loss, {name: value}): statistics logged with the step
+                    loss, micro_stats = loss
+                    for k, v in micro_stats.items():
+                        stats[k] = stats.get(k, 0.0) + float(v) / cfg.grad_accum
+                loss = loss / cfg.grad_accum
             self.scaler.scale(loss).backward()
             loss_sum += loss.item()
         loss_val = _mean_across_ranks(loss_sum, d, self.device)
+        stats = {k: round(_mean_across_ranks(v, d, self.device), 6) for k, v in stats.items()}
         if not math.isfinite(loss_val):
             raise TrainingDiverged(f"loss is {loss_val} at step {step + 1}; stopped without saving it "
                                    f"({last_good(self.out)})")
-        return loss_val, tokens
+        return loss_val, tokens, stats
 
     def apply(self, step: int, loss_val: float) -> float:
         """Clip, check and apply the accumulated gradients; the gradient norm before clipping."""
@@ -449,16 +480,17 @@ def train(model: nn.Module, spec: TrainSpec, cfg: LoopConfig, out: Path, device:
                     raise Interrupted(f"interrupted at step {step}; saved {out / 'ckpt-last.pt'}, continue with "
                                       "--resume", 128 + (stop.signum or signal.SIGINT))
                 lr = loop.set_lr(step)
-                loss_val, tokens = loop.accumulate(train_model, step)
+                loss_val, tokens, stats = loop.accumulate(train_model, step)
                 grad_norm = loop.apply(step, loss_val)
                 step += 1
                 now = time.perf_counter()
                 row = {"step": step, "train_loss": round(loss_val, 6), "lr": lr,
                        "grad_norm": round(grad_norm, 4) if math.isfinite(grad_norm) else None,
-                       "tokens_per_s": round(tokens / max(now - t_last, 1e-9), 1)}
+                       "tokens_per_s": round(tokens / max(now - t_last, 1e-9), 1), **stats}
                 t_last = now
                 bar.update(1)
-                bar.set_postfix(loss=f"{loss_val:.3f}", tok_s=f"{row['tokens_per_s']:.0f}", refresh=False)
+                bar.set_postfix(loss=f"{loss_val:.3f}", **{k: f"{v:.3g}" for k, v in stats.items() if k in spec.show},
+                                tok_s=f"{row['tokens_per_s']:.0f}", refresh=False)
                 evaluated = step % cfg.eval_every == 0 or step == cfg.steps
                 if evaluated:
                     last_eval = loop.evaluate(step, loss_val)
@@ -475,6 +507,14 @@ def train(model: nn.Module, spec: TrainSpec, cfg: LoopConfig, out: Path, device:
         if metrics is not None:
             metrics.close()
     return last_eval
+
+
+def _n_tokens(batch) -> int:
+    """Input tokens of a collated batch: a tuple's first tensor, or a dict's token-id tensors (DPO's
+    ``chosen`` and ``rejected``; boolean masks and lists not counted)."""
+    if isinstance(batch, dict):
+        return sum(v.numel() for v in batch.values() if isinstance(v, torch.Tensor) and v.dtype != torch.bool)
+    return batch[0].numel()
 
 
 def run_eval(model: nn.Module, spec: TrainSpec, amp=None) -> dict:

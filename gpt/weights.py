@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 
 from .checkpoint import load_checkpoint
 from .config import HF_MODEL_NAMES, GPTConfig
+from .lora import merge_adapters, state_dict_fingerprint
 
 # GPT-2 releases: head count for an embedding width (a bare .safetensors file has no config).
 _HEADS_BY_WIDTH = {768: 12, 1024: 16, 1280: 20, 1600: 25}
@@ -180,6 +181,26 @@ def resolve_source(source: str | os.PathLike) -> tuple[str, Path]:
                        f"({', '.join(HF_MODEL_NAMES)})")
 
 
+def checkpoint_state_dict(ckpt: dict, path: str | os.PathLike) -> dict:
+    """The full model state dict of a checkpoint of this project. A LoRA run's checkpoint holds only what
+    it trained (``extra["lora"]``: rank, alpha, its ``base`` source and that base's fingerprint): the
+    base is read (``read_pretrained``), checked against the fingerprint and the adapters merged into it
+    (``gpt.lora.merge_adapters``). A missing or changed base is a ``WeightsError``."""
+    lora = (ckpt.get("extra") or {}).get("lora")
+    if not lora:
+        return ckpt["model"]
+    base = lora.get("base")
+    try:
+        base_sd, _ = read_pretrained(base)
+    except (ValueError, OSError) as e:  # (WeightsError and CheckpointError are ValueErrors)
+        raise WeightsError(f"{path} holds LoRA adapters for the base model {base}, which cannot be loaded: "
+                           f"{' '.join(str(e).split())}") from None
+    if lora.get("base_fingerprint") and state_dict_fingerprint(base_sd) != lora["base_fingerprint"]:
+        raise WeightsError(f"{path} holds LoRA adapters for the base model {base}, whose weights have changed "
+                           "since the run (fingerprint mismatch)")
+    return merge_adapters(base_sd, ckpt["model"], float(lora["alpha"]))
+
+
 def read_pretrained(source: str | os.PathLike, **overrides) -> tuple[dict, GPTConfig]:
     """``(state_dict, config)`` of a pretrained source, with this project's names and no model built: a
     Hugging Face GPT-2 folder (config.json + model.safetensors), a bare ``.safetensors`` file, a checkpoint
@@ -191,7 +212,7 @@ def read_pretrained(source: str | os.PathLike, **overrides) -> tuple[dict, GPTCo
         if not ckpt.get("config"):
             raise WeightsError(f"{path} has no model config")
         cfg = GPTConfig.from_dict(ckpt["config"]).replace(**overrides)
-        sd = ckpt["model"]
+        sd = checkpoint_state_dict(ckpt, path)  # (a LoRA run: merged into its base)
         head = sd.get("out_head.weight")
         extra = ckpt.get("extra") or {}
         if extra.get("task") == "classify" or (head is not None and head.shape[0] != cfg.vocab_size):

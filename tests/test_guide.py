@@ -1,5 +1,5 @@
-"""docs/guide.md, executed: every ```python block runs, and every `python train.py` / `python -m gpt.generate`
-line of a ```bash block runs as a subprocess, so the guide cannot rot.
+"""docs/guide.md, executed: every ```python block runs, and every `python train.py` / `python -m gpt.generate` /
+`python -m gpt.eval` line of a ```bash block runs as a subprocess, so the guide cannot rot.
 
 Rules the guide follows (see its introduction):
 - ``## `` headings split it into sections; a section's python blocks share one namespace, in order.
@@ -39,7 +39,7 @@ pytestmark = pytest.mark.usefixtures("fallback_path")
 
 ROOT = Path(__file__).resolve().parents[1]
 GUIDE = ROOT / "docs" / "guide.md"
-RUNNABLE = (["python", "train.py"], ["python", "-m", "gpt.generate"])
+RUNNABLE = (["python", "train.py"], ["python", "-m", "gpt.generate"], ["python", "-m", "gpt.eval"])
 
 
 def commands(block: Block) -> list[list[str]]:

@@ -434,9 +434,12 @@ def test_zero_means_zero():
 
 
 @pytest.mark.parametrize("command,has,lacks", [
-    (None, ["train.py [pretrain|classify|instruct]", "--context-length", "--prompt"], ["--train-all"]),
+    (None, ["train.py [pretrain|classify|instruct|dpo]", "--context-length", "--prompt", "--eval-hellaswag"],
+     ["--train-all", "--beta"]),
     ("classify", ["usage: train.py classify", "--train-all", "--predict"], ["--mask-prompt", "--prompt PROMPT"]),
-    ("instruct", ["usage: train.py instruct", "--mask-prompt", "--max-new-tokens"], ["--train-all"]),
+    ("instruct", ["usage: train.py instruct", "--mask-prompt", "--max-new-tokens", "--lora-rank", "--lora-alpha"],
+     ["--train-all", "--beta"]),
+    ("dpo", ["usage: train.py dpo", "--beta", "--lora-rank", "frozen reference"], ["--train-all", "--mask-prompt"]),
     ("pretrain", ["usage: train.py pretrain", "--context-length"], ["--predict"]),
 ])
 def test_each_command_has_its_own_help(command, has, lacks, capsys):

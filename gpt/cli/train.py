@@ -20,11 +20,12 @@ from ..tokenizer import TokenizerError
 from ..training import TrainingDiverged
 from ..weights import WeightsError
 
-COMMANDS = ("pretrain", "classify", "instruct")
+COMMANDS = ("pretrain", "classify", "instruct", "dpo")
 COMMAND_HELP = {
     "pretrain": "Pretrain a GPT-2 on text files, folders or llm.c .bin shards (default: the embedded corpus).",
     "classify": "Finetune a classifier on a label<TAB>text file (the book's spam classifier).",
     "instruct": "Finetune on Alpaca-format instruction JSON and write the test split's responses.",
+    "dpo": "Preference-tune a model (--init, e.g. an instruct run) with DPO on chosen/rejected responses.",
 }
 # Flags a resumed run may change; every other flag is part of the run and fixed by its first launch.
 RUN_NOTES = """\
@@ -32,13 +33,17 @@ run folder: config.json (the model and the run's arguments), metrics.jsonl, ckpt
 ckpt-best.pt, loss.png and a .lock held while a process trains in it (a second run on the folder exits 2).
 --resume continues the run in --out exactly, with the arguments stored in its config.json; on --resume
 only --steps/--epochs (to extend the run), --eval-every, --eval-batches, --save-every,
---save-every-minutes, --device, --compile, --prompt and --max-new-tokens may be given with a new value;
+--save-every-minutes, --device, --compile, --prompt, --max-new-tokens, --eval-hellaswag
+may be given with a new value;
 any other flag that differs from the stored one is an error. A folder whose run crashed before its first
 checkpoint resumes from step 0 with its stored arguments.
 Ctrl-C or SIGTERM: finish the step, save ckpt-last.pt, exit 130 / 143. A non-finite loss or gradient
 norm stops the run (exit 1) before the bad step is applied; no checkpoint with non-finite weights or
 optimizer state is ever written. Bad input, a folder in use, a failed checkpoint write (disk full):
-one line on stderr, exit 2, earlier files kept."""
+one line on stderr, exit 2, earlier files kept.
+LoRA (--lora-rank, classify/instruct/dpo): only the adapters (and a classifier's new head) train and the
+checkpoints hold only them, with the --init base recorded (path and a fingerprint of its weights, checked
+on --resume); from_pretrained / python -m gpt.export on the run give the merged model."""
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -77,34 +82,39 @@ POSITIVE, NONNEG = _number(float, 0, True), _number(float, 0, False)
 def build_parser(command: str | None) -> argparse.ArgumentParser:
     """The flags of ``command`` (``None``: the top-level help, which lists the subcommands)."""
     cmd = command or "pretrain"
-    top = ("Pretrain or finetune a GPT-2: train.py [pretrain|classify|instruct] [flags]; "
+    top = ("Pretrain or finetune a GPT-2: train.py [pretrain|classify|instruct|dpo] [flags]; "
            "`train.py COMMAND --help` lists a command's flags. With no command: pretrain.")
     p = _Parser(prog="train.py" if command is None else f"train.py {command}",
                 description=top if command is None else COMMAND_HELP[command],
                 epilog=RUN_NOTES, formatter_class=_HelpFormatter)
     data_help = {"pretrain": "text files/folders, llm.c .bin shards, or a `python -m gpt.data prepare` folder "
                              "(its *train* shards, validated on its *val* shards; default: the embedded corpus)",
-                 "classify": "a label<TAB>text file", "instruct": "an Alpaca JSON file"}[cmd]
+                 "classify": "a label<TAB>text file", "instruct": "an Alpaca JSON file",
+                 "dpo": "a preference JSON file (the book's format: instruction, input, output, chosen, "
+                        "rejected; e.g. data/preference-data.json)"}[cmd]
     p.add_argument("--data", nargs="+", default=None, help=data_help)
     p.add_argument("--preset", default=None, help="tiny, gpt2-small, gpt2-medium, gpt2-large, gpt2-xl "
                                                    "(default: tiny on CPU, gpt2-small on CUDA; with --init the weights decide, "
                                                    "and a --preset given is ignored with a warning)")
     p.add_argument("--init", default=None, help="start from weights: HF folder, .safetensors, checkpoint, "
-                                                 "run folder or model name (gpt2, gpt2-medium, ...)")
+                                                 "run folder or model name (gpt2, gpt2-medium, ...)"
+                                                 + ("; required: the policy's start and the frozen reference"
+                                                    if cmd == "dpo" else ""))
     p.add_argument("--steps", type=POSITIVE_INT, default=None,
                    help="total optimizer steps of the run; on --resume, a larger value extends it"
                         + (f" (default {DEFAULT_STEPS})" if cmd == "pretrain" else ""))
     p.add_argument("--epochs", type=POSITIVE, default=None,
                    help="run length in epochs of the training split, instead of --steps"
-                        + {"pretrain": "", "classify": " (default 5)", "instruct": " (default 2)"}[cmd])
+                        + {"pretrain": "", "classify": " (default 5)", "instruct": " (default 2)",
+                           "dpo": " (default 1)"}[cmd])
     p.add_argument("--batch-size", type=POSITIVE_INT, default=8, help="examples per process per micro-batch")
     p.add_argument("--grad-accum", type=POSITIVE_INT, default=1, help="micro-batches per optimizer step")
     if cmd == "pretrain":
         p.add_argument("--context-length", type=POSITIVE_INT, default=None,
                        help="training window in tokens (default: the model's context length)")
     p.add_argument("--lr", type=POSITIVE, default=None,
-                   help="peak learning rate (default: " + ("1e-3 for tiny, 6e-4 otherwise)" if cmd == "pretrain"
-                                                           else "5e-5)"))
+                   help="peak learning rate (default: " + {"pretrain": "1e-3 for tiny, 6e-4 otherwise)",
+                                                           "dpo": "5e-6, the book's)"}.get(cmd, "5e-5)"))
     p.add_argument("--warmup", type=NONNEG_INT, default=None, help="linear warm-up steps, 0 for none "
                                                                     "(default: 5%% of the steps, at least 1)")
     p.add_argument("--weight-decay", type=NONNEG, default=0.1)
@@ -127,6 +137,17 @@ def build_parser(command: str | None) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=NONNEG_INT, default=123)
     if cmd == "pretrain":
         p.add_argument("--prompt", default=None, help="start of the sample printed at each evaluation")
+        p.add_argument("--eval-hellaswag", default=None, metavar="FILE",
+                       help="also report HellaSwag acc / acc_norm of this jsonl at each evaluation (metrics.jsonl, "
+                            "loss.png); `--eval-hellaswag` files are read whole, so pick a slice for frequent evals")
+    if cmd in ("classify", "instruct", "dpo"):
+        p.add_argument("--lora-rank", type=POSITIVE_INT, default=None,
+                       help="train LoRA adapters of this rank (the book's Appendix E) instead of the weights; "
+                            "needs --init")
+        p.add_argument("--lora-alpha", type=POSITIVE, default=None,
+                       help="LoRA scale: the update is alpha * (x @ A @ B) (default 16, the book's)")
+    if cmd == "dpo":
+        p.add_argument("--beta", type=POSITIVE, default=0.1, help="DPO temperature (the book: 0.1 to 0.5)")
     if cmd == "classify":
         p.add_argument("--train-all", action="store_true", help="train every layer, not only the last block")
         p.add_argument("--predict", default=None, metavar="TEXT", help="print the label of TEXT with --init "
@@ -139,7 +160,8 @@ def build_parser(command: str | None) -> argparse.ArgumentParser:
 
 
 OTHER_COMMANDS_FLAGS = {"context_length": None, "prompt": None, "train_all": False, "predict": None,
-                        "mask_prompt": False, "max_new_tokens": 256}
+                        "mask_prompt": False, "max_new_tokens": 256, "eval_hellaswag": None, "lora_rank": None,
+                        "lora_alpha": None, "beta": None}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -150,9 +172,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         build_parser(None).error(f"unknown command {argv[0]!r} (choose from {', '.join(COMMANDS)})")
     p = build_parser(command)
     args = p.parse_args(argv)
-    for name in ("out", "preset", "init", "device"):
-        if getattr(args, name) == "":
-            p.error(f"--{name} must not be empty")
+    for name in ("out", "preset", "init", "device", "eval_hellaswag"):
+        if getattr(args, name, None) == "":
+            p.error(f"--{name.replace('_', '-')} must not be empty")
     bare = build_parser(command)  # the same flags with no defaults: which ones the user typed
     for action in bare._actions:
         action.default = argparse.SUPPRESS

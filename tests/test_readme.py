@@ -67,6 +67,16 @@ SKIP: dict[str, str] = {
     "python -m bench --quick": "minutes on CPU; tests/test_bench.py runs the CPU smoke",
     "python -m bench.prepare": "a 16 MB throughput benchmark; tests/test_bench.py covers bench.prepare",
     "pytest bench --benchmark-only": "CPU benchmarks (timings, minutes)",
+    "python train.py instruct --data data/instruction-data.json --init gpt2-medium --lora-rank 16":
+        "downloads gpt2-medium; LoRA on instruct/classify/dpo is run by tests/test_finetune_cli.py",
+    "python train.py dpo --data data/preference-data.json --init runs/instruct --beta 0.1":
+        "needs an instruct run; DPO end to end (kill -9, SIGTERM, resume) is run by tests/test_finetune_cli.py",
+    "python train.py --preset gpt2-small --data shards/ --eval-hellaswag hellaswag_val.jsonl":
+        "a GPU-sized run on the user's shards and HellaSwag download; --eval-hellaswag is run by tests/test_finetune_cli.py",
+    "python -m gpt.eval hellaswag --init gpt2 --data hellaswag_val.jsonl --batch-size 16 --out preds.jsonl":
+        "downloads gpt2 and HellaSwag's validation set; the CLI is run by tests/test_eval.py",
+    "python -m gpt.eval hellaswag --init runs/pretrain --data data/hellaswag-sample.jsonl":
+        "the CLI on the shipped sample is run by tests/test_eval.py and docs/guide.md's test",
 }
 
 

@@ -80,7 +80,7 @@ def test_shipped_preference_file_is_built_as_documented():
     assert preferences_from_instructions(instructions, 50) == shipped
 
 
-def test_dpo_run_logs_rewards(references):  # (the margin growing: tests/test_dpo.py, on a learnable toy set)
+def test_dpo_run_logs_rewards(references):  # (the margin growing: the next test and tests/test_dpo.py)
     rows = metric_rows(references["full"])
     assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
     for r in rows:
@@ -89,6 +89,23 @@ def test_dpo_run_logs_rewards(references):  # (the margin growing: tests/test_dp
     assert rows[-1]["reward_margin"] != 0 and "val_reward_margin" in rows[-1]
     ckpt = load_checkpoint(references["full"] / "ckpt-last.pt")
     assert ckpt["extra"]["task"] == "dpo" and ckpt["extra"]["beta"] == 0.1
+
+
+def test_dpo_cli_grows_the_reward_margin_on_a_learnable_set(base, tmp_path):
+    """From the command line, on a toy set the micro model can learn (the chosen response is always "Yes.",
+    the rejected one always "No."): the logged train margin rises from 0 and the held-out margin ends
+    positive. (The shipped file's pairs are too hard for a 16-wide model to show a trend in a few steps.)"""
+    prefs = tmp_path / "toy.json"
+    prefs.write_text(json.dumps([{"instruction": f"Question {i}: is the sky up?", "input": "", "output": "Yes.",
+                                  "chosen": "Yes.", "rejected": "No."} for i in range(40)]))
+    out = tmp_path / "run"
+    assert cli("dpo", "--init", base, "--data", prefs, "--steps", 12, "--batch-size", 4, "--eval-every", 12,
+               "--eval-batches", 2, "--lr", 3e-3, "--warmup", 1, "--beta", 0.5, "--out", out) == 0
+    rows = metric_rows(out)
+    margins = [r["reward_margin"] for r in rows]
+    assert margins[0] == pytest.approx(0, abs=1e-6)  # the policy starts as the reference
+    assert margins[-1] > 0.4 and all(b > a for a, b in zip(margins, margins[1:])), margins  # rises every step
+    assert rows[-1]["train_loss"] < rows[0]["train_loss"] and rows[-1]["val_reward_margin"] > 0.3, rows[-1]
 
 
 def test_dpo_sigterm_then_resume_is_bit_exact(base, references, tmp_path, capsys):

@@ -160,3 +160,23 @@ def test_read_tsv_drops_a_byte_order_mark(tmp_path):
     path.write_bytes("\ufeffham\thello there\nspam\twin money\nham\tsee you\n".encode())
     rows = C.read_tsv(path)
     assert rows == [("ham", "hello there"), ("spam", "win money"), ("ham", "see you")]
+
+
+@pytest.mark.parametrize("reader,what", [("instruct", "instruction entries"), ("dpo", "preference entries")])
+def test_json_readers_name_each_bad_file_in_one_line(tmp_path, reader, what):
+    """Both finetuning readers (one shared JSON-list helper): missing, non-UTF-8, not JSON, not a list."""
+    from gpt.data import DataError
+    from gpt.finetune.dpo import read_preferences
+    from gpt.finetune.instruct import read_instructions
+
+    read = {"instruct": read_instructions, "dpo": read_preferences}[reader]
+    cases = [(b"\xff\xfe[1]", "is not UTF-8 text"), (b"{not json", "is not valid JSON"),
+             (b'{"a": 1}', f"non-empty JSON list of {what}"), (b"[]", f"non-empty JSON list of {what}")]
+    for raw, msg in cases:
+        path = tmp_path / "bad.json"
+        path.write_bytes(raw)
+        with pytest.raises(DataError, match=msg) as e:
+            read(path)
+        assert "\n" not in str(e.value)
+    with pytest.raises(DataError, match="data file not found"):
+        read(tmp_path / "missing.json")

@@ -18,7 +18,6 @@ progress bar; evaluation gives the same on the validation split (``val_loss`` is
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -29,7 +28,7 @@ from torch.utils.data import Dataset
 
 from ..data import DataError
 from ..training import TrainSpec, calc_token_logprobs
-from .instruct import PAD_ID, format_input, split
+from .instruct import PAD_ID, format_input, read_json_list, split
 
 FIELDS = ("instruction", "chosen", "rejected")  # required; "input" may be absent (""), "output" is unused
 
@@ -39,16 +38,7 @@ def read_preferences(path: str | os.PathLike) -> list[dict]:
     (``input`` may be empty or absent; ``output`` is not used). A missing field is a ``DataError``
     naming the entry and the field."""
     path = Path(path)
-    if not path.is_file():
-        raise DataError(f"data file not found: {path}")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path} is not valid JSON: {e.msg} at line {e.lineno}") from None
-    except UnicodeDecodeError:
-        raise DataError(f"{path} is not UTF-8 text") from None
-    if not isinstance(data, list) or not data:
-        raise DataError(f"{path} must hold a non-empty JSON list of preference entries")
+    data = read_json_list(path, "preference entries")
     for i, entry in enumerate(data):
         if not isinstance(entry, dict):
             raise DataError(f"{path}: entry {i} is not a JSON object")

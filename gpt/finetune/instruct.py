@@ -37,17 +37,25 @@ def format_response(entry: dict) -> str:
     return f"\n\n### Response:\n{entry['output']}"
 
 
-def read_instructions(path: str | os.PathLike) -> list[dict]:
-    """A JSON list of ``{"instruction", "input", "output"}`` entries (``input`` may be empty)."""
-    path = Path(path)
+def read_json_list(path: Path, what: str) -> list:
+    """The non-empty JSON list in ``path`` (UTF-8), or a ``DataError`` in one line saying what is wrong."""
     if not path.is_file():
         raise DataError(f"data file not found: {path}")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise DataError(f"{path} is not valid JSON: {e.msg} at line {e.lineno}") from None
+    except UnicodeDecodeError:
+        raise DataError(f"{path} is not UTF-8 text") from None
     if not isinstance(data, list) or not data:
-        raise DataError(f"{path} must hold a non-empty JSON list of instruction entries")
+        raise DataError(f"{path} must hold a non-empty JSON list of {what}")
+    return data
+
+
+def read_instructions(path: str | os.PathLike) -> list[dict]:
+    """A JSON list of ``{"instruction", "input", "output"}`` entries (``input`` may be empty)."""
+    path = Path(path)
+    data = read_json_list(path, "instruction entries")
     for i, entry in enumerate(data):
         if not isinstance(entry, dict) or not {"instruction", "output"} <= set(entry):
             raise DataError(f"{path}: entry {i} needs 'instruction' and 'output' keys")

@@ -359,7 +359,8 @@ def _move_into_place(tmp: Path, out: Path, tokenizer: bool) -> None:
 def save_pretrained(model: torch.nn.Module, folder: str | os.PathLike, *, labels: list[str] | None = None,
                     tokenizer: bool = True, force: bool = False) -> Path:
     """``model.save_pretrained(folder)``: the model (either class, any device/dtype) as a Hugging Face
-    GPT-2 folder. A classifier head (``num_classes`` outputs) exports as ``GPT2ForSequenceClassification``."""
+    GPT-2 folder (config.json, model.safetensors, tokenizer files, generation config) that
+    ``transformers`` and ``from_pretrained`` load. A classifier head (``num_classes`` outputs) exports as ``GPT2ForSequenceClassification``."""
     model = unwrap_model(model)
     cfg = getattr(model, "cfg", None)
     if cfg is None or not hasattr(model, "out_head"):

@@ -7,8 +7,6 @@ trf_blocks.{i}.ff.layers.{0,2}, trf_blocks.{i}.norm{1,2}.{scale,shift}, final_no
 
 from __future__ import annotations
 
-import os
-
 import torch
 from torch import nn
 
@@ -133,17 +131,6 @@ class GPTModel(nn.Module):
         (``(b, T)``, 0 where ignored) as the fused model. Same as ``model(idx, targets=targets)``."""
         return self(idx, targets=targets, ignore_index=ignore_index, reduction=reduction)
 
-    @classmethod
-    def from_pretrained(cls, source: str | os.PathLike, *, device=None, dtype: torch.dtype | None = None,
-                        **overrides):
-        """Build the model from a Hugging Face GPT-2 folder (config.json + model.safetensors), a bare
-        ``.safetensors`` file, a checkpoint of this project (file or run folder), or a model name
-        (``gpt2``, ``gpt2-medium``, ``gpt2-large``, ``gpt2-xl``; downloaded when online). ``overrides``
-        change config fields that do not affect shapes (e.g. ``drop_rate``). Returns the model in eval mode.
-        (``gpt.weights.from_pretrained``.)"""
-        return weights.from_pretrained(cls, source, device=device, dtype=dtype, **overrides)
-
-    def save_pretrained(self, folder: str | os.PathLike, **kwargs):
-        """Write the Hugging Face GPT-2 layout (config.json, model.safetensors, tokenizer files,
-        generation config) that ``transformers`` and ``from_pretrained`` load (``gpt.export.save_pretrained``)."""
-        return export.save_pretrained(self, folder, **kwargs)
+    # Weights I/O lives in functions over state dicts (gpt.weights, gpt.export); these are their methods.
+    from_pretrained = classmethod(weights.from_pretrained)
+    save_pretrained = export.save_pretrained

@@ -240,8 +240,11 @@ def read_pretrained(source: str | os.PathLike, **overrides) -> tuple[dict, GPTCo
 
 def from_pretrained(cls, source: str | os.PathLike, *, device=None, dtype: torch.dtype | None = None,
                     **overrides):
-    """``cls.from_pretrained(source)``: a ``cls`` (either GPTModel) built from ``read_pretrained(source)``,
-    moved to ``device`` / ``dtype``, in eval mode."""
+    """``GPTModel.from_pretrained(source)`` (either GPTModel, ``cls``): the model built from a Hugging Face
+    GPT-2 folder (config.json + model.safetensors), a bare ``.safetensors`` file, a checkpoint of this
+    project (file or run folder), or a model name (``gpt2``, ``gpt2-medium``, ``gpt2-large``, ``gpt2-xl``;
+    downloaded when online) — see ``read_pretrained``. ``overrides`` change config fields that do not
+    affect shapes (e.g. ``drop_rate``). Moved to ``device`` / ``dtype``; returned in eval mode."""
     sd, cfg = read_pretrained(source, **overrides)
     model = cls(cfg)
     load_state_dict_checked(model, sd)

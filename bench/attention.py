@@ -39,7 +39,15 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from bench.common import DTYPE_NAMES, bench, env_info, make_row, measure_ceilings, ratio, save_results
+from bench.common import (
+    DTYPE_NAMES,
+    bench,
+    cli_finish,
+    cli_start,
+    make_row,
+    measure_ceilings,
+    ratio,
+)
 
 SDPA_BACKENDS = {  # our provider name -> torch.nn.attention.SDPBackend member
     "sdpa_flash": "FLASH_ATTENTION",
@@ -371,8 +379,6 @@ def run(quick: bool = False, *, device: str | None = None, ceilings: dict | None
 
 
 def main(argv=None) -> int:
-    from bench.report import print_rows
-
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer shapes (head_dim 64; T 1k, 4k, 16k)")
     parser.add_argument("--no-decode", action="store_true", help="skip the decode benchmark")
@@ -383,27 +389,16 @@ def main(argv=None) -> int:
     parser.add_argument("--no-save", action="store_true", help="do not write bench/results/*.json")
     args = parser.parse_args(argv)
 
-    cuda = torch.cuda.is_available()
-    device = "cuda" if cuda else "cpu"
-    if not cuda:
-        print("NOTE: no CUDA device: a CPU smoke test with tiny fp32 shapes. Ours runs the PyTorch "
-              "fallback (or the Triton interpreter when TRITON_INTERPRET=1); the CUDA-only SDPA backends "
-              "are skipped. These timings are not performance results.\n")
-    ceilings = measure_ceilings(device, quick=args.quick)
-    env = env_info(device)
-    print(f"device: {env.get('device')} | torch {env['torch']} | triton {env['triton']} | "
-          f"matmul {ceilings['matmul_tflops']:.1f} TFLOP/s | copy {ceilings['copy_gbs']:.1f} GB/s\n")
+    device, ceilings, env = cli_start(args.quick, "a CPU smoke test with tiny fp32 shapes. Ours runs the PyTorch "
+                                      "fallback (or the Triton interpreter when TRITON_INTERPRET=1); the CUDA-only "
+                                      "SDPA backends are skipped. These timings are not performance results.")
     rows = run(args.quick, device=device, ceilings=ceilings, decode=not args.no_decode,
                train_shapes=not args.no_train_shapes, use_compile=False if args.no_compile else None,
                variants=not args.no_variants)
-    print_rows(rows)
-    print("\nvs X: speed-up of ours over X (> 1: ours is faster); sdpa_best = the fastest SDPA backend "
-          "that ran. TFLOP/s with the causal FLOP count; % ceiling is over the measured bf16 matmul "
-          "(attention) or copy bandwidth (decode).")
-    if cuda and not args.no_save:
-        path = save_results("attention", {"env": env, "ceilings": ceilings, "rows": rows})
-        print(f"saved {path}")
-    return 0
+    return cli_finish("attention", rows, device=device, env=env, ceilings=ceilings, save=not args.no_save,
+                      legend="vs X: speed-up of ours over X (> 1: ours is faster); sdpa_best = the fastest SDPA "
+                      "backend that ran. TFLOP/s with the causal FLOP count; % ceiling is over the measured bf16 "
+                      "matmul (attention) or copy bandwidth (decode).")
 
 
 if __name__ == "__main__":

@@ -221,26 +221,17 @@ def run(quick: bool = False, *, device: str | None = None, ceilings: dict | None
 
 
 def main(argv=None) -> int:
-    from bench.common import env_info, save_results
-    from bench.report import print_rows
+    from bench.common import cli_finish, cli_start
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="GQA at T = 4k only")
     parser.add_argument("--no-save", action="store_true", help="do not write bench/results/*.json")
     args = parser.parse_args(argv)
-    cuda = torch.cuda.is_available()
-    device = "cuda" if cuda else "cpu"
-    if not cuda:
-        print("NOTE: no CUDA device: a CPU smoke test with tiny fp32 shapes; not performance results.\n")
-    ceilings = measure_ceilings(device, quick=args.quick)
+    device, ceilings, env = cli_start(args.quick, "a CPU smoke test with tiny fp32 shapes; not performance results.")
     rows = run(args.quick, device=device, ceilings=ceilings)
-    print_rows(rows)
-    print("\nvs X: speed-up of ours over X (> 1: ours is faster). dense = our kernel without the variant "
-          "(k/v repeated; documents or window ignored). TFLOP/s over the visible (query, key) pairs.")
-    if cuda and not args.no_save:
-        path = save_results("attention_variants", {"env": env_info(device), "ceilings": ceilings, "rows": rows})
-        print(f"saved {path}")
-    return 0
+    return cli_finish("attention_variants", rows, device=device, env=env, ceilings=ceilings, save=not args.no_save,
+                      legend="vs X: speed-up of ours over X (> 1: ours is faster). dense = our kernel without the "
+                      "variant (k/v repeated; documents or window ignored). TFLOP/s over the visible (query, key) pairs.")
 
 
 if __name__ == "__main__":

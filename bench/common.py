@@ -182,6 +182,34 @@ def measure_ceilings(device: torch.device | str = "cuda", *, quick: bool = False
             "matmul_tflops": matmul_tflops(n=1024, dtype=torch.float32, device="cpu")}
 
 
+def cli_start(quick: bool, cpu_note: str, device: torch.device | str | None = None) -> tuple[str, dict, dict]:
+    """A standalone benchmark's start: the device (CUDA when available), on CPU a NOTE that the numbers are
+    a smoke test, the ceilings measured in this run and the environment line. ``(device, ceilings, env)``."""
+    device = str(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if torch.device(device).type != "cuda":
+        print(f"NOTE: no CUDA device: {cpu_note}\n")
+    ceilings = measure_ceilings(device, quick=quick)
+    env = env_info(device)
+    line = " | ".join(f"{k} {v:.1f} {u}" for k, u in (("copy", "GB/s"), ("matmul", "TFLOP/s"))
+                      for v in [ceilings.get(f"{k}_gbs" if k == "copy" else f"{k}_tflops")] if v is not None)
+    print(f"device: {env.get('device')} | torch {env['torch']} | triton {env['triton']} | {line}\n")
+    return device, ceilings, env
+
+
+def cli_finish(name: str, rows: list[dict], *, device: str, env: dict, ceilings: dict, legend: str = "",
+               save: bool = True) -> int:
+    """A standalone benchmark's end: the rows as a table, the legend, and on CUDA (unless ``save`` is off)
+    ``bench/results/<date>-<name>-<device>.json``. Returns the exit code 0."""
+    from bench.report import print_rows  # report draws plots: imported only when a table is printed
+
+    print_rows(rows)
+    if legend:
+        print("\n" + legend)
+    if torch.device(device).type == "cuda" and save:
+        print(f"saved {save_results(name, {'env': env, 'ceilings': ceilings, 'rows': rows})}")
+    return 0
+
+
 def device_slug(env: dict) -> str:
     """``"NVIDIA H100 80GB HBM3"`` -> ``"nvidia-h100-80gb-hbm3"``; CPU runs are ``cpu-<arch>``."""
     name = str(env.get("device", "unknown"))

@@ -24,7 +24,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bench.common import bench, env_info, make_row, measure_ceilings, ratio, save_results
+from bench.common import (
+    bench,
+    cli_finish,
+    cli_start,
+    make_row,
+    measure_ceilings,
+    ratio,
+)
 from kernels import add_layer_norm, gelu, layer_norm
 from kernels.reference import add_layer_norm_ref, gelu_ref, layer_norm_ref
 
@@ -229,8 +236,6 @@ def run(quick: bool = False, *, device: str | None = None, ceilings: dict | None
 
 
 def main(argv=None) -> int:
-    from bench.report import print_rows
-
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="widths 768 and 1600, bf16 only")
     parser.add_argument("--rows", type=int, default=None, help="rows (batch * tokens); default 8*1024")
@@ -242,26 +247,15 @@ def main(argv=None) -> int:
     parser.add_argument("--no-save", action="store_true", help="do not write bench/results/*.json")
     args = parser.parse_args(argv)
 
-    cuda = torch.cuda.is_available()
-    device = "cuda" if cuda else "cpu"
-    if not cuda:
-        print("NOTE: no CUDA device: a CPU smoke test with tiny shapes; ours runs the Triton interpreter "
-              "(TRITON_INTERPRET=1) or the PyTorch fallback. Timings mean nothing for the GPU targets.\n")
-    ceilings = measure_ceilings(device, quick=args.quick)
-    env = env_info(device)
-    print(f"device: {env.get('device')} | torch {env['torch']} | triton {env['triton']} | "
-          f"copy bandwidth {ceilings['copy_gbs']:.1f} GB/s\n")
+    device, ceilings, env = cli_start(args.quick, "a CPU smoke test with tiny shapes; ours runs the Triton "
+                                      "interpreter (TRITON_INTERPRET=1) or the PyTorch fallback. Timings mean nothing "
+                                      "for the GPU targets.")
     results = run(args.quick, device=device, ceilings=ceilings,
                   use_compile=False if args.no_compile else None, rows=args.rows, widths=args.widths,
                   dtypes=args.dtypes, ops=args.ops)
-    print_rows(results)
-    print("\nvs X: speed-up of ours over provider X for the same pass (> 1 is faster); % ceiling is "
-          "ours' GB/s over the measured copy bandwidth.")
-
-    if cuda and not args.no_save:
-        path = save_results("layernorm_gelu", {"env": env, "ceilings": ceilings, "rows": results})
-        print(f"saved {path}")
-    return 0
+    return cli_finish("layernorm_gelu", results, device=device, env=env, ceilings=ceilings, save=not args.no_save,
+                      legend="vs X: speed-up of ours over provider X for the same pass (> 1 is faster); % ceiling "
+                      "is ours' GB/s over the measured copy bandwidth.")
 
 
 if __name__ == "__main__":

@@ -32,7 +32,14 @@ import copy
 import torch
 import torch.nn.functional as F
 
-from bench.common import env_info, make_row, measure_ceilings, ratio, save_results, time_calls
+from bench.common import (
+    cli_finish,
+    cli_start,
+    make_row,
+    measure_ceilings,
+    ratio,
+    time_calls,
+)
 from bench.layernorm_gelu import _as_tuple, _time_passes
 from bench.loss import _peak_mib
 from kernels import add_rms_norm, apply_rotary, linear_cross_entropy, rms_norm, swiglu
@@ -223,24 +230,15 @@ def run(quick: bool = False, *, device: str | None = None, ceilings: dict | None
 
 
 def main(argv=None) -> int:
-    from bench.report import print_rows
-
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="one width per kernel, smaller batches")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile baselines")
     parser.add_argument("--no-save", action="store_true", help="do not write bench/results/*.json")
     args = parser.parse_args(argv)
-    cuda = torch.cuda.is_available()
-    device = "cuda" if cuda else "cpu"
-    if not cuda:
-        print("NOTE: no CUDA device: a CPU smoke test with tiny shapes; timings mean nothing for the GPU targets.\n")
-    ceilings = measure_ceilings(device, quick=args.quick)
-    env = env_info(device)
+    device, ceilings, env = cli_start(args.quick, "a CPU smoke test with tiny shapes; timings mean nothing for the "
+                                      "GPU targets.")
     rows = run(args.quick, device=device, ceilings=ceilings, use_compile=False if args.no_compile else None)
-    print_rows(rows)
-    if cuda and not args.no_save:
-        print(f"saved {save_results('llama_layers', {'env': env, 'ceilings': ceilings, 'rows': rows})}")
-    return 0
+    return cli_finish("llama_layers", rows, device=device, env=env, ceilings=ceilings, save=not args.no_save)
 
 
 if __name__ == "__main__":

@@ -31,7 +31,16 @@ import argparse
 import torch
 import torch.nn.functional as F
 
-from bench.common import DTYPE_NAMES, env_info, make_row, measure_ceilings, ratio, save_results, time_calls
+from bench.common import (
+    DTYPE_NAMES,
+    cli_finish,
+    cli_start,
+    env_info,
+    make_row,
+    measure_ceilings,
+    ratio,
+    time_calls,
+)
 
 # Datasheet dense bf16 peaks (TFLOP/s) for the MFU column; matched on the device name.
 PEAK_BF16_TFLOPS = [("H100 PCIe", 756.0), ("H100", 989.4), ("H200", 989.4), ("GH200", 989.4),
@@ -254,8 +263,6 @@ def run_generate(quick: bool = False, *, device=None, ceilings: dict | None = No
 
 
 def main(argv=None) -> int:
-    from bench.report import print_rows
-
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true")
     p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
@@ -264,26 +271,16 @@ def main(argv=None) -> int:
     p.add_argument("--no-save", action="store_true", help="do not write bench/results/*.json")
     args = p.parse_args(argv)
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    cuda = device.type == "cuda"
-    if not cuda:
-        print("NOTE: no CUDA device: a tiny CPU smoke run of the fallback path (the 'tiny' preset), "
-              "not a performance result.\n")
-    ceilings = measure_ceilings(device, quick=args.quick)
-    env = env_info(device)
-    print(f"device: {env.get('device')} | torch {env['torch']} | triton {env['triton']}\n")
+    device, ceilings, env = cli_start(args.quick, "a tiny CPU smoke run of the fallback path (the 'tiny' preset), "
+                                      "not a performance result.", device=args.device)
     rows = []
     if args.only in (None, "train"):
         rows += run_train(args.quick, device=device, ceilings=ceilings,
                           use_compile=False if args.no_compile else None)
     if args.only in (None, "generate"):
         rows += run_generate(args.quick, device=device, ceilings=ceilings)
-    print_rows(rows)
-    print("\nvs X: ours' tokens/s over X's (> 1: ours is faster).")
-    if cuda and not args.no_save:
-        path = save_results("model", {"env": env, "ceilings": ceilings, "rows": rows})
-        print(f"saved {path}")
-    return 0
+    return cli_finish("model", rows, device=device, env=env, ceilings=ceilings, save=not args.no_save,
+                      legend="vs X: ours' tokens/s over X's (> 1: ours is faster).")
 
 
 if __name__ == "__main__":

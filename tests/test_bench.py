@@ -78,3 +78,44 @@ def test_cpu_train_help_and_bad_arguments(capsys, argv, code, text):
     assert text in out and "Traceback" not in out
     if code:
         assert len(captured.err.strip().splitlines()) == 1
+
+
+ROW = {"group": "g", "bench": "b", "name": "ours-row", "shape": "s", "dtype": "fp32", "unit": "ms", "ours": 1.0,
+       "baselines": {}, "speedup": {}}
+
+
+@pytest.mark.parametrize("module,runners,legend", [
+    ("bench.attention", ["run"], "sdpa_best"),
+    ("bench.attention_variants", ["run"], "dense = our kernel"),
+    ("bench.layernorm_gelu", ["run"], "copy bandwidth"),
+    ("bench.llama_layers", ["run"], None),
+    ("bench.model", ["run_train", "run_generate"], "tokens/s"),
+])
+def test_standalone_mains_share_one_start_and_finish(module, runners, legend, monkeypatch, capsys):
+    """Each ``python -m bench.<name>`` runs through bench.common's cli_start/cli_finish: the CPU note, the
+    ceilings line, every row its runners return, the legend; nothing saved off CUDA."""
+    import importlib
+
+    import bench.common as common
+
+    mod = importlib.import_module(module)
+    monkeypatch.setattr(common, "measure_ceilings", lambda device, quick=False: {"copy_gbs": 1.5, "matmul_tflops": 2.5})
+    monkeypatch.setattr(common, "save_results", lambda *a: pytest.fail("saved without CUDA"))
+    for name in runners:
+        monkeypatch.setattr(mod, name, lambda *a, _n=name, **k: [{**ROW, "name": f"row-{_n}"}])
+    assert mod.main(["--quick"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("NOTE: no CUDA device: ") and "copy 1.5 GB/s | matmul 2.5 TFLOP/s" in out
+    assert all(f"row-{n}" in out for n in runners)
+    assert legend is None or legend in out
+
+
+def test_cli_finish_saves_on_cuda(monkeypatch, capsys):
+    import bench.common as common
+
+    saved = []
+    monkeypatch.setattr(common, "save_results", lambda name, payload: saved.append((name, payload)) or "x.json")
+    assert common.cli_finish("attention", [ROW], device="cuda", env={"device": "d"}, ceilings={}) == 0
+    assert common.cli_finish("attention", [ROW], device="cuda:1", env={}, ceilings={}, save=False) == 0
+    assert [n for n, _ in saved] == ["attention"] and saved[0][1]["rows"] == [ROW]
+    assert "saved x.json" in capsys.readouterr().out

@@ -140,26 +140,25 @@ def evaluate_hellaswag(model: nn.Module, examples: list[dict], tokenizer, *, bat
     model.eval()
     preds: list[dict] = []
     try:
-        bar = tqdm(total=len(examples), desc=desc, disable=not progress, file=sys.stderr, dynamic_ncols=True,
-                   mininterval=1.0)
-        for start in range(0, len(examples), batch_size):
-            rendered = [render_example(e, tokenizer, ctx_len) for e in examples[start:start + batch_size]]
-            width = max(t.shape[1] for t, _, _ in rendered)
-            tokens = torch.zeros((len(rendered) * N_ENDINGS, width), dtype=torch.long)
-            mask = torch.zeros_like(tokens)
-            for j, (t, m, _) in enumerate(rendered):
-                tokens[j * N_ENDINGS:(j + 1) * N_ENDINGS, :t.shape[1]] = t
-                mask[j * N_ENDINGS:(j + 1) * N_ENDINGS, :m.shape[1]] = m
-            total, mean = score_endings(model, tokens.to(device), mask.to(device))
-            total, mean = total.view(-1, N_ENDINGS).cpu(), mean.view(-1, N_ENDINGS).cpu()
-            for j, (_, _, label) in enumerate(rendered):
-                preds.append({"index": start + j, "label": label, "pred": int(total[j].argmax()),
-                              "pred_norm": int(mean[j].argmax()), "sum_logprob": total[j].tolist(),
-                              "mean_logprob": mean[j].tolist()})
-            bar.update(len(rendered))
-            n = len(preds)
-            bar.set_postfix(acc_norm=f"{sum(p['pred_norm'] == p['label'] for p in preds) / n:.4f}", refresh=False)
-        bar.close()
+        with tqdm(total=len(examples), desc=desc, disable=not progress, file=sys.stderr, dynamic_ncols=True,
+                  mininterval=1.0) as bar:  # closed on an exception too (before the caller's message)
+            for start in range(0, len(examples), batch_size):
+                rendered = [render_example(e, tokenizer, ctx_len) for e in examples[start:start + batch_size]]
+                width = max(t.shape[1] for t, _, _ in rendered)
+                tokens = torch.zeros((len(rendered) * N_ENDINGS, width), dtype=torch.long)
+                mask = torch.zeros_like(tokens)
+                for j, (t, m, _) in enumerate(rendered):
+                    tokens[j * N_ENDINGS:(j + 1) * N_ENDINGS, :t.shape[1]] = t
+                    mask[j * N_ENDINGS:(j + 1) * N_ENDINGS, :m.shape[1]] = m
+                total, mean = score_endings(model, tokens.to(device), mask.to(device))
+                total, mean = total.view(-1, N_ENDINGS).cpu(), mean.view(-1, N_ENDINGS).cpu()
+                for j, (_, _, label) in enumerate(rendered):
+                    preds.append({"index": start + j, "label": label, "pred": int(total[j].argmax()),
+                                  "pred_norm": int(mean[j].argmax()), "sum_logprob": total[j].tolist(),
+                                  "mean_logprob": mean[j].tolist()})
+                bar.update(len(rendered))
+                n = len(preds)
+                bar.set_postfix(acc_norm=f"{sum(p['pred_norm'] == p['label'] for p in preds) / n:.4f}", refresh=False)
     finally:
         model.train(was_training)
     n = len(preds)

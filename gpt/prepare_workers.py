@@ -42,14 +42,6 @@ class WorkerError(RuntimeError):
     """A tokenizer worker failed or was killed (not bad input): the run stops, nothing written."""
 
 
-class _Terminated(KeyboardInterrupt):
-    """SIGTERM: the run stops as on Ctrl-C (.partial/ removed, the old output kept), exit 143."""
-
-
-def _sigterm(signum, frame):
-    raise _Terminated
-
-
 _STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
 _CAN_MASK = hasattr(signal, "pthread_sigmask")
 _JOIN_S = 0.5  # the most a shutdown waits for workers to end by themselves before SIGKILL

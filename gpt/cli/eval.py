@@ -3,7 +3,8 @@ the flags and the exit codes.
 
 The work is ``gpt.eval.read_hellaswag`` + ``gpt.eval.evaluate_hellaswag``; the summary
 ``{"acc", "acc_norm", "n"}`` is printed as one JSON line; errors are one ``error:`` line on stderr and
-exit 2 (a malformed data line names its number).
+exit 2 (a malformed data line names its number); Ctrl-C exits 130 and SIGTERM 143 with one line, the
+``--out`` files not written (they are written whole at the end).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from ..recipes import model_class
 from ..run import check_device
 from ..tokenizer import TokenizerError, get_tokenizer
 from ..weights import WeightsError
+from .stopping import exit_code, sigterm_raises
 
 
 class _Parser(argparse.ArgumentParser):
@@ -60,24 +62,28 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """``python -m gpt.eval``'s exit code for ``argv`` (default ``sys.argv[1:]``)."""
     args = build_parser().parse_args(argv)
-    try:
-        out = Path(args.out) if args.out is not None else None
-        if out is not None and out.is_dir():
-            raise ValueError(f"--out {out} is a folder; give a file name such as preds.jsonl")
-        if out is not None and not out.parent.is_dir():
-            raise ValueError(f"--out {out}: the folder {out.parent} does not exist")
-        check_device(args.device)
-        examples = read_hellaswag(args.data, args.limit)  # bad data fails before the model loads
-        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        cls, _ = model_class(args.backend)
-        model = cls.from_pretrained(args.init, device=device)
-        summary, preds = evaluate_hellaswag(model, examples, get_tokenizer(), batch_size=args.batch_size,
-                                            device=device, progress=True)
-        if out is not None:
-            write_predictions(out, preds, summary)
-    except (ValueError, OSError, CheckpointError, WeightsError, TokenizerError) as e:
-        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
-        return 2
+    with sigterm_raises():  # SIGTERM stops as Ctrl-C does: nothing written, exit 143
+        try:
+            out = Path(args.out) if args.out is not None else None
+            if out is not None and out.is_dir():
+                raise ValueError(f"--out {out} is a folder; give a file name such as preds.jsonl")
+            if out is not None and not out.parent.is_dir():
+                raise ValueError(f"--out {out}: the folder {out.parent} does not exist")
+            check_device(args.device)
+            examples = read_hellaswag(args.data, args.limit)  # bad data fails before the model loads
+            device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+            cls, _ = model_class(args.backend)
+            model = cls.from_pretrained(args.init, device=device)
+            summary, preds = evaluate_hellaswag(model, examples, get_tokenizer(), batch_size=args.batch_size,
+                                                device=device, progress=True)
+            if out is not None:
+                write_predictions(out, preds, summary)
+        except (ValueError, OSError, CheckpointError, WeightsError, TokenizerError) as e:
+            print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt as e:
+            print("interrupted: nothing written", file=sys.stderr)
+            return exit_code(e)
     print(json.dumps(summary))
     return 0
 

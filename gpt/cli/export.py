@@ -10,6 +10,7 @@ import argparse
 import sys
 
 from ..export import check_target, export_state_dict, load_source
+from .stopping import exit_code, sigterm_raises
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -24,15 +25,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--force", action="store_true", help="replace an earlier export in OUT_DIR")
     parser.add_argument("--no-tokenizer", action="store_true", help="leave out the tokenizer files")
     args = parser.parse_args(argv)
-    try:
-        check_target(args.out_dir, args.force)  # before loading a large model
-        sd, cfg, labels = load_source(args.source)
-        out = export_state_dict(sd, cfg, args.out_dir, labels=labels, tokenizer=not args.no_tokenizer,
-                                force=args.force)
-    except (ValueError, OSError, RuntimeError) as e:
-        msg = " ".join(str(e).split()) or type(e).__name__
-        print(f"error: {msg}", file=sys.stderr)
-        return 2
+    with sigterm_raises():  # SIGTERM stops as Ctrl-C does: the staging folder removed, exit 143
+        try:
+            check_target(args.out_dir, args.force)  # before loading a large model
+            sd, cfg, labels = load_source(args.source)
+            out = export_state_dict(sd, cfg, args.out_dir, labels=labels, tokenizer=not args.no_tokenizer,
+                                    force=args.force)
+        except (ValueError, OSError, RuntimeError) as e:
+            msg = " ".join(str(e).split()) or type(e).__name__
+            print(f"error: {msg}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt as e:
+            print(f"interrupted: {args.out_dir} not written", file=sys.stderr)
+            return exit_code(e)
     n_out = sd["out_head.weight"].shape[0]
     kind = "GPT2LMHeadModel" if n_out == cfg.vocab_size else f"GPT2ForSequenceClassification, {n_out} labels"
     print(f"wrote {out} ({kind}, {cfg.n_layers} layers, width {cfg.emb_dim}): load it with "

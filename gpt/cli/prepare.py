@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import sys
-import threading
 
 from ..data import DataError
 from ..prepare import __doc__ as PREPARE_DOC
 from ..prepare import prepare, skipped_note
-from ..prepare_workers import WorkerError, _sigterm, _Terminated  # (SIGTERM -> KeyboardInterrupt, exit 143)
+from ..prepare_workers import WorkerError
+from .stopping import exit_code, sigterm_raises
 
 
 def _usable_cpus() -> int:
@@ -56,24 +55,20 @@ def main(argv=None) -> int:
         print(f"{USAGE}\n(see python -m gpt.data --help, python -m gpt.data prepare --help)", file=sys.stderr)
         return 2
     args = parse_args(argv[1:])
-    on_main = threading.current_thread() is threading.main_thread()  # (signal handlers live there)
-    old_handler = signal.signal(signal.SIGTERM, _sigterm) if on_main else None
-    try:
-        m = prepare(args.inputs, args.out, val_tokens=args.val_tokens, shard_tokens=args.shard_tokens,
-                    workers=args.workers, text_field=args.text_field, prefix=args.prefix,
-                    overwrite=args.overwrite, progress=False if args.quiet else None)
-    except (DataError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except WorkerError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt as e:
-        print("interrupted: nothing written", file=sys.stderr)
-        return 143 if isinstance(e, _Terminated) else 130
-    finally:
-        if on_main:
-            signal.signal(signal.SIGTERM, old_handler if old_handler is not None else signal.SIG_DFL)
+    with sigterm_raises():  # SIGTERM stops the run as Ctrl-C does (exit 143)
+        try:
+            m = prepare(args.inputs, args.out, val_tokens=args.val_tokens, shard_tokens=args.shard_tokens,
+                        workers=args.workers, text_field=args.text_field, prefix=args.prefix,
+                        overwrite=args.overwrite, progress=False if args.quiet else None)
+        except (DataError, ValueError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        except WorkerError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt as e:
+            print("interrupted: nothing written", file=sys.stderr)
+            return exit_code(e)
     mb = m["bytes"] / 1e6
     other = f", {skipped_note(m['skipped_files'])} skipped by suffix" if m["skipped_files"] else ""
     print(f"{m['documents']:,} documents ({m['skipped_empty_documents']:,} empty skipped) from {m['files']} "

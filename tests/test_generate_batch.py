@@ -120,15 +120,15 @@ def test_each_prompt_prefilled_once_then_batched_decode(fallback_path, monkeypat
     """Inside the context each prompt is prefilled exactly once (the ones entering together in one
     packed call) and then decoded with the others."""
     fused, _ = _models()
+    prompts = _prompts([4, 9, 2])
+    want = _singles(fused, prompts, 5)
     prefills, decodes = [], []
     real_prefill, real_decode = Decoder.prefill_rows, Decoder.decode
     monkeypatch.setattr(Decoder, "prefill_rows", lambda self, seqs, rows, starts=None:
                         prefills.append([len(s) for s in seqs]) or real_prefill(self, seqs, rows, starts))
     monkeypatch.setattr(Decoder, "decode", lambda self, t, p: decodes.append(p.view(-1).tolist())
                         or real_decode(self, t, p))
-    prompts = _prompts([4, 9, 2])
-    out = generate_batch(fused, prompts, 5, batch_size=3)
-    assert out == _singles(fused, prompts, 5)
+    assert generate_batch(fused, prompts, 5, batch_size=3) == want
     assert prefills == [[4, 9, 2]]
     assert decodes == [[4 + i, 9 + i, 2 + i] for i in range(4)]  # every row at its own position
 

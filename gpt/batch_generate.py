@@ -4,10 +4,11 @@
 lengths, in prompt order). ``batch_size`` slots run together. When a row stops (at ``eos_id``, which is
 not returned, or after ``max_new_tokens``), the next waiting prompt takes its slot.
 
-Fused model (``supports_kv_cache``): the slots share one static ``KVCache (B, H, L, D)``. A prompt that
-enters a slot is prefilled alone into that slot's rows (batch 1, flash attention, positions 0..T-1,
-exactly ``generate``'s prefill). Then every step decodes all slots together: one token per row at its
-own position, ``decode_attention`` over its own ``cache_seqlens``; padding never enters attention. The
+Fused model (``supports_kv_cache``): the slots share one ``gpt.decoder.Decoder`` (a static
+``KVCache (B, H, L, D)``). The prompts that enter slots in a step are prefilled together into their
+slots' rows in one packed model call (``flash_attention_varlen``, positions 0..T-1 of each, the logits
+of ``generate``'s prefill). Then every step decodes all slots together: one token per row at its own
+position, ``decode_attention`` over its own ``cache_seqlens``; padding never enters attention. The
 decode step has static shapes (token, positions ``(B, 1)``, per-row lengths computed on the device), so
 on CUDA it is replayed from a CUDA graph. Slots with nothing to decode this step (empty, or prefilled
 this step) decode a dummy token at position 0 before their prefill overwrites it.
@@ -29,24 +30,14 @@ reproducible for the same model (weights, dtype, device, kernel path), prompts (
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Iterator, Sequence
 from numbers import Integral
 
 import torch
 from torch import nn
 
-from .generate import (
-    _GraphedDecode,
-    _logits,
-    check_sampling,
-    context_length_of,
-    decode_rows,
-    prefill,
-    sample_next_token,
-    supports_kv_cache,
-)
-from .kv_cache import KVCache
+from .decoder import Decoder
+from .generate import _logits, check_sampling, context_length_of, sample_next_token, supports_kv_cache
 
 #: Slots when ``batch_size`` is None (fewer when there are fewer prompts).
 DEFAULT_BATCH_SIZE = 32
@@ -87,53 +78,6 @@ def _as_token_lists(prompts, vocab: int | None) -> list[list[int]]:
             raise ValueError(f"prompts[{i}] holds token id {lo if lo < 0 else hi} outside [0, {vocab})")
         out.append(ids)
     return out
-
-
-class _CachedLogits:
-    """Next-token logits of the slots on the fused model's KV cache (see the module docstring)."""
-
-    def __init__(self, model: nn.Module, batch_size: int, max_len: int, cuda_graph: bool, strict: bool):
-        self.model, self.ctx, self.B = model, model.cfg.context_length, batch_size
-        self.cache = KVCache.for_model(model, batch_size, max_len)
-        self.device = self.cache.k[0].device
-        self.cuda_graph, self.strict = cuda_graph, strict
-        self.graphed: _GraphedDecode | None = None
-
-    def _decode(self, token: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        if self.cuda_graph and self.graphed is None:
-            try:
-                self.graphed = _GraphedDecode(self.model, self.cache, token, positions, step=decode_rows)
-            except RuntimeError as e:  # capture failed: asked for explicitly -> raise; automatic -> eager
-                if self.strict:
-                    raise
-                warnings.warn(f"CUDA graph capture of the decode step failed ({e}); decoding eagerly",
-                              RuntimeWarning, stacklevel=4)
-                self.cuda_graph = False
-        if self.cuda_graph:
-            return self.graphed(token, positions).clone()  # the graph's output buffer is reused
-        return decode_rows(self.model, token, self.cache, positions)
-
-    def __call__(self, seqs: list[list[int] | None], fresh: list[bool]) -> torch.Tensor:
-        decode = [s is not None and not f and len(s) <= self.ctx for s, f in zip(seqs, fresh)]
-        logits = None
-        if any(decode):
-            tok = [s[-1] if d else 0 for s, d in zip(seqs, decode)]
-            pos = [len(s) - 1 if d else 0 for s, d in zip(seqs, decode)]  # dummy rows: position 0
-            token = torch.tensor(tok, device=self.device).view(self.B, 1)  # (B, 1)
-            positions = torch.tensor(pos, device=self.device).view(self.B, 1)  # (B, 1)
-            logits = self._decode(token, positions)  # (B, V)
-        for b, (s, d) in enumerate(zip(seqs, decode)):
-            if s is None or d:
-                continue
-            window = torch.tensor(s[-self.ctx:], device=self.device).view(1, -1)  # (1, <=ctx)
-            row = prefill(self.model, window, self.cache.rows(b, b + 1))  # (1, V)
-            if logits is None:
-                logits = row.new_zeros(self.B, row.shape[-1])
-            logits[b] = row[0]
-        for b, s in enumerate(seqs):
-            if s is None:
-                logits[b] = 0  # empty slot: sampled but never used
-        return logits
 
 
 class _RecomputedLogits:
@@ -195,7 +139,7 @@ def _iter_batch(model, prompts, max_new_tokens, B, device, temperature, top_k, t
             ctx = model.cfg.context_length
             max_len = min(ctx, max(len(p) for p in prompts) + max_new_tokens)  # longest position + 1
             graph = device.type == "cuda" if cuda_graph is None else cuda_graph
-            next_logits = _CachedLogits(model, B, max_len, graph, strict=cuda_graph is not None)
+            next_logits = Decoder(model, B, max_len, cuda_graph=graph, strict=cuda_graph is not None).step_rows
         else:
             next_logits = _RecomputedLogits(model, B, device)
         waiting = iter(range(len(prompts)))

@@ -40,8 +40,7 @@ from .config import GPTConfig
 from .weights import checkpoint_state_dict, read_pretrained, resolve_source
 
 GPT2_VOCAB = 50257  # token ids of the GPT-2 tokenizer; a model's vocab_size may be larger (padded)
-EOT = "<|endoftext|>"
-EOT_ID = 50256
+EOT, EOT_ID = _tokenizer.ENDOFTEXT, _tokenizer.EOT_ID
 QKV = ("W_query", "W_key", "W_value")
 # Files that transformers would read instead of (or next to) ours if an old export left them behind.
 STALE = ("pytorch_model.bin", "model.safetensors.index.json", "pytorch_model.bin.index.json", "tf_model.h5",

@@ -7,13 +7,12 @@ cropped to the last ``context_length`` tokens at every step (sliding window), as
 
 from __future__ import annotations
 
-import warnings
 from numbers import Integral
 
 import torch
 from torch import nn
 
-from .kv_cache import KVCache
+from .decoder import Decoder
 
 
 def context_length_of(model: nn.Module) -> int | None:
@@ -77,91 +76,6 @@ def supports_kv_cache(model: nn.Module) -> bool:
     return getattr(model, "supports_kv_cache", False)
 
 
-def prefill(model: nn.Module, idx: torch.Tensor, cache) -> torch.Tensor:
-    """Run the prompt ``idx (B, T)`` at positions ``0..T-1``, filling the cache; last logits ``(B, V)``."""
-    positions = torch.arange(idx.shape[1], device=idx.device)
-    return model(idx, cache=cache, positions=positions)[:, -1, :]
-
-
-def decode_one_token(model: nn.Module, token: torch.Tensor, cache, position: torch.Tensor) -> torch.Tensor:
-    """One decode step: ``token (B, 1)`` at ``position (1,)``; static shapes throughout. Logits ``(B, V)``."""
-    seqlens = (position + 1).to(torch.int32).expand(token.shape[0])  # (B,) valid cache length
-    return model(token, cache=cache, positions=position, seqlens=seqlens)[:, -1, :]
-
-
-def decode_rows(model: nn.Module, token: torch.Tensor, cache, positions: torch.Tensor) -> torch.Tensor:
-    """One ragged decode step: row b's ``token (B, 1)`` at its own ``positions (B, 1)``, attending to its
-    own cache prefix ``0..positions[b]``. Static shapes, no host sync. Logits ``(B, V)``."""
-    seqlens = (positions[:, 0] + 1).to(torch.int32)  # (B,) valid cache length per row
-    return model(token, cache=cache, positions=positions, seqlens=seqlens)[:, -1, :]
-
-
-class _GraphedDecode:
-    """``decode_one_token`` captured once in a CUDA graph and replayed every step (gpt-fast's trick).
-
-    A decode step of GPT-2 small is ~100 small kernels; launched from Python they cost more than they
-    compute at batch 1. The graph records them once against static buffers (the token, the position,
-    the KV cache, the logits) and replays them with one launch. The first call runs the step eagerly
-    on a side stream (Triton compilation and autotuning, allocator warm-up: nothing of it may happen
-    during capture), then captures and replays; each decode step writes the same cache slot as its
-    eager twin, so the warm-up leaves nothing stale.
-    """
-
-    def __init__(self, model: nn.Module, cache, token: torch.Tensor, position: torch.Tensor,
-                 step=decode_one_token):
-        self.token, self.position = token.clone(), position.clone()  # static inputs (B, 1), (1,) or (B, 1)
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                step(model, self.token, cache, self.position)
-        torch.cuda.current_stream().wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.logits = step(model, self.token, cache, self.position)  # static output (B, V)
-
-    def __call__(self, token: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
-        self.token.copy_(token)
-        self.position.copy_(position)
-        self.graph.replay()
-        return self.logits
-
-
-class _CachedStepper:
-    """Next-token logits with the KV cache. Past ``context_length`` it re-prefills the last window each
-    step, which is exactly what uncached generation computes (positions restart at 0 in the window).
-    With ``cuda_graph`` the decode step is replayed from a CUDA graph (captured on first use)."""
-
-    def __init__(self, model: nn.Module, batch_size: int, cuda_graph: bool = False, strict: bool = True):
-        self.model, self.ctx = model, model.cfg.context_length
-        self.cache = KVCache.for_model(model, batch_size)
-        self.pos = None
-        self.cuda_graph, self.strict = cuda_graph, strict
-        self.graphed: _GraphedDecode | None = None
-
-    def __call__(self, idx: torch.Tensor) -> torch.Tensor:
-        if self.pos is None or self.pos >= self.ctx:
-            window = idx[:, -self.ctx:]  # (B, <=ctx)
-            self.pos = window.shape[1]
-            return prefill(self.model, window, self.cache)
-        position = torch.tensor([self.pos], device=idx.device)
-        self.pos += 1
-        token = idx[:, -1:]  # (B, 1)
-        if not self.cuda_graph:
-            return decode_one_token(self.model, token, self.cache, position)
-        if self.graphed is None:
-            try:
-                self.graphed = _GraphedDecode(self.model, self.cache, token, position)
-            except RuntimeError as e:  # capture failed: asked for explicitly -> raise; automatic -> eager
-                if self.strict:
-                    raise
-                warnings.warn(f"CUDA graph capture of the decode step failed ({e}); decoding eagerly",
-                              RuntimeWarning, stacklevel=3)
-                self.cuda_graph = False
-                return decode_one_token(self.model, token, self.cache, position)
-        return self.graphed(token, position)
-
-
 @torch.no_grad()
 def generate(model: nn.Module, idx: torch.Tensor, max_new_tokens: int, *, temperature: float = 0.0,
              top_k: int | None = None, top_p: float | None = None, eos_id: int | None = None,
@@ -212,7 +126,7 @@ def _stream(model, idx, max_new_tokens, temperature, top_k, top_p, eos_id, use_c
             raise ValueError(f"cuda_graph=True needs a CUDA model, got inputs on {idx.device}")
         if use_cache and supports_kv_cache(model):
             graph = idx.device.type == "cuda" if cuda_graph is None else cuda_graph
-            next_logits = _CachedStepper(model, idx.shape[0], cuda_graph=graph, strict=cuda_graph is not None)
+            next_logits = Decoder(model, idx.shape[0], cuda_graph=graph, strict=cuda_graph is not None).step
         else:
             ctx = context_length_of(model)
 

@@ -45,3 +45,52 @@ class KVCache:
             self.k[layer].index_copy_(2, positions, k.to(self.k[layer].dtype))
             self.v[layer].index_copy_(2, positions, v.to(self.v[layer].dtype))
         return self.k[layer], self.v[layer]
+
+    def packed(self, rows: list[int], starts: list[int], lengths: list[int]) -> PackedPrefill:
+        """A view for one prefill of several sequences packed into one ``(1, total)`` input: sequence i
+        goes to cache row ``rows[i]`` at positions ``starts[i] .. starts[i] + lengths[i] - 1``."""
+        return PackedPrefill(self, rows, starts, lengths)
+
+
+class PackedPrefill:
+    """Where a packed prefill's tokens go and which keys they see (``KVCache.packed``).
+
+    Sequence i's ``lengths[i]`` tokens are written to cache row ``rows[i]`` at positions
+    ``starts[i]..``, and attend to that row's keys ``0 .. starts[i] + lengths[i] - 1`` (its cached
+    prefix and itself): ``flash_attention_varlen`` over ``cu_seqlens_q`` / ``cu_seqlens_k``. The index
+    tensors are built once here and shared by every layer.
+    """
+
+    def __init__(self, cache: KVCache, rows: list[int], starts: list[int], lengths: list[int]):
+        if not (len(rows) == len(starts) == len(lengths)) or not rows:
+            raise ValueError("rows, starts and lengths must be non-empty lists of one length")
+        if len(set(rows)) != len(rows) or min(rows) < 0 or max(rows) >= cache.batch_size:
+            raise ValueError(f"rows must be distinct cache rows in [0, {cache.batch_size}), got {rows}")
+        if min(starts) < 0 or min(lengths) <= 0:
+            raise ValueError(f"starts must be >= 0 and lengths > 0, got {starts}, {lengths}")
+        ends = [s + n for s, n in zip(starts, lengths)]
+        if max(ends) > cache.max_len:
+            raise ValueError(f"a prefill up to position {max(ends)} does not fit the cache of {cache.max_len}")
+        self.cache, self.rows, self.starts, self.lengths, self.ends = cache, rows, starts, lengths, ends
+        device = cache.k[0].device
+
+        def cat(pieces):
+            return torch.cat([torch.as_tensor(p, dtype=torch.long) for p in pieces]).to(device)
+
+        # each written token (total_q,) and each key read (total_k,): its cache row and position
+        self.q_rows = cat([[r] * n for r, n in zip(rows, lengths)])
+        self.positions = cat([range(s, e) for s, e in zip(starts, ends)])
+        self.k_rows = cat([[r] * e for r, e in zip(rows, ends)])
+        self.k_positions = cat([range(e) for e in ends])
+        self.cu_seqlens_q = cat([[0], lengths]).cumsum(0).to(torch.int32)  # (n + 1,)
+        self.cu_seqlens_k = cat([[0], ends]).cumsum(0).to(torch.int32)  # (n + 1,)
+        self.last = (self.cu_seqlens_q[1:] - 1).long()  # (n,) each sequence's last token in the packing
+        self.max_seqlen_q, self.max_seqlen_k = max(lengths), max(ends)
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write the packed ``k, v (total_q, H, D)`` into their rows and positions; return every
+        sequence's keys and values, packed ``(total_k, H, D)`` (cached prefix, then the new ones)."""
+        k_cache, v_cache = self.cache.k[layer], self.cache.v[layer]  # (B, H, L, D)
+        k_cache[self.q_rows, :, self.positions] = k.to(k_cache.dtype)  # (total_q, H, D) slots
+        v_cache[self.q_rows, :, self.positions] = v.to(v_cache.dtype)
+        return k_cache[self.k_rows, :, self.k_positions], v_cache[self.k_rows, :, self.k_positions]

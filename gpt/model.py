@@ -27,13 +27,14 @@ from kernels import (
     add_layer_norm,
     decode_attention,
     flash_attention,
+    flash_attention_varlen,
     layer_norm,
     linear_cross_entropy,
 )
 
 from . import export, weights
 from .config import GPTConfig
-from .kv_cache import KVCache
+from .kv_cache import KVCache, PackedPrefill
 
 
 class LayerNorm(nn.Module):
@@ -70,14 +71,25 @@ class Attention(CausalSelfAttention):
         super().__init__(cfg.emb_dim, cfg.emb_dim, cfg.context_length, cfg.drop_rate, cfg.n_heads,
                          qkv_bias=cfg.qkv_bias)
 
-    def forward_cached(self, x: torch.Tensor, cache: KVCache, layer: int, positions: torch.Tensor,
-                       seqlens: torch.Tensor | None) -> torch.Tensor:
-        """Inference with the cache: write k/v at ``positions``; prefill (``seqlens is None``, positions
-        start at 0) attends with flash attention, decode with ``decode_attention`` over the cache."""
+    def forward_cached(self, x: torch.Tensor, cache: KVCache | PackedPrefill, layer: int,
+                       positions: torch.Tensor, seqlens: torch.Tensor | None,
+                       kv_len: int | None = None) -> torch.Tensor:
+        """Inference with the cache. Decode (``seqlens (b,)``): write k/v at ``positions`` and attend
+        with ``decode_attention`` over each row's cache prefix. Prefill at any offset (``seqlens`` None,
+        consecutive ``positions (T,)`` ending at ``kv_len - 1``): write k/v, then flash attention of the
+        T queries over the cache's ``0..kv_len-1`` (causal bottom-right: the cached prefix and the
+        chunk's own earlier tokens). A ``PackedPrefill`` (x ``(1, total, C)``): its sequences at once,
+        ``flash_attention_varlen`` over each one's cache row."""
         q, k, v = self.qkv(x)  # 3 x (b, H, T, D)
+        if isinstance(cache, PackedPrefill):
+            keys, values = cache.update(layer, k[0].transpose(0, 1), v[0].transpose(0, 1))  # (total_k, H, D)
+            ctx = flash_attention_varlen(q[0].transpose(0, 1), keys, values, cache.cu_seqlens_q,
+                                         cache.cu_seqlens_k, cache.max_seqlen_q, cache.max_seqlen_k,
+                                         causal=True)  # (total_q, H, D)
+            return self.merge(ctx.transpose(0, 1).unsqueeze(0))  # (1, H, total_q, D)
         k_cache, v_cache = cache.update(layer, positions, k, v)
         if seqlens is None:
-            ctx = flash_attention(q, k, v, causal=True)
+            ctx = flash_attention(q, k_cache[:, :, :kv_len], v_cache[:, :, :kv_len], causal=True)
         else:
             ctx = decode_attention(q, k_cache, v_cache, seqlens)
         return self.merge(ctx)
@@ -130,8 +142,24 @@ class GPTModel(nn.Module):
                 seqlens: torch.Tensor | None = None) -> torch.Tensor:
         """Logits ``(b, T, vocab)``; with ``targets`` the token loss instead (see ``loss``). With ``cache``: ``positions (T,)`` (or per row ``(b, T)``) are the
         tokens' absolute positions (written into the cache); ``seqlens (b,)`` int32 switches to decode
-        attention."""
+        attention. Without ``seqlens`` it is a prefill at any offset: consecutive ``positions (T,)``
+        (default ``0..T-1``), attending over the cached prefix too (gpt/decoder.py drives it); a
+        ``cache.packed(...)`` view prefills several sequences packed in ``in_idx (1, total)`` and returns
+        each one's last logits ``(1, n, vocab)``."""
         _, T = in_idx.shape
+        kv_len = None  # a prefill's keys: cache positions 0..kv_len-1
+        if isinstance(cache, PackedPrefill):  # (its rows, starts and lengths were checked against its cache)
+            positions, kv_len = cache.positions.view(1, -1), cache.max_seqlen_k  # (1, total)
+        elif cache is not None and seqlens is None:
+            if positions is None:
+                positions = torch.arange(T, device=in_idx.device)
+            if positions.dim() != 1 or positions.shape[0] != T:
+                raise ValueError(f"a cached prefill takes positions (T,) = ({T},), got {tuple(positions.shape)}")
+            kv_len = int(positions[-1]) + 1 if T else 0  # one host read per prefill, none per layer
+            if kv_len > cache.max_len:
+                raise ValueError(f"a prefill up to position {kv_len} does not fit the cache of {cache.max_len}")
+        if kv_len is not None and kv_len > self.cfg.context_length:
+            raise ValueError(f"a prefill up to position {kv_len} exceeds context_length {self.cfg.context_length}")
         if positions is None:
             if T > self.cfg.context_length:
                 raise ValueError(f"sequence length {T} exceeds context_length {self.cfg.context_length}")
@@ -143,13 +171,15 @@ class GPTModel(nn.Module):
             if cache is None:
                 a = block.att(normed)
             else:
-                a = block.att.forward_cached(normed, cache, i, positions, seqlens)
+                a = block.att.forward_cached(normed, cache, i, positions, seqlens, kv_len)
             normed, resid = add_layer_norm(block.drop_shortcut(a), resid, block.norm2.scale, block.norm2.shift)
             nxt = self._next_norm(i)
             normed, resid = add_layer_norm(block.drop_shortcut(block.ff(normed)), resid, nxt.scale, nxt.shift)
         if targets is not None:  # the head fused with the loss: no (b, T, vocab) logits
             return linear_cross_entropy(normed, self.out_head.weight, targets, self.out_head.bias,
                                         ignore_index=ignore_index, reduction=reduction)
+        if isinstance(cache, PackedPrefill):  # only each sequence's last token: (1, n, emb_dim)
+            normed = normed[:, cache.last]
         return self.out_head(normed)  # (b, T, vocab_size)
 
     def loss(self, idx: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100,

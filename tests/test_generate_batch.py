@@ -7,11 +7,11 @@ import pytest
 import torch
 from torch import nn
 
-from gpt import batch_generate as BG
 from gpt import generate, generate_batch
 from gpt.checkpoint import save_checkpoint
 from gpt.cli.generate import main, read_prompts
 from gpt.config import GPTConfig
+from gpt.decoder import Decoder
 from gpt.generate import sample_next_token
 from gpt.model import GPTModel
 from gpt.reference import GPTModel as RefModel
@@ -117,17 +117,19 @@ def test_continuous_refill_schedule():
 
 
 def test_each_prompt_prefilled_once_then_batched_decode(fallback_path, monkeypatch):
-    """Inside the context each prompt is prefilled exactly once and then decoded with the others."""
+    """Inside the context each prompt is prefilled exactly once (the ones entering together in one
+    packed call) and then decoded with the others."""
     fused, _ = _models()
-    prefills, decodes = [], []
-    real_prefill, real_decode = BG.prefill, BG.decode_rows
-    monkeypatch.setattr(BG, "prefill", lambda m, idx, c: prefills.append(idx.shape) or real_prefill(m, idx, c))
-    monkeypatch.setattr(BG, "decode_rows", lambda m, t, c, p: decodes.append(p.view(-1).tolist())
-                        or real_decode(m, t, c, p))
     prompts = _prompts([4, 9, 2])
-    out = generate_batch(fused, prompts, 5, batch_size=3)
-    assert out == _singles(fused, prompts, 5)
-    assert sorted(s[1] for s in prefills) == [2, 4, 9]
+    want = _singles(fused, prompts, 5)
+    prefills, decodes = [], []
+    real_prefill, real_decode = Decoder.prefill_rows, Decoder.decode
+    monkeypatch.setattr(Decoder, "prefill_rows", lambda self, seqs, rows, starts=None:
+                        prefills.append([len(s) for s in seqs]) or real_prefill(self, seqs, rows, starts))
+    monkeypatch.setattr(Decoder, "decode", lambda self, t, p: decodes.append(p.view(-1).tolist())
+                        or real_decode(self, t, p))
+    assert generate_batch(fused, prompts, 5, batch_size=3) == want
+    assert prefills == [[4, 9, 2]]
     assert decodes == [[4 + i, 9 + i, 2 + i] for i in range(4)]  # every row at its own position
 
 

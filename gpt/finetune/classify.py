@@ -15,9 +15,10 @@ from torch.utils.data import Dataset
 
 from ..data import DataError
 from ..run import write_json_atomic
+from ..tokenizer import EOT_ID
 from ..training import TrainSpec
 
-PAD_ID = 50256
+PAD_ID = EOT_ID  # <|endoftext|> pads the batches
 
 
 def read_tsv(path: str | os.PathLike) -> list[tuple[str, str]]:

@@ -15,10 +15,10 @@ from tqdm import tqdm
 from ..batch_generate import iter_batch
 from ..data import DataError
 from ..generate import generate
-from ..tokenizer import text_to_token_ids, token_ids_to_text
+from ..tokenizer import EOT_ID, text_to_token_ids, token_ids_to_text
 from ..training import TrainSpec, calc_loss_batch, calc_loss_loader
 
-PAD_ID = 50256
+PAD_ID = EOT_ID  # <|endoftext|> pads the batches and stops generation
 IGNORE_INDEX = -100
 
 

@@ -31,10 +31,10 @@ dot products, no TF32), fp16 and bf16 with fp32 accumulation and statistics.
 * Element offsets of each (batch, head) slice are int64; row offsets inside a slice switch to int64
   (``LARGE``) when a slice spans more than 2**31 elements.
 
-File order: ``@triton.jit`` kernels -> launchers -> op registration / autograd -> functional API (the
-module, ``CausalSelfAttention``, is in ``kernels/self_attention.py``). Registration, dispatch and
-launches are the shared plumbing of ``kernels/_utils.py`` (``kernel_op``, ``launch``): a ``triton_op``
-in the ``gpt_kernels`` namespace (CUDA: ``wrap_triton`` launches, visible to ``torch.compile``), a ``"cpu"`` kernel that runs the same Triton code under the
+File order: ``@triton.jit`` kernels -> launchers -> op registration / autograd -> functional API
+(the module: ``self_attention.py``). Registration, dispatch and launches are the shared plumbing of ``kernels/_utils.py``
+(``kernel_op``, ``launch``): a ``triton_op`` in the ``gpt_kernels`` namespace (CUDA: ``wrap_triton``
+launches, visible to ``torch.compile``), a ``"cpu"`` kernel that runs the same Triton code under the
 interpreter when ``TRITON_INTERPRET=1`` and the PyTorch fallback of ``kernels/reference.py`` otherwise,
 ``register_autograd`` for the backward. Device building blocks come from ``kernels/_blocks.py``.
 """

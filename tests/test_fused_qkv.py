@@ -285,3 +285,18 @@ def test_lora_checkpoint_holds_the_books_adapter_keys(tmp_path):
     for (n, p), q in zip(model.named_parameters(), other.parameters()):
         if p.requires_grad:
             assert torch.equal(p, q), n
+
+
+def test_trainable_state_dict_names_trainable_thirds_by_the_books_keys():
+    ref, fused = _models()
+    for m in (ref, fused):
+        for p in m.parameters():
+            p.requires_grad_(False)
+        m.trf_blocks[1].requires_grad_(True)  # as make_classifier: the last block trains
+    with torch.no_grad():  # (the views of wqkv are still recognized)
+        got = trainable_state_dict(fused)
+    assert list(got) == list(trainable_state_dict(ref))
+    assert "trf_blocks.1.att.W_value.weight" in got and "trf_blocks.0.att.W_value.weight" not in got
+    assert all(not v.requires_grad for v in got.values())
+    for k, v in trainable_state_dict(ref).items():
+        assert torch.equal(got[k], v), k

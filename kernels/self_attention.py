@@ -150,27 +150,26 @@ def _fuse_book_keys(module: CausalSelfAttention, state_dict: dict, prefix: str, 
             if k.startswith(f"{prefix}{n}."):
                 groups.setdefault(k[len(prefix) + len(n) + 1:], {})[i] = k
     for rest, given in groups.items():
-        if rest.startswith("lora.") and _PART_LEAF.fullmatch(f"lora.0.{rest[5:]}"):  # a part's adapter
+        if rest.startswith("lora."):  # a part's adapter: W_key.lora.A -> wqkv.lora.1.A
             for i, k in given.items():
                 _put(state_dict, f"{prefix}{FUSED}.lora.{i}.{rest[5:]}", state_dict.pop(k), error_msgs)
             continue
         if not _SPLIT_LEAF.fullmatch(rest):
             continue  # not ours: reported unexpected
         target = _target(module, rest)
-        if len(given) < 3 and target is None:
-            continue  # thirds of a tensor the module does not have: reported unexpected
+        if target is None:
+            continue  # a tensor the module does not have (biases without qkv_bias): reported unexpected
         thirds = [state_dict.pop(given[i]) if i in given else None for i in range(3)]
-        if target is not None:
-            current = target.chunk(3, dim=0)  # 3 x (d_out, ...)
-            for i, t in enumerate(thirds):
-                if t is not None and t.shape != current[i].shape:
-                    error_msgs.append(f"size mismatch for {given[i]}: copying a param with shape {t.shape} from "
-                                      f"checkpoint, the shape in current model is {current[i].shape}.")
-                    thirds[i] = None
-                elif t is None:
-                    missing_keys.append(f"{prefix}{QKV_NAMES[i]}.{rest}")
-            if any(t is None for t in thirds):  # keep the current values of what is missing
-                thirds = [current[i] if t is None else t.to(current[i]) for i, t in enumerate(thirds)]
+        current = target.chunk(3, dim=0)  # 3 x (d_out, ...)
+        for i, t in enumerate(thirds):
+            if t is not None and t.shape != current[i].shape:
+                error_msgs.append(f"size mismatch for {given[i]}: copying a param with shape {t.shape} from "
+                                  f"checkpoint, the shape in current model is {current[i].shape}.")
+                thirds[i] = None
+            elif t is None:
+                missing_keys.append(f"{prefix}{QKV_NAMES[i]}.{rest}")
+        if any(t is None for t in thirds):  # keep the current values of what is missing
+            thirds = [current[i] if t is None else t.to(current[i]) for i, t in enumerate(thirds)]
         _put(state_dict, f"{prefix}{FUSED}.{rest}", torch.cat(thirds), error_msgs)  # 3 x (d_out, ...) -> (3 d_out, ...)
 
 

@@ -300,3 +300,25 @@ def test_trainable_state_dict_names_trainable_thirds_by_the_books_keys():
     assert all(not v.requires_grad for v in got.values())
     for k, v in trainable_state_dict(ref).items():
         assert torch.equal(got[k], v), k
+
+
+@pytest.mark.parametrize("case", ["missing-key", "extra-key", "bias-into-no-bias", "lora-into-plain",
+                                  "plain-into-lora"])
+def test_incompatible_keys_are_the_reference_modules(case):
+    """Non-strict loads report exactly the missing/unexpected keys the book's MultiHeadAttention reports."""
+    def pair(bias=False, lora=False):
+        torch.manual_seed(0)
+        ms = [MultiHeadAttention(D_IN, D_OUT, CTX, 0.0, HEADS, qkv_bias=bias),
+              CausalSelfAttention(D_IN, D_OUT, CTX, 0.0, HEADS, qkv_bias=bias)]
+        return [replace_linear_with_lora(m, RANK, ALPHA) if lora else m for m in ms]
+
+    src = pair(bias=case == "bias-into-no-bias", lora=case == "lora-into-plain")[0].state_dict()
+    if case == "missing-key":
+        del src["W_value.weight"]
+    if case == "extra-key":
+        src["W_key.scale"] = torch.ones(D_OUT)
+    ref, fused = pair(lora=case == "plain-into-lora")
+    want, got = ref.load_state_dict(dict(src), strict=False), fused.load_state_dict(dict(src), strict=False)
+    assert sorted(got.missing_keys) == sorted(want.missing_keys)
+    assert sorted(got.unexpected_keys) == sorted(want.unexpected_keys)
+    assert got.missing_keys or got.unexpected_keys

@@ -118,10 +118,12 @@ def first_non_finite(model: nn.Module, optimizer=None) -> str | None:
 
 
 def trainable_state_dict(model: nn.Module) -> dict:
-    """The entries of ``model.state_dict()`` that are trainable parameters (``requires_grad``): what a
-    LoRA run (or any run with a frozen base) needs to save."""
-    names = {n for n, p in model.named_parameters(remove_duplicate=False) if p.requires_grad}
-    return {k: v for k, v in model.state_dict().items() if k in names}
+    """The entries of ``model.state_dict()`` that are trainable parameters (``requires_grad``) or views of
+    one (``kernels.CausalSelfAttention`` saves its fused ``wqkv`` as the book's three keys): what a LoRA
+    run (or any run with a frozen base) needs to save."""
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    return {k: v.detach() for k, v in model.state_dict(keep_vars=True).items()
+            if id(v) in trainable or (v._base is not None and id(v._base) in trainable)}
 
 
 def save_checkpoint(path: str | os.PathLike, model: nn.Module, *, optimizer=None, step: int = 0,

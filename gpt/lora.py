@@ -9,14 +9,16 @@ adapted model starts with exactly the base model's outputs. (Followed: rasbt/LLM
 of Dec 2025, scales by ``alpha / rank`` instead of the printed ``alpha``: pass ``alpha / rank`` here to
 get that.) Merging folds an adapter into its linear: ``W' = W + alpha · (A @ B)ᵀ``, same outputs.
 
-Fused projections. The fused model reads some weights directly instead of calling the layer: its
-attention concatenates ``W_query.weight``, ``W_key.weight``, ``W_value.weight`` into one QKV GEMM, and
-its head passes ``out_head.weight`` to ``linear_cross_entropy``. ``LinearWithLoRA.weight`` is therefore
-the *effective* weight ``W + alpha · (A @ B)ᵀ`` (differentiable in ``A`` and ``B``; ``bias`` is the
+Fused projections. The fused model reads some weights directly instead of calling the layer: its head
+passes ``out_head.weight`` to ``linear_cross_entropy``. ``LinearWithLoRA.weight`` is therefore the
+*effective* weight ``W + alpha · (A @ B)ᵀ`` (differentiable in ``A`` and ``B``; ``bias`` is the
 linear's), so such code trains the adapters exactly as the book's forward does. A single fused QKV
-``nn.Linear`` (named ``wqkv`` or ``c_attn``, output ``[q | k | v]``) is adapted as the book adapts
-Q, K and V: ``LinearWithLoRA(linear, rank, alpha, parts=3)`` holds one rank-``rank`` adapter per third
-of the output (``lora.0`` / ``lora.1`` / ``lora.2``), never one adapter shared by the three.
+``nn.Linear`` (named ``wqkv`` or ``c_attn``, output ``[q | k | v]``; the fused model's attention has
+``wqkv``) is adapted as the book adapts Q, K and V: ``LinearWithLoRA(linear, rank, alpha, parts=3)``
+holds one rank-``rank`` adapter per third of the output (``lora.0`` / ``lora.1`` / ``lora.2``), never
+one adapter shared by the three. ``kernels.CausalSelfAttention`` saves ``wqkv.lora.<i>.A``/``B`` as the
+book's ``W_query|W_key|W_value.lora.A``/``B`` (and ``wqkv.linear.*`` as ``W_query.linear.*`` ...), so
+the fused LoRA model's state dict is the reference model's and ``merge_adapters`` serves both.
 """
 
 from __future__ import annotations

@@ -38,7 +38,7 @@ def _check_no_other_kernels_distribution() -> None:
 
 _check_no_other_kernels_distribution()
 
-from .attention import CausalSelfAttention, flash_attention, flash_attention_varlen  # noqa: E402
+from .attention import flash_attention, flash_attention_varlen  # noqa: E402
 from .cross_entropy import linear_cross_entropy  # noqa: E402
 from .decode import decode_attention  # noqa: E402
 from .gelu import GELU, gelu  # noqa: E402
@@ -47,6 +47,7 @@ from .integrations import register_hf_attention, replace_modules  # noqa: E402
 from .layernorm import LayerNorm, add_layer_norm, layer_norm  # noqa: E402
 from .rmsnorm import RMSNorm, add_rms_norm, rms_norm  # noqa: E402
 from .rotary import apply_rotary  # noqa: E402
+from .self_attention import CausalSelfAttention  # noqa: E402
 
 __all__ = [
     "flash_attention", "flash_attention_varlen", "decode_attention", "CausalSelfAttention",

@@ -31,8 +31,8 @@ dot products, no TF32), fp16 and bf16 with fp32 accumulation and statistics.
 * Element offsets of each (batch, head) slice are int64; row offsets inside a slice switch to int64
   (``LARGE``) when a slice spans more than 2**31 elements.
 
-File order: ``@triton.jit`` kernels -> launchers -> op registration / autograd -> functional API ->
-``nn.Module``. Registration, dispatch and launches are the shared plumbing of ``kernels/_utils.py``
+File order: ``@triton.jit`` kernels -> launchers -> op registration / autograd -> functional API
+(the module: ``self_attention.py``). Registration, dispatch and launches are the shared plumbing of ``kernels/_utils.py``
 (``kernel_op``, ``launch``): a ``triton_op`` in the ``gpt_kernels`` namespace (CUDA: ``wrap_triton``
 launches, visible to ``torch.compile``), a ``"cpu"`` kernel that runs the same Triton code under the
 interpreter when ``TRITON_INTERPRET=1`` and the PyTorch fallback of ``kernels/reference.py`` otherwise,
@@ -44,7 +44,6 @@ from __future__ import annotations
 import math
 
 import torch
-from torch import nn
 
 from . import _eager_cpu
 from . import reference as ref
@@ -1008,63 +1007,3 @@ def flash_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu
         q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k), seed, causal, scale,
         float(dropout_p), int(window_size or 0), float(softcap))
     return o
-
-
-# ---------------------------------------------------------------------------------------------------
-# Module
-# ---------------------------------------------------------------------------------------------------
-
-class CausalSelfAttention(nn.Module):
-    """Drop-in for the book's ``MultiHeadAttention`` on the fused kernel.
-
-    Same constructor (``d_in, d_out, context_length, dropout, num_heads, qkv_bias=False``), parameters
-    and state_dict keys (``W_query``, ``W_key``, ``W_value``, ``out_proj``); the book's ``mask`` buffer
-    key is accepted on load and ignored (the kernel needs no mask). The three projections run as one
-    GEMM whose output is viewed as q, k, v ``(b, H, T, D)`` without a copy.
-    """
-
-    def __init__(self, d_in: int, d_out: int, context_length: int, dropout: float, num_heads: int,
-                 qkv_bias: bool = False):
-        super().__init__()
-        if num_heads <= 0 or d_out % num_heads != 0:
-            raise ValueError(f"d_out ({d_out}) must be divisible by num_heads ({num_heads})")
-        check_head_dim("CausalSelfAttention", d_out // num_heads)
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
-        self.d_out, self.num_heads, self.head_dim = d_out, num_heads, d_out // num_heads
-        self.context_length = context_length
-        self.dropout_p = float(dropout)
-        self.W_query = nn.Linear(d_in, d_out, bias=qkv_bias)
-        self.W_key = nn.Linear(d_in, d_out, bias=qkv_bias)
-        self.W_value = nn.Linear(d_in, d_out, bias=qkv_bias)
-        self.out_proj = nn.Linear(d_out, d_out)
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        state_dict.pop(prefix + "mask", None)  # the book's causal-mask buffer
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-
-    def qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Project ``x (b, T, d_in)`` to q, k, v ``(b, H, T, D)``: strided views of one GEMM's output."""
-        b, T, _ = x.shape
-        w = torch.cat((self.W_query.weight, self.W_key.weight, self.W_value.weight))  # (3 d_out, d_in)
-        bias = None
-        if self.W_query.bias is not None:
-            bias = torch.cat((self.W_query.bias, self.W_key.bias, self.W_value.bias))  # (3 d_out,)
-        qkv = nn.functional.linear(x, w, bias)  # (b, T, 3 d_out)
-        qkv = qkv.view(b, T, 3, self.num_heads, self.head_dim)  # (b, T, 3, H, D)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (b, H, T, D), no copy
-        return q, k, v
-
-    def merge(self, ctx: torch.Tensor) -> torch.Tensor:
-        """``(b, H, T, D)`` attention output -> heads merged and projected, ``(b, T, d_out)``."""
-        b, _, T, _ = ctx.shape
-        ctx = ctx.transpose(1, 2).reshape(b, T, self.d_out)  # (b, T, H, D) -> (b, T, d_out); a view
-        return self.out_proj(ctx)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        check_tensor("x", x, ndim=3)
-        if x.shape[1] > self.context_length:
-            raise ValueError(f"sequence length {x.shape[1]} exceeds context_length {self.context_length}")
-        q, k, v = self.qkv(x)
-        dropout_p = self.dropout_p if self.training else 0.0
-        return self.merge(flash_attention(q, k, v, causal=True, dropout_p=dropout_p))

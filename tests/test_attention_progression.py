@@ -11,6 +11,7 @@ from gpt.attention import (
     SelfAttention_v2,
     simple_self_attention,
 )
+from tests.utils import book_named
 
 INPUTS = torch.tensor([[0.43, 0.15, 0.89], [0.55, 0.87, 0.66], [0.57, 0.85, 0.64],
                        [0.22, 0.58, 0.33], [0.77, 0.25, 0.10], [0.05, 0.80, 0.55]])  # "Your journey starts with one step"
@@ -101,9 +102,9 @@ def test_multihead_attention_equals_fused_causal_self_attention(kernel_path):
     out_ref.backward(g)
     out_fused.backward(g)
     torch.testing.assert_close(x_fused.grad, x_ref.grad, atol=1e-5, rtol=1e-5)
-    grads = dict(fused.named_parameters())
+    grads = book_named((n, p.grad) for n, p in fused.named_parameters())
     for name, p in mha.named_parameters():
-        torch.testing.assert_close(grads[name].grad, p.grad, atol=1e-5, rtol=1e-5,
+        torch.testing.assert_close(grads[name], p.grad, atol=1e-5, rtol=1e-5,
                                    msg=lambda m, name=name: f"{name}: {m}")
 
 

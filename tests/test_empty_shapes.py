@@ -290,8 +290,8 @@ def _case_attention_module(B, T, d_in=8):
         x64 = _f64(x)
 
         def ref_fwd(x):
-            q, k, v = (F.linear(x, lin.weight).view(B, T, 2, D).transpose(1, 2)
-                       for lin in (ref.W_query, ref.W_key, ref.W_value))
+            q, k, v = (F.linear(x, w).view(B, T, 2, D).transpose(1, 2)  # (B, T, 2D) -> (B, 2, T, D)
+                       for w in ref.wqkv.weight.chunk(3))  # the fused weight's rows: W_query, W_key, W_value
             o = _sdpa_ref(q, k, v, causal=True)
             return ref.out_proj(o.transpose(1, 2).reshape(B, T, 2 * D))
 

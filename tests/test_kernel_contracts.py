@@ -218,8 +218,9 @@ def _run_self_attention(dtype, device):
     def oracle(x):  # fp64: one projection per head group, attention_ref, out_proj
         lin = {n: (m.weight.double(), m.bias.double() if m.bias is not None else None)
                for n, m in mod.named_children()}
-        q, k, v = (torch.nn.functional.linear(x, *lin[n]).view(2, 3, 2, 16).transpose(1, 2)
-                   for n in ("W_query", "W_key", "W_value"))
+        w = lin["wqkv"][0].chunk(3)  # the fused weight's rows: W_query, W_key, W_value (no bias here)
+        q, k, v = (torch.nn.functional.linear(x, w[i]).view(2, 3, 2, 16).transpose(1, 2)  # (2, 3, 32) -> (2, 2, 3, 16)
+                   for i in range(3))
         ctx = ref.attention_ref(q, k, v).transpose(1, 2).reshape(2, 3, 32)
         return [torch.nn.functional.linear(ctx, *lin["out_proj"])]
     return [_leaf(_t((2, 3, 24), dtype, 5, device))], lambda x: [mod(x)], oracle

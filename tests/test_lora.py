@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+from gpt.checkpoint import trainable_state_dict
 from gpt.config import GPTConfig
 from gpt.lora import (
     LinearWithLoRA,
@@ -21,6 +22,7 @@ from gpt.lora import (
 )
 from gpt.model import GPTModel
 from gpt.reference import GPTModel as RefModel
+from tests.utils import book_named
 
 CFG = GPTConfig(vocab_size=97, context_length=24, emb_dim=32, n_heads=2, n_layers=2, drop_rate=0.0, qkv_bias=True)
 RANK, ALPHA = 2, 3.0
@@ -53,7 +55,7 @@ def _randomize_B(model, seed=1):
 def _oracle_state_dict(lora_model, base_sd):
     """Plain state dict from the formula, fp64, independent of gpt.lora's merge code."""
     sd = {k: v.double().clone() for k, v in base_sd.items()}
-    params = dict(lora_model.named_parameters())
+    params = book_named(lora_model.named_parameters())  # the fused wqkv's adapters as the book's q/k/v ones
     for name in list(params):
         if name.endswith(".lora.A"):
             prefix = name[: -len(".lora.A")]
@@ -91,7 +93,11 @@ def test_fused_outputs_unchanged_at_init_and_only_adapters_train(kernel_path):
     model = _adapt(base)
     n_linear = 4 * CFG.n_layers + 2 * CFG.n_layers + 1  # q, k, v, out_proj; two ff; out_head
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert len(trainable) == 2 * n_linear and all(n.endswith((".lora.A", ".lora.B")) for n in trainable)
+    assert len(trainable) == 2 * n_linear and all(n.endswith((".A", ".B")) and ".lora." in n for n in trainable)
+    assert sum(".wqkv.lora." in n for n in trainable) == 6 * CFG.n_layers  # A, B for each of q, k, v
+    saved = trainable_state_dict(model)  # what a LoRA checkpoint holds: the book's adapter keys
+    assert len(saved) == 2 * n_linear and all(k.endswith((".lora.A", ".lora.B")) for k in saved)
+    assert set(saved) == set(trainable_state_dict(_adapt(_model(RefModel))))
     with torch.no_grad():
         torch.testing.assert_close(model(idx), before, atol=0, rtol=0)
 
@@ -141,12 +147,12 @@ def test_fused_lora_gradients_match_reference(kernel_path):
     tgt = torch.randint(0, CFG.vocab_size, (2, 9))
     ref.loss(idx, tgt).backward()
     fused.loss(idx, tgt).backward()
-    gf = dict(fused.named_parameters())
+    gf = book_named((n, p.grad) for n, p in fused.named_parameters())
     for n, p in ref.named_parameters():
         if p.requires_grad:
-            torch.testing.assert_close(gf[n].grad, p.grad, atol=1e-4, rtol=1e-3, msg=n)
+            torch.testing.assert_close(gf[n], p.grad, atol=1e-4, rtol=1e-3, msg=n)
         else:
-            assert gf[n].grad is None and p.grad is None
+            assert gf[n] is None and p.grad is None
 
 
 @pytest.mark.parametrize("cls", [RefModel, GPTModel], ids=["reference", "fused"])

@@ -9,6 +9,7 @@ from gpt import generate
 from gpt.config import GPTConfig
 from gpt.model import GPTModel
 from gpt.reference import GPTModel as RefModel
+from tests.utils import book_named
 
 CFG = GPTConfig(vocab_size=97, context_length=24, emb_dim=32, n_heads=2, n_layers=2, drop_rate=0.0, qkv_bias=True)
 
@@ -42,9 +43,9 @@ def test_logits_loss_and_gradients_match(kernel_path):
     torch.testing.assert_close(loss_f, loss_r, atol=1e-5, rtol=1e-5)
     loss_r.backward()
     loss_f.backward()
-    grads_f = dict(fused.named_parameters())
+    grads_f = book_named((n, p.grad) for n, p in fused.named_parameters())
     for name, p in ref.named_parameters():
-        torch.testing.assert_close(grads_f[name].grad, p.grad, atol=1e-4, rtol=1e-3, msg=lambda m, name=name: f"{name}: {m}")
+        torch.testing.assert_close(grads_f[name], p.grad, atol=1e-4, rtol=1e-3, msg=lambda m, name=name: f"{name}: {m}")
 
 
 def test_adamw_steps_stay_matched(kernel_path):

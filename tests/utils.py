@@ -39,6 +39,28 @@ def assert_verbose_allclose(actual: torch.Tensor, expected: torch.Tensor, *, ato
     raise AssertionError("\n".join(lines))
 
 
+def book_named(named) -> dict:
+    """``{name: tensor}`` (e.g. ``(n, p.grad) for n, p in model.named_parameters()``) under the book's names:
+    the fused attention's ``X.wqkv.<w>`` (``<w>``: ``weight``, ``bias``, ``linear.weight``, ``linear.bias``)
+    becomes ``X.W_query.<w>``, ``X.W_key.<w>``, ``X.W_value.<w>`` (thirds of its rows), ``X.wqkv.lora.<i>.<x>``
+    becomes ``X.<W_query|W_key|W_value>.lora.<x>``; other names are kept. Written here, independent of the
+    module's state_dict hooks, so the tests compare parameters by name against the reference model."""
+    books = ("W_query", "W_key", "W_value")
+    out = {}
+    for name, t in dict(named).items():
+        head, sep, rest = name.partition("wqkv.")
+        if not sep or (head and not head.endswith(".")):
+            out[name] = t
+        elif rest in ("weight", "bias", "linear.weight", "linear.bias"):
+            for b, third in zip(books, (None,) * 3 if t is None else t.chunk(3, dim=0)):
+                out[f"{head}{b}.{rest}"] = third
+        elif re.fullmatch(r"lora\.[0-2]\..+", rest):
+            out[f"{head}{books[int(rest[5])]}.lora.{rest[7:]}"] = t
+        else:
+            out[name] = t
+    return out
+
+
 # ------------------------------------------------------------------ executable docs (guide, README)
 # tests/test_guide.py runs docs/guide.md and tests/test_readme.py runs README.md with these helpers.
 

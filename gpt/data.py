@@ -140,6 +140,33 @@ def train_val_split(data, train_ratio: float = 0.9):
     return data[:split], data[split:]
 
 
+def document_spans(idx: torch.Tensor, eot_id: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """The documents of a batch of windows ``idx (b, T)``, for document-masked attention (``--doc-mask``):
+    a document ends with its ``<|endoftext|>`` (``eot_id``) and the next token starts the next one; each
+    window row starts one too, so no document spans two rows. Returns ``(cu_seqlens, positions,
+    max_seqlen)``: int32 ``(n+1,)`` prefix sums over the ``b * T`` flattened tokens (``GPTModel``'s
+    ``cu_seqlens``), each token's position within its document ``(b, T)`` (0 at a document's first token,
+    as if the document were run alone), and a Python int bounding the lengths. On the CPU, where the
+    loaders' batches are, ``n`` and ``max_seqlen`` are exact (host memory is read); on an accelerator
+    nothing is read back: the spans are padded with empty ones to ``b * T + 1`` and ``max_seqlen`` is ``T``."""
+    b, T = idx.shape
+    n_tok = b * T
+    starts = torch.ones((b, T), dtype=torch.bool, device=idx.device)
+    starts[:, 1:] = idx[:, :-1] == eot_id  # the token after an <|endoftext|> starts a document
+    starts = starts.reshape(n_tok)  # (b*T,)
+    ar = torch.arange(n_tok, device=idx.device)
+    first = torch.where(starts, ar, 0).cummax(0).values  # (b*T,) the index of each token's document start
+    positions = (ar - first).view(b, T)
+    end = torch.full((1,), n_tok, dtype=ar.dtype, device=idx.device)
+    if idx.device.type == "cpu":
+        cu = torch.cat((ar[starts], end)).to(torch.int32)  # (n+1,)
+        max_seqlen = int((cu[1:] - cu[:-1]).max()) if n_tok else 0
+    else:  # every start first, then n_tok: empty spans
+        cu = torch.cat((torch.where(starts, ar, n_tok).sort().values, end)).to(torch.int32)  # (b*T+1,)
+        max_seqlen = T
+    return cu, positions, max_seqlen
+
+
 # -------------------------------------------------------------------------------- llm.c token shards
 def write_shard(path: str | os.PathLike, tokens) -> Path:
     """Write tokens as an llm.c ``.bin`` shard: 256 int32 header (magic, version, count) + uint16 tokens."""

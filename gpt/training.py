@@ -69,8 +69,10 @@ def _has_loss(model: nn.Module) -> bool:
 
 
 @torch.no_grad()
-def calc_loss_loader(data_loader, model: nn.Module, device, num_batches: int | None = None) -> float:
-    """Average loss over the first ``num_batches`` batches (all by default); NaN for an empty loader."""
+def calc_loss_loader(data_loader, model: nn.Module, device, num_batches: int | None = None, *,
+                     loss_fn=None) -> float:
+    """Average loss over the first ``num_batches`` batches (all by default); NaN for an empty loader.
+    ``loss_fn(model, batch, device)`` replaces ``calc_loss_batch`` (e.g. ``--doc-mask``'s loss)."""
     if len(data_loader) == 0:
         return float("nan")
     num_batches = len(data_loader) if num_batches is None else min(num_batches, len(data_loader))
@@ -78,7 +80,8 @@ def calc_loss_loader(data_loader, model: nn.Module, device, num_batches: int | N
     for i, (input_batch, target_batch) in enumerate(data_loader):
         if i >= num_batches:
             break
-        total += calc_loss_batch(input_batch, target_batch, model, device).item()
+        batch = (input_batch, target_batch)
+        total += (calc_loss_batch(*batch, model, device) if loss_fn is None else loss_fn(model, batch, device)).item()
     return total / num_batches
 
 

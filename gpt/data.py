@@ -1,4 +1,5 @@
-"""Data: the book's sliding-window dataset, text readers, llm.c token shards, an embedded corpus.
+"""Data: the book's sliding-window dataset, text readers, llm.c token shards, an embedded corpus, the
+training batches' order (``EpochBatches``) and the documents of a window (``document_spans``, ``--doc-mask``).
 
 ``python -m gpt.data prepare INPUT... --out DIR`` turns corpora too large for memory into llm.c shards
 (streaming, in parallel; the code is in ``gpt/prepare.py``); ``ShardWindowDataset`` reads them
@@ -165,6 +166,28 @@ def document_spans(idx: torch.Tensor, eot_id: int) -> tuple[torch.Tensor, torch.
         cu = torch.cat((torch.where(starts, ar, n_tok).sort().values, end)).to(torch.int32)  # (b*T+1,)
         max_seqlen = T
     return cu, positions, max_seqlen
+
+
+class EpochBatches:
+    """Deterministic batches: epoch ``e`` is a permutation seeded by ``seed + e``; global batch ``pos``
+    is a contiguous slice of it, split across DDP ranks. Any position can be recomputed (exact resume)."""
+
+    def __init__(self, n_items: int, batch_size: int, *, seed: int, shuffle: bool = True, rank: int = 0,
+                 world: int = 1):
+        self.n, self.batch_size, self.seed, self.shuffle, self.rank, self.world = (
+            n_items, batch_size, seed, shuffle, rank, world)
+        self.global_batch = batch_size * world
+        self.per_epoch = n_items // self.global_batch
+        self._perm_epoch, self._perm = None, None
+
+    def indices(self, pos: int) -> list[int]:
+        epoch, i = divmod(pos, self.per_epoch)
+        if self._perm_epoch != epoch:
+            self._perm = (torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + epoch))
+                          if self.shuffle else torch.arange(self.n))
+            self._perm_epoch = epoch
+        start = i * self.global_batch + self.rank * self.batch_size
+        return self._perm[start:start + self.batch_size].tolist()
 
 
 # -------------------------------------------------------------------------------- llm.c token shards

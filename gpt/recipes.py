@@ -57,6 +57,7 @@ from .training import (
     generate_sample,
     init_distributed,
     perplexity,
+    to_device,
     train,
 )
 from .weights import checkpoint_state_dict, load_state_dict_checked, read_pretrained, resolve_source
@@ -187,8 +188,9 @@ def doc_masked_loss(model, batch, device, eot_id: int):
     (``gpt.data.document_spans``, computed on the loader's CPU tensors: no device sync), positions
     counted from each document's start."""
     cu_seqlens, positions, max_seqlen = document_spans(batch[0], eot_id)
-    return model(batch[0].to(device), targets=batch[1].to(device), positions=positions.to(device),
-                 cu_seqlens=cu_seqlens.to(device), max_seqlen=max_seqlen)
+    return model(to_device(batch[0], device), targets=to_device(batch[1], device),
+                 positions=to_device(positions, device), cu_seqlens=to_device(cu_seqlens, device),
+                 max_seqlen=max_seqlen)
 
 
 def pretrain_spec(args, model, cfg, tokenizer, device):

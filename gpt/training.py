@@ -27,6 +27,7 @@ from torch import nn
 from tqdm import tqdm
 
 from .checkpoint import first_non_finite, load_checkpoint, save_checkpoint
+from .data import EpochBatches
 from .generate import context_length_of, generate
 from .metrics import plot_losses, read_metrics, write_row
 from .tokenizer import text_to_token_ids, token_ids_to_text
@@ -39,11 +40,20 @@ def calc_loss_batch(input_batch: torch.Tensor, target_batch: torch.Tensor, model
 
     Models with a ``loss`` method (both GPTModels, also inside DDP / torch.compile wrappers) compute it
     as ``model(idx, targets=...)``: the fused model then never materializes the logits."""
-    input_batch, target_batch = input_batch.to(device), target_batch.to(device)
+    input_batch, target_batch = to_device(input_batch, device), to_device(target_batch, device)
     if _has_loss(model):
         return model(input_batch, targets=target_batch)
     logits = model(input_batch)
     return nn.functional.cross_entropy(logits.flatten(0, 1).float(), target_batch.flatten())
+
+
+def to_device(t: torch.Tensor, device) -> torch.Tensor:
+    """``t`` on ``device``; a CPU tensor goes to CUDA through pinned memory, asynchronously: a copy from
+    pageable memory would wait for the GPU's queue (a host sync per micro-batch)."""
+    device = torch.device(device)
+    if device.type == "cuda" and t.device.type == "cpu":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
 
 
 def calc_token_logprobs(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
@@ -128,28 +138,6 @@ def lr_at(step: int, total: int, peak: float, warmup: int, min_ratio: float = 0.
         return peak * (step + 1) / warmup
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
     return peak * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
-class EpochBatches:
-    """Deterministic batches: epoch ``e`` is a permutation seeded by ``seed + e``; global batch ``pos``
-    is a contiguous slice of it, split across DDP ranks. Any position can be recomputed (exact resume)."""
-
-    def __init__(self, n_items: int, batch_size: int, *, seed: int, shuffle: bool = True, rank: int = 0,
-                 world: int = 1):
-        self.n, self.batch_size, self.seed, self.shuffle, self.rank, self.world = (
-            n_items, batch_size, seed, shuffle, rank, world)
-        self.global_batch = batch_size * world
-        self.per_epoch = n_items // self.global_batch
-        self._perm_epoch, self._perm = None, None
-
-    def indices(self, pos: int) -> list[int]:
-        epoch, i = divmod(pos, self.per_epoch)
-        if self._perm_epoch != epoch:
-            self._perm = (torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + epoch))
-                          if self.shuffle else torch.arange(self.n))
-            self._perm_epoch = epoch
-        start = i * self.global_batch + self.rank * self.batch_size
-        return self._perm[start:start + self.batch_size].tolist()
 
 
 # ------------------------------------------------------------------------------------ distributed
@@ -338,9 +326,8 @@ class _Loop:
         return lr
 
     def accumulate(self, train_model: nn.Module, step: int) -> tuple[torch.Tensor, int, dict]:
-        """Forward and backward of the step's ``grad_accum`` micro-batches: (the loss summed on the device,
-        input tokens of the global batch, the device sums of the statistics the loss function returned,
-        such as DPO's rewards). Nothing here reads a value back to the host: no sync per micro-batch."""
+        """Forward and backward of the step's micro-batches: (the loss summed on the device, input tokens of
+        the global batch, device sums of the loss function's statistics, e.g. DPO's rewards); no sync."""
         cfg, d = self.cfg, self.d
         loss_sum = torch.zeros((), dtype=torch.float32, device=self.device)
         tokens, stats = 0, {}
@@ -355,7 +342,8 @@ class _Loop:
                 if isinstance(loss, tuple):  # (loss, {name: value}): statistics logged with the step
                     loss, micro_stats = loss
                     for k, v in micro_stats.items():
-                        v = torch.as_tensor(v.detach() if isinstance(v, torch.Tensor) else v, device=self.device)
+                        v = (v.detach() if isinstance(v, torch.Tensor)  # a number: a fill, not a copy
+                             else torch.full((), float(v), device=self.device))
                         stats[k] = stats.get(k, 0.0) + v.float() / cfg.grad_accum
                 loss = loss / cfg.grad_accum
             self.scaler.scale(loss).backward()
@@ -367,17 +355,15 @@ class _Loop:
         """The step's one host sync: (mean loss over the ranks, gradient norm, the statistics' means) read
         back together in one ``tolist``; under DDP one all-reduce carries the loss, the statistics and the
         stop flag (``stopping``)."""
-        names = list(stats)
-        values = torch.stack([loss_sum, *(stats[k] for k in names)])  # (1 + n_stats,) fp32
-        if self.d.world > 1:
-            flag = torch.tensor([float(stop.requested)], device=self.device)
-            values = torch.cat([values, flag])  # (2 + n_stats,)
+        names, world = list(stats), self.d.world
+        flag = torch.full((), float(stop.requested), device=self.device)  # (a fill: no copy from the host)
+        values = torch.stack([loss_sum, *(stats[k] for k in names), flag])  # (2 + n_stats,) fp32
+        if world > 1:
             dist.all_reduce(values)
-            values = torch.cat([values[:-1] / self.d.world, values[-1:]])
-        host = torch.cat([values, grad_norm.detach().float().reshape(1)]).tolist()  # the sync
-        if self.d.world > 1:
-            self.stop_agreed = host[-2] > 0
-        return host[0], host[-1], {k: round(v, 6) for k, v in zip(names, host[1:1 + len(names)])}
+        *means, flag, norm = torch.cat([values, grad_norm.detach().float().reshape(1)]).tolist()  # the sync
+        self.stop_agreed = flag > 0
+        means = [v / world for v in means]
+        return means[0], norm, {k: round(v, 6) for k, v in zip(names, means[1:])}
 
     def apply(self, step: int, loss_sum: torch.Tensor, stats: dict, stop: _StopFlag) -> tuple[float, float, dict]:
         """Clip, check and apply the accumulated gradients: (loss, gradient norm before clipping, the

@@ -5,7 +5,7 @@ micro-batch.
 The counter sits below the loop's code: a ``TorchDispatchMode`` sees every op that must read device
 memory to return (``aten._local_scalar_dense``, which ``.item()``, ``float()``, ``bool()``, ``int()``
 and ``math.isfinite(tensor)`` all reach, ``nonzero``, ``masked_select``, boolean indexing, ``equal``,
-``unique``), a ``TorchFunctionMode`` the reads that dispatch no op on CPU (``tolist``, ``numpy``,
+``unique``, a copy to the host or a blocking one from pageable host memory), a ``TorchFunctionMode`` the reads that dispatch no op on CPU (``tolist``, ``numpy``,
 ``cpu``), and ``torch.cuda.synchronize`` is patched. Left out, because on a GPU they read host memory
 only: AdamW reading its own step counters (by identity: PyTorch keeps them on the host on every device;
 the fused CUDA AdamW reads none), the data order (``EpochBatches.indices``: a CPU permutation) and the
@@ -27,7 +27,7 @@ pytestmark = pytest.mark.usefixtures("fallback_path")
 SYNC_OPS = {"_local_scalar_dense", "nonzero", "masked_select", "equal", "is_nonzero", "_unique", "_unique2",
             "unique_dim", "unique_consecutive"}
 HOST_READS = {"tolist", "numpy", "cpu"}
-HOST_ONLY = {("gpt/training.py", "indices"), ("kernels/cross_entropy.py", "_check_args")}  # (file, function)
+HOST_ONLY = {("gpt/data.py", "indices"), ("kernels/cross_entropy.py", "_check_args")}  # (file, function)
 
 
 def _in_host_only_code() -> bool:
@@ -54,10 +54,25 @@ class SyncCounter(TorchDispatchMode):
         name = func.overloadpacket.__name__
         bool_index = name == "index" and any(isinstance(i, torch.Tensor) and i.dtype == torch.bool
                                              for i in (args[1] if len(args) > 1 else []) if i is not None)
-        if ((name in SYNC_OPS or bool_index) and not any(args and args[0] is t for t in self.host_tensors())
-                and not _in_host_only_code()):
+        if ((name in SYNC_OPS or bool_index or _blocking_copy(name, args, kwargs))
+                and not any(args and args[0] is t for t in self.host_tensors()) and not _in_host_only_code()):
             self.events.append(("sync", name))
         return func(*args, **kwargs)
+
+
+def _blocking_copy(name, args, kwargs) -> bool:
+    """A copy between the host and an accelerator that waits for its queue: device -> host always, host ->
+    device unless asynchronous from pinned memory (a pageable copy synchronizes the stream)."""
+    if name == "_to_copy":
+        src, dst, non_blocking = args[0], kwargs.get("device"), kwargs.get("non_blocking", False)
+    elif name == "copy_":
+        dst, src = args[0].device, args[1]
+        non_blocking = args[2] if len(args) > 2 else kwargs.get("non_blocking", False)
+    else:
+        return False
+    if not isinstance(src, torch.Tensor) or dst is None or (src.device.type == "cpu") == (dst.type == "cpu"):
+        return False
+    return src.device.type != "cpu" or not (non_blocking and src.is_pinned())
 
 
 class HostReads(TorchFunctionMode):
@@ -72,7 +87,7 @@ class HostReads(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
-def _run(tmp_path, monkeypatch, loss_fn, *, steps=3, grad_accum=4):
+def _run(tmp_path, monkeypatch, loss_fn, *, steps=3, grad_accum=4, device="cpu"):
     torch.manual_seed(0)
     cfg = GPTConfig(vocab_size=64, context_length=16, emb_dim=32, n_heads=2, n_layers=2, drop_rate=0.0)
     model = GPTModel(cfg)
@@ -101,7 +116,7 @@ def _run(tmp_path, monkeypatch, loss_fn, *, steps=3, grad_accum=4):
         return [s["step"] for o in optimizers for s in o.state.values() if "step" in s]
 
     with SyncCounter(events, host_tensors), HostReads(events):
-        train(model, spec, loop, tmp_path, torch.device("cpu"), log=lambda *a: None)
+        train(model, spec, loop, tmp_path, torch.device(device), log=lambda *a: None)
     return events
 
 
@@ -128,8 +143,12 @@ def _per_step(events, grad_accum):
     return [(s["micro"][:-1], s["micro"][-1], s["after"]) for s in steps]
 
 
-def test_one_sync_per_optimizer_step_none_per_micro_batch(tmp_path, monkeypatch):
-    events = _run(tmp_path, monkeypatch, lambda m, batch, dev: calc_loss_batch(batch[0], batch[1], m, dev))
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_one_sync_per_optimizer_step_none_per_micro_batch(tmp_path, monkeypatch, device):
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    events = _run(tmp_path, monkeypatch, lambda m, batch, dev: calc_loss_batch(batch[0], batch[1], m, dev),
+                  device=device)
     steps = _per_step(events, 4)
     assert len(steps) == 3 and sum(e == ("opt_step",) for e in events) == 3
     for i, (inside, last, after) in enumerate(steps):

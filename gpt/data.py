@@ -1,4 +1,5 @@
-"""Data: the book's sliding-window dataset, text readers, llm.c token shards, an embedded corpus.
+"""Data: the book's sliding-window dataset, text readers, llm.c token shards, an embedded corpus, the
+training batches' order (``EpochBatches``) and the documents of a window (``document_spans``, ``--doc-mask``).
 
 ``python -m gpt.data prepare INPUT... --out DIR`` turns corpora too large for memory into llm.c shards
 (streaming, in parallel; the code is in ``gpt/prepare.py``); ``ShardWindowDataset`` reads them
@@ -138,6 +139,55 @@ def train_val_split(data, train_ratio: float = 0.9):
         raise ValueError(f"train_ratio must be in (0, 1), got {train_ratio}")
     split = int(train_ratio * len(data))
     return data[:split], data[split:]
+
+
+def document_spans(idx: torch.Tensor, eot_id: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """The documents of a batch of windows ``idx (b, T)``, for document-masked attention (``--doc-mask``):
+    a document ends with its ``<|endoftext|>`` (``eot_id``) and the next token starts the next one; each
+    window row starts one too, so no document spans two rows. Returns ``(cu_seqlens, positions,
+    max_seqlen)``: int32 ``(n+1,)`` prefix sums over the ``b * T`` flattened tokens (``GPTModel``'s
+    ``cu_seqlens``), each token's position within its document ``(b, T)`` (0 at a document's first token,
+    as if the document were run alone), and a Python int bounding the lengths. On the CPU, where the
+    loaders' batches are, ``n`` and ``max_seqlen`` are exact (host memory is read); on an accelerator
+    nothing is read back: the spans are padded with empty ones to ``b * T + 1`` and ``max_seqlen`` is ``T``."""
+    b, T = idx.shape
+    n_tok = b * T
+    starts = torch.ones((b, T), dtype=torch.bool, device=idx.device)
+    starts[:, 1:] = idx[:, :-1] == eot_id  # the token after an <|endoftext|> starts a document
+    starts = starts.reshape(n_tok)  # (b*T,)
+    ar = torch.arange(n_tok, device=idx.device)
+    first = torch.where(starts, ar, 0).cummax(0).values  # (b*T,) the index of each token's document start
+    positions = (ar - first).view(b, T)
+    end = torch.full((1,), n_tok, dtype=ar.dtype, device=idx.device)
+    if idx.device.type == "cpu":
+        cu = torch.cat((ar[starts], end)).to(torch.int32)  # (n+1,)
+        max_seqlen = int((cu[1:] - cu[:-1]).max()) if n_tok else 0
+    else:  # every start first, then n_tok: empty spans
+        cu = torch.cat((torch.where(starts, ar, n_tok).sort().values, end)).to(torch.int32)  # (b*T+1,)
+        max_seqlen = T
+    return cu, positions, max_seqlen
+
+
+class EpochBatches:
+    """Deterministic batches: epoch ``e`` is a permutation seeded by ``seed + e``; global batch ``pos``
+    is a contiguous slice of it, split across DDP ranks. Any position can be recomputed (exact resume)."""
+
+    def __init__(self, n_items: int, batch_size: int, *, seed: int, shuffle: bool = True, rank: int = 0,
+                 world: int = 1):
+        self.n, self.batch_size, self.seed, self.shuffle, self.rank, self.world = (
+            n_items, batch_size, seed, shuffle, rank, world)
+        self.global_batch = batch_size * world
+        self.per_epoch = n_items // self.global_batch
+        self._perm_epoch, self._perm = None, None
+
+    def indices(self, pos: int) -> list[int]:
+        epoch, i = divmod(pos, self.per_epoch)
+        if self._perm_epoch != epoch:
+            self._perm = (torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + epoch))
+                          if self.shuffle else torch.arange(self.n))
+            self._perm_epoch = epoch
+        start = i * self.global_batch + self.rank * self.batch_size
+        return self._perm[start:start + self.batch_size].tolist()
 
 
 # -------------------------------------------------------------------------------- llm.c token shards

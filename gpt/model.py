@@ -94,6 +94,18 @@ class Attention(CausalSelfAttention):
             ctx = decode_attention(q, k_cache, v_cache, seqlens)
         return self.merge(ctx)
 
+    def forward_varlen(self, x: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int) -> torch.Tensor:
+        """Causal attention within spans of the flattened ``b * T`` tokens (``cu_seqlens`` int32 ``(n+1,)``
+        prefix sums, each span at most ``max_seqlen`` long): no token attends across a span boundary
+        (``--doc-mask``: the documents of each window)."""
+        b, T, _ = x.shape
+        H, D = self.num_heads, self.head_dim
+        q, k, v = (t.transpose(1, 2).reshape(b * T, H, D) for t in self.qkv(x))  # (b, H, T, D) -> (b*T, H, D)
+        dropout_p = self.dropout_p if self.training else 0.0
+        ctx = flash_attention_varlen(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, causal=True,
+                                     dropout_p=dropout_p)  # (b*T, H, D)
+        return self.merge(ctx.view(b, T, H, D).transpose(1, 2))  # (b, T, H, D) -> (b, H, T, D)
+
 
 class TransformerBlock(nn.Module):
     """The book's block (``att``, ``ff``, ``norm1``, ``norm2``, ``drop_shortcut``). The model drives the
@@ -139,14 +151,24 @@ class GPTModel(nn.Module):
 
     def forward(self, in_idx: torch.Tensor, *, targets: torch.Tensor | None = None, ignore_index: int = -100,
                 reduction: str = "mean", cache: KVCache | None = None, positions: torch.Tensor | None = None,
-                seqlens: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits ``(b, T, vocab)``; with ``targets`` the token loss instead (see ``loss``). With ``cache``: ``positions (T,)`` (or per row ``(b, T)``) are the
-        tokens' absolute positions (written into the cache); ``seqlens (b,)`` int32 switches to decode
-        attention. Without ``seqlens`` it is a prefill at any offset: consecutive ``positions (T,)``
-        (default ``0..T-1``), attending over the cached prefix too (gpt/decoder.py drives it); a
-        ``cache.packed(...)`` view prefills several sequences packed in ``in_idx (1, total)`` and returns
-        each one's last logits ``(1, n, vocab)``."""
+                seqlens: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None,
+                max_seqlen: int | None = None) -> torch.Tensor:
+        """Logits ``(b, T, vocab)``; with ``targets`` the token loss instead (see ``loss``).
+
+        With ``cache``: ``positions (T,)`` (or per row ``(b, T)``) are the tokens' absolute positions
+        (written into the cache); ``seqlens (b,)`` int32 switches to decode attention. Without ``seqlens``
+        it is a prefill at any offset: consecutive ``positions (T,)`` (default ``0..T-1``), attending over
+        the cached prefix too (gpt/decoder.py drives it); a ``cache.packed(...)`` view prefills several
+        sequences packed in ``in_idx (1, total)`` and returns each one's last logits ``(1, n, vocab)``.
+
+        ``cu_seqlens`` int32 ``(n+1,)`` (no cache): attention stays within those spans of the flattened
+        ``b * T`` tokens, each at most ``max_seqlen`` (default ``T``) long; ``positions`` then gives each
+        token's position (``gpt.data.document_spans``: per document)."""
         _, T = in_idx.shape
+        if cu_seqlens is not None and cache is not None:
+            raise ValueError("cu_seqlens (document-masked attention) is for training; it excludes a KV cache")
+        if T > self.cfg.context_length and (positions is None or cu_seqlens is not None):
+            raise ValueError(f"sequence length {T} exceeds context_length {self.cfg.context_length}")
         kv_len = None  # a prefill's keys: cache positions 0..kv_len-1
         if isinstance(cache, PackedPrefill):  # (its rows, starts and lengths were checked against its cache)
             positions, kv_len = cache.positions.view(1, -1), cache.max_seqlen_k  # (1, total)
@@ -161,14 +183,14 @@ class GPTModel(nn.Module):
         if kv_len is not None and kv_len > self.cfg.context_length:
             raise ValueError(f"a prefill up to position {kv_len} exceeds context_length {self.cfg.context_length}")
         if positions is None:
-            if T > self.cfg.context_length:
-                raise ValueError(f"sequence length {T} exceeds context_length {self.cfg.context_length}")
             positions = torch.arange(T, device=in_idx.device)
         x = self._embed(in_idx, positions)
         first = self.trf_blocks[0].norm1
         normed, resid = layer_norm(x, first.scale, first.shift, first.eps), x
         for i, block in enumerate(self.trf_blocks):
-            if cache is None:
+            if cu_seqlens is not None:
+                a = block.att.forward_varlen(normed, cu_seqlens, T if max_seqlen is None else max_seqlen)
+            elif cache is None:
                 a = block.att(normed)
             else:
                 a = block.att.forward_cached(normed, cache, i, positions, seqlens, kv_len)

@@ -25,6 +25,7 @@ from .data import (
     ShardWindowDataset,
     TokenWindowDataset,
     default_corpus,
+    document_spans,
     load_tokens,
     split_shards,
     train_val_split,
@@ -56,6 +57,7 @@ from .training import (
     generate_sample,
     init_distributed,
     perplexity,
+    to_device,
     train,
 )
 from .weights import checkpoint_state_dict, load_state_dict_checked, read_pretrained, resolve_source
@@ -181,9 +183,21 @@ def check_token_ids(arrays, vocab_size: int, source: str) -> None:
         raise DataError(f"{source} holds token id {top}, outside the model's vocabulary of {vocab_size}")
 
 
+def doc_masked_loss(model, batch, device, eot_id: int):
+    """``--doc-mask``'s loss of a ``(input, target)`` batch: attention within the documents of each window
+    (``gpt.data.document_spans``, computed on the loader's CPU tensors: no device sync), positions
+    counted from each document's start."""
+    cu_seqlens, positions, max_seqlen = document_spans(batch[0], eot_id)
+    return model(to_device(batch[0], device), targets=to_device(batch[1], device),
+                 positions=to_device(positions, device), cu_seqlens=to_device(cu_seqlens, device),
+                 max_seqlen=max_seqlen)
+
+
 def pretrain_spec(args, model, cfg, tokenizer, device):
     """The pretrain recipe: (TrainSpec, info line, None) for text files/folders or llm.c shards (split 90/10),
     a prepared folder (its *train* / *val* shards) or the embedded corpus."""
+    if getattr(args, "doc_mask", False) and (FusedGPT is None or not isinstance(model, FusedGPT)):
+        raise ValueError("--doc-mask needs the fused model: the reference backend has no document-masked attention")
     ctx = cfg.context_length if args.context_length is None else args.context_length
     if ctx > cfg.context_length:
         raise ValueError(f"--context-length {ctx} exceeds the model's context_length {cfg.context_length}")
@@ -210,8 +224,15 @@ def pretrain_spec(args, model, cfg, tokenizer, device):
         raise ValueError(f"--eval-hellaswag needs a model of GPT-2's vocabulary ({tokenizer.n_vocab} tokens); this "
                          f"one has {cfg.vocab_size}")
 
+    if getattr(args, "doc_mask", False):
+        def loss_fn(m, batch, dev):
+            return doc_masked_loss(m, batch, dev, tokenizer.eot_token)
+    else:
+        def loss_fn(m, batch, dev):
+            return calc_loss_batch(batch[0], batch[1], m, dev)
+
     def evaluate(m):
-        val = calc_loss_loader(val_loader, m, device, args.eval_batches)
+        val = calc_loss_loader(val_loader, m, device, args.eval_batches, loss_fn=loss_fn)
         metrics = {"val_loss": val, "val_ppl": perplexity(val)}
         if hellaswag is not None:
             scores, _ = evaluate_hellaswag(m, hellaswag, tokenizer, batch_size=args.batch_size, device=device)
@@ -221,7 +242,7 @@ def pretrain_spec(args, model, cfg, tokenizer, device):
     spec = TrainSpec(
         train_data=train_ds,
         collate=_stack,
-        loss_fn=lambda m, batch, dev: calc_loss_batch(batch[0], batch[1], m, dev),
+        loss_fn=loss_fn,
         evaluate=evaluate,
         sample=(lambda m: generate_sample(m, tokenizer, device, prompt, max_new_tokens=30, temperature=0.8,
                                           top_k=40, generator=torch.Generator(device).manual_seed(args.seed)))
@@ -229,6 +250,7 @@ def pretrain_spec(args, model, cfg, tokenizer, device):
         extra={"task": "pretrain"},
     )
     info = f"data: {source}: {n_train:,} train / {n_val:,} val tokens, context {ctx}" + (
+        "; attention within documents (--doc-mask)" if getattr(args, "doc_mask", False) else "") + (
         f"; HellaSwag: {len(hellaswag)} examples of {args.eval_hellaswag}" if hellaswag is not None else "")
     return spec, info, None
 

@@ -27,7 +27,9 @@ from torch import nn
 from tqdm import tqdm
 
 from .checkpoint import first_non_finite, load_checkpoint, save_checkpoint
+from .data import EpochBatches
 from .generate import context_length_of, generate
+from .metrics import plot_losses, read_metrics, write_row
 from .tokenizer import text_to_token_ids, token_ids_to_text
 
 
@@ -38,11 +40,20 @@ def calc_loss_batch(input_batch: torch.Tensor, target_batch: torch.Tensor, model
 
     Models with a ``loss`` method (both GPTModels, also inside DDP / torch.compile wrappers) compute it
     as ``model(idx, targets=...)``: the fused model then never materializes the logits."""
-    input_batch, target_batch = input_batch.to(device), target_batch.to(device)
+    input_batch, target_batch = to_device(input_batch, device), to_device(target_batch, device)
     if _has_loss(model):
         return model(input_batch, targets=target_batch)
     logits = model(input_batch)
     return nn.functional.cross_entropy(logits.flatten(0, 1).float(), target_batch.flatten())
+
+
+def to_device(t: torch.Tensor, device) -> torch.Tensor:
+    """``t`` on ``device``; a CPU tensor goes to CUDA through pinned memory, asynchronously: a copy from
+    pageable memory would wait for the GPU's queue (a host sync per micro-batch)."""
+    device = torch.device(device)
+    if device.type == "cuda" and t.device.type == "cpu":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
 
 
 def calc_token_logprobs(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
@@ -68,8 +79,10 @@ def _has_loss(model: nn.Module) -> bool:
 
 
 @torch.no_grad()
-def calc_loss_loader(data_loader, model: nn.Module, device, num_batches: int | None = None) -> float:
-    """Average loss over the first ``num_batches`` batches (all by default); NaN for an empty loader."""
+def calc_loss_loader(data_loader, model: nn.Module, device, num_batches: int | None = None, *,
+                     loss_fn=None) -> float:
+    """Average loss over the first ``num_batches`` batches (all by default); NaN for an empty loader.
+    ``loss_fn(model, batch, device)`` replaces ``calc_loss_batch`` (e.g. ``--doc-mask``'s loss)."""
     if len(data_loader) == 0:
         return float("nan")
     num_batches = len(data_loader) if num_batches is None else min(num_batches, len(data_loader))
@@ -77,7 +90,8 @@ def calc_loss_loader(data_loader, model: nn.Module, device, num_batches: int | N
     for i, (input_batch, target_batch) in enumerate(data_loader):
         if i >= num_batches:
             break
-        total += calc_loss_batch(input_batch, target_batch, model, device).item()
+        batch = (input_batch, target_batch)
+        total += (calc_loss_batch(*batch, model, device) if loss_fn is None else loss_fn(model, batch, device)).item()
     return total / num_batches
 
 
@@ -126,28 +140,6 @@ def lr_at(step: int, total: int, peak: float, warmup: int, min_ratio: float = 0.
     return peak * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-class EpochBatches:
-    """Deterministic batches: epoch ``e`` is a permutation seeded by ``seed + e``; global batch ``pos``
-    is a contiguous slice of it, split across DDP ranks. Any position can be recomputed (exact resume)."""
-
-    def __init__(self, n_items: int, batch_size: int, *, seed: int, shuffle: bool = True, rank: int = 0,
-                 world: int = 1):
-        self.n, self.batch_size, self.seed, self.shuffle, self.rank, self.world = (
-            n_items, batch_size, seed, shuffle, rank, world)
-        self.global_batch = batch_size * world
-        self.per_epoch = n_items // self.global_batch
-        self._perm_epoch, self._perm = None, None
-
-    def indices(self, pos: int) -> list[int]:
-        epoch, i = divmod(pos, self.per_epoch)
-        if self._perm_epoch != epoch:
-            self._perm = (torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + epoch))
-                          if self.shuffle else torch.arange(self.n))
-            self._perm_epoch = epoch
-        start = i * self.global_batch + self.rank * self.batch_size
-        return self._perm[start:start + self.batch_size].tolist()
-
-
 # ------------------------------------------------------------------------------------ distributed
 @dataclass
 class Dist:
@@ -173,14 +165,6 @@ def init_distributed(device_arg: str | None) -> tuple[Dist, torch.device]:
     if not dist.is_initialized():
         dist.init_process_group("nccl" if use_cuda else "gloo")
     return Dist(rank, world, local_rank), torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
-
-
-def _mean_across_ranks(value: float, d: Dist, device) -> float:
-    if d.world == 1:
-        return value
-    t = torch.tensor([value], dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return t.item() / d.world
 
 
 # ----------------------------------------------------------------------------------- training loop
@@ -270,45 +254,6 @@ def autocast_context(dtype: str, device: torch.device):
     return torch.autocast(device.type, dtype=torch.bfloat16 if dtype == "bf16" else torch.float16)
 
 
-def read_metrics(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def plot_losses(out: Path) -> None:
-    """``loss.png`` from ``metrics.jsonl`` (skipped quietly without matplotlib)."""
-    try:
-        import matplotlib  # optional (the dev extra): lazy, only to draw loss.png
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return
-    rows = read_metrics(out / "metrics.jsonl")
-    if not rows:
-        return
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot([r["step"] for r in rows], [r["train_loss"] for r in rows], label="train", lw=1)
-    val = [(r["step"], r["val_loss"]) for r in rows if r.get("val_loss") is not None]
-    if val:
-        ax.plot(*zip(*val), "o-", label="validation")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    hs = [(r["step"], r["hellaswag_acc_norm"]) for r in rows if r.get("hellaswag_acc_norm") is not None]
-    if hs:  # train.py pretrain --eval-hellaswag: accuracy on a second axis
-        ax2 = ax.twinx()
-        ax2.plot(*zip(*hs), "s--", color="tab:green", label="HellaSwag acc_norm")
-        ax2.set_ylabel("HellaSwag acc_norm")
-        ax2.legend(loc="upper center")
-    ax.legend()
-    fig.tight_layout()
-    tmp = out / ".loss.png.tmp.png"
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, out / "loss.png")
-
-
 def last_good(out: Path) -> str:
     path = out / "ckpt-last.pt"
     return f"the last good checkpoint is {path}" if path.is_file() else "no checkpoint was written yet"
@@ -328,6 +273,7 @@ class _Loop:
         self.metrics_path = out / "metrics.jsonl"
         self.amp = autocast_context(cfg.dtype, device)
         self.last_save = time.monotonic()
+        self.stop_agreed = False  # (DDP) some rank was signalled, as of the last step's all-reduce
         self.sampler = EpochBatches(len(spec.train_data), cfg.batch_size, seed=cfg.seed, rank=d.rank,
                                     world=d.world)
         if self.sampler.per_epoch == 0:
@@ -368,12 +314,10 @@ class _Loop:
         if name == "ckpt-last.pt":
             self.last_save = time.monotonic()
 
-    def stopping(self, stop: _StopFlag) -> bool:  # under DDP a signal on any rank stops every rank at the same step
-        if self.d.world == 1:
-            return stop.requested
-        flag = torch.tensor([float(stop.requested)], device=self.device)
-        dist.all_reduce(flag)
-        return flag.item() > 0
+    def stopping(self, stop: _StopFlag) -> bool:
+        """Under DDP a signal on any rank stops every rank at the same step: the flag travels in the
+        previous step's one all-reduce (``step_values``), so checking it costs no extra sync."""
+        return stop.requested if self.d.world == 1 else self.stop_agreed
 
     def set_lr(self, step: int) -> float:
         lr = lr_at(step, self.cfg.steps, self.cfg.lr, self.cfg.warmup)
@@ -381,12 +325,12 @@ class _Loop:
             group["lr"] = lr
         return lr
 
-    def accumulate(self, train_model: nn.Module, step: int) -> tuple[float, int, dict]:
-        """Forward and backward of the step's ``grad_accum`` micro-batches: (mean loss over the ranks,
-        input tokens of the global batch, the mean of the statistics the loss function returned, such as
-        DPO's rewards); a non-finite loss stops the run before any update."""
+    def accumulate(self, train_model: nn.Module, step: int) -> tuple[torch.Tensor, int, dict]:
+        """Forward and backward of the step's micro-batches: (the loss summed on the device, input tokens of
+        the global batch, device sums of the loss function's statistics, e.g. DPO's rewards); no sync."""
         cfg, d = self.cfg, self.d
-        loss_sum, tokens, stats = 0.0, 0, {}
+        loss_sum = torch.zeros((), dtype=torch.float32, device=self.device)
+        tokens, stats = 0, {}
         for micro in range(cfg.grad_accum):
             batch = self.spec.collate([self.spec.train_data[i]
                                        for i in self.sampler.indices(step * cfg.grad_accum + micro)])
@@ -398,29 +342,47 @@ class _Loop:
                 if isinstance(loss, tuple):  # (loss, {name: value}): statistics logged with the step
                     loss, micro_stats = loss
                     for k, v in micro_stats.items():
-                        stats[k] = stats.get(k, 0.0) + float(v) / cfg.grad_accum
+                        v = (v.detach() if isinstance(v, torch.Tensor)  # a number: a fill, not a copy
+                             else torch.full((), float(v), device=self.device))
+                        stats[k] = stats.get(k, 0.0) + v.float() / cfg.grad_accum
                 loss = loss / cfg.grad_accum
             self.scaler.scale(loss).backward()
-            loss_sum += loss.item()
-        loss_val = _mean_across_ranks(loss_sum, d, self.device)
-        stats = {k: round(_mean_across_ranks(v, d, self.device), 6) for k, v in stats.items()}
+            loss_sum += loss.detach().float()
+        return loss_sum, tokens, stats
+
+    def step_values(self, loss_sum: torch.Tensor, grad_norm: torch.Tensor, stats: dict,
+                    stop: _StopFlag) -> tuple[float, float, dict]:
+        """The step's one host sync: (mean loss over the ranks, gradient norm, the statistics' means) read
+        back together in one ``tolist``; under DDP one all-reduce carries the loss, the statistics and the
+        stop flag (``stopping``)."""
+        names, world = list(stats), self.d.world
+        flag = torch.full((), float(stop.requested), device=self.device)  # (a fill: no copy from the host)
+        values = torch.stack([loss_sum, *(stats[k] for k in names), flag])  # (2 + n_stats,) fp32
+        if world > 1:
+            dist.all_reduce(values)
+        *means, flag, norm = torch.cat([values, grad_norm.detach().float().reshape(1)]).tolist()  # the sync
+        self.stop_agreed = flag > 0
+        means = [v / world for v in means]
+        return means[0], norm, {k: round(v, 6) for k, v in zip(names, means[1:])}
+
+    def apply(self, step: int, loss_sum: torch.Tensor, stats: dict, stop: _StopFlag) -> tuple[float, float, dict]:
+        """Clip, check and apply the accumulated gradients: (loss, gradient norm before clipping, the
+        statistics) from the step's one sync. A non-finite loss or gradient norm stops the run before the
+        update."""
+        self.scaler.unscale_(self.optimizer)  # (a no-op without fp16's grad scaler)
+        clip = self.cfg.clip if self.cfg.clip > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)  # a device scalar
+        loss_val, grad_norm, stats = self.step_values(loss_sum, grad_norm, stats, stop)
         if not math.isfinite(loss_val):
             raise TrainingDiverged(f"loss is {loss_val} at step {step + 1}; stopped without saving it "
                                    f"({last_good(self.out)})")
-        return loss_val, tokens, stats
-
-    def apply(self, step: int, loss_val: float) -> float:
-        """Clip, check and apply the accumulated gradients; the gradient norm before clipping."""
-        self.scaler.unscale_(self.optimizer)  # (a no-op without fp16's grad scaler)
-        clip = self.cfg.clip if self.cfg.clip > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip).item()
         if not math.isfinite(grad_norm) and not self.scaler.is_enabled():  # fp16: the scaler skips the step
             raise TrainingDiverged(f"gradient norm is {grad_norm} at step {step + 1} (loss {loss_val:.4g}); "
                                    f"stopped before applying it ({last_good(self.out)})")
-        self.scaler.step(self.optimizer)
+        self.scaler.step(self.optimizer)  # (fp16: fused AdamW on CUDA takes found_inf on the device, no sync)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
-        return grad_norm
+        return loss_val, grad_norm, stats
 
     def evaluate(self, step: int, loss_val: float) -> dict:
         """Evaluate, print the metrics (and a sample), keep ``ckpt-best.pt`` for the best ``val_loss``."""
@@ -443,13 +405,6 @@ class _Loop:
         if cfg.save_every_minutes is not None and self.d.main:  # only rank 0 writes: no need to agree
             due = due or time.monotonic() - self.last_save >= cfg.save_every_minutes * 60
         return due
-
-
-def _write_row(metrics, row: dict) -> None:
-    if metrics is not None:
-        metrics.write(json.dumps({k: None if isinstance(v, float) and not math.isfinite(v) else v
-                                  for k, v in row.items()}) + "\n")  # strict JSON: NaN -> null
-        metrics.flush()
 
 
 def train(model: nn.Module, spec: TrainSpec, cfg: LoopConfig, out: Path, device: torch.device, *,
@@ -480,8 +435,8 @@ def train(model: nn.Module, spec: TrainSpec, cfg: LoopConfig, out: Path, device:
                     raise Interrupted(f"interrupted at step {step}; saved {out / 'ckpt-last.pt'}, continue with "
                                       "--resume", 128 + (stop.signum or signal.SIGINT))
                 lr = loop.set_lr(step)
-                loss_val, tokens, stats = loop.accumulate(train_model, step)
-                grad_norm = loop.apply(step, loss_val)
+                loss_sum, tokens, stats = loop.accumulate(train_model, step)
+                loss_val, grad_norm, stats = loop.apply(step, loss_sum, stats, stop)
                 step += 1
                 now = time.perf_counter()
                 row = {"step": step, "train_loss": round(loss_val, 6), "lr": lr,
@@ -496,7 +451,7 @@ def train(model: nn.Module, spec: TrainSpec, cfg: LoopConfig, out: Path, device:
                     last_eval = loop.evaluate(step, loss_val)
                     row.update(last_eval)
                     t_last = time.perf_counter()  # evaluation is not training throughput
-                _write_row(metrics, row)
+                write_row(metrics, row)
                 if loop.save_due(step):
                     loop.checkpoint(step)
                     if d.main and evaluated:  # (plotting takes a second)

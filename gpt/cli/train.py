@@ -137,6 +137,9 @@ def build_parser(command: str | None) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=NONNEG_INT, default=123)
     if cmd == "pretrain":
         p.add_argument("--prompt", default=None, help="start of the sample printed at each evaluation")
+        p.add_argument("--doc-mask", action="store_true",
+                       help="attention never crosses an <|endoftext|> inside a window: each document attends "
+                            "only to itself, positions counted from its start (fused backend only)")
         p.add_argument("--eval-hellaswag", default=None, metavar="FILE",
                        help="also report HellaSwag acc / acc_norm of this jsonl at each evaluation (metrics.jsonl, "
                             "loss.png); `--eval-hellaswag` files are read whole, so pick a slice for frequent evals")
@@ -161,7 +164,7 @@ def build_parser(command: str | None) -> argparse.ArgumentParser:
 
 OTHER_COMMANDS_FLAGS = {"context_length": None, "prompt": None, "train_all": False, "predict": None,
                         "mask_prompt": False, "max_new_tokens": 256, "eval_hellaswag": None, "lora_rank": None,
-                        "lora_alpha": None, "beta": None}
+                        "lora_alpha": None, "beta": None, "doc_mask": False}
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -205,7 +205,8 @@ def dpo_spec(train_ds: PreferenceDataset, val_ds: PreferenceDataset, reference_m
     def loss_fn(model, batch, dev):
         batch = {k: v.to(dev) for k, v in batch.items() if k != "prompt"}
         loss, chosen, rejected = compute_dpo_loss_batch(batch, model, reference_model, beta)
-        return loss, stats(loss, chosen, rejected)
+        chosen, rejected = chosen.detach(), rejected.detach()  # device tensors: the loop reads them once a step
+        return loss, {"chosen_reward": chosen, "rejected_reward": rejected, "reward_margin": chosen - rejected}
 
     def evaluate(model):
         n = min(len(val_ds), eval_batches * batch_size)

@@ -167,7 +167,7 @@ class GPTModel(nn.Module):
         _, T = in_idx.shape
         if cu_seqlens is not None and cache is not None:
             raise ValueError("cu_seqlens (document-masked attention) is for training; it excludes a KV cache")
-        if T > self.cfg.context_length and (positions is None or cu_seqlens is not None):
+        if T > self.cfg.context_length and cache is None and (positions is None or cu_seqlens is not None):
             raise ValueError(f"sequence length {T} exceeds context_length {self.cfg.context_length}")
         kv_len = None  # a prefill's keys: cache positions 0..kv_len-1
         if isinstance(cache, PackedPrefill):  # (its rows, starts and lengths were checked against its cache)

@@ -17,6 +17,7 @@ from gpt.data import document_spans
 from gpt.model import GPTModel
 from gpt.reference import GPTModel as ReferenceGPT
 from gpt.tokenizer import get_tokenizer
+from tests.utils import book_named
 
 ROOT = Path(__file__).resolve().parents[1]
 EOT = get_tokenizer().eot_token
@@ -102,10 +103,12 @@ def test_gradients_equal_the_reference_per_document(fallback_path):
     torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-4)
     loss.backward()
     want.backward()
-    ref_grads = dict(ref.named_parameters())
-    for name, p in fused.named_parameters():
-        assert p.grad is not None and torch.isfinite(p.grad).all(), name
-        torch.testing.assert_close(p.grad, ref_grads[name].grad, rtol=1e-4, atol=1e-5, msg=name)
+    ref_grads = {n: p.grad for n, p in ref.named_parameters()}
+    grads = book_named((n, p.grad) for n, p in fused.named_parameters())
+    assert grads.keys() == ref_grads.keys()
+    for name, g in grads.items():
+        assert g is not None and torch.isfinite(g).all(), name
+        torch.testing.assert_close(g, ref_grads[name], rtol=1e-4, atol=1e-5, msg=name)
 
 
 def test_cu_seqlens_exclude_a_cache_and_a_long_window(fallback_path):

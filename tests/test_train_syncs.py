@@ -8,7 +8,8 @@ and ``math.isfinite(tensor)`` all reach, ``nonzero``, ``masked_select``, boolean
 ``unique``, a copy to the host or a blocking one from pageable host memory), a ``TorchFunctionMode`` the reads that dispatch no op on CPU (``tolist``, ``numpy``,
 ``cpu``), and ``torch.cuda.synchronize`` is patched. Left out, because on a GPU they read host memory
 only: AdamW reading its own step counters (by identity: PyTorch keeps them on the host on every device;
-the fused CUDA AdamW reads none), the data order (``EpochBatches.indices``: a CPU permutation) and the
+the fused CUDA AdamW reads none), the data order (``EpochBatches.indices``: a CPU permutation), the instruct collate's padding (host
+tensors, copied to the device once at its end) and the
 kernels' target-range check (``kernels.cross_entropy._check_args``: it runs for CPU targets only)."""
 
 import sys
@@ -27,7 +28,8 @@ pytestmark = pytest.mark.usefixtures("fallback_path")
 SYNC_OPS = {"_local_scalar_dense", "nonzero", "masked_select", "equal", "is_nonzero", "_unique", "_unique2",
             "unique_dim", "unique_consecutive"}
 HOST_READS = {"tolist", "numpy", "cpu"}
-HOST_ONLY = {("gpt/data.py", "indices"), ("kernels/cross_entropy.py", "_check_args")}  # (file, function)
+HOST_ONLY = {("gpt/data.py", "indices"), ("kernels/cross_entropy.py", "_check_args"),  # (file, function)
+             ("gpt/finetune/instruct.py", "custom_collate_fn")}  # (it pads on the host, then copies once)
 
 
 def _in_host_only_code() -> bool:
@@ -199,3 +201,66 @@ def test_the_guard_still_stops_a_nan_loss_before_the_update(tmp_path):
     with pytest.raises(TrainingDiverged, match="loss is nan at step 2"):
         train(model, spec, cfg, tmp_path, torch.device("cpu"), log=lambda *a: None)
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def _recipe_losses(device):
+    """One micro-batch of each finetuning recipe's loss as the loop calls it: (name, thunk)."""
+    import copy
+
+    from gpt.finetune import classify, dpo, instruct
+
+    torch.manual_seed(0)
+    cfg = GPTConfig(vocab_size=97, context_length=32, emb_dim=32, n_heads=2, n_layers=1, drop_rate=0.0)
+    model = GPTModel(cfg).to(device)
+    clf = classify.make_classifier(copy.deepcopy(model), 2)
+    x, y = torch.randint(0, 97, (2, 16)), torch.tensor([0, 1])
+    items = [{"prompt": [5, 6, 7], "chosen": [5, 6, 7, 1, 1, 3, 4], "rejected": [5, 6, 7, 1, 1, 8]},
+             {"prompt": [9, 10], "chosen": [9, 10, 1, 1, 3], "rejected": [9, 10, 1, 1, 8, 8, 8]}]
+
+    class Prefs(dpo.PreferenceDataset):
+        def __init__(self, entries):
+            self.data, self.encoded_texts = entries, entries
+
+    spec = dpo.dpo_spec(Prefs(items), Prefs(items), copy.deepcopy(model), beta=0.1, allowed_max_length=32,
+                        batch_size=2, eval_batches=1, device=torch.device(device), pad_token_id=0)
+    chat = [([5, 6, 7, 8], 2), ([9, 10], 1)]  # (token ids, prompt length)
+    return [
+        ("classify", lambda: classify.loss_fn(clf, (x, y), device)),
+        ("dpo", lambda: spec.loss_fn(model, spec.collate(items), device)),
+        ("instruct", lambda: calc_loss_batch(*instruct.custom_collate_fn(chat, pad_token_id=0, device=device),
+                                             model, device)),
+    ]
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_finetuning_losses_do_not_sync(device):
+    """classify, instruct and DPO: a micro-batch's loss (collate, copy to the device, forward, rewards)
+    reads nothing back (on CUDA: batches through pinned memory, asynchronously)."""
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    for name, thunk in _recipe_losses(device):
+        events: list = []
+        with SyncCounter(events, list), HostReads(events):
+            out = thunk()
+        loss = out[0] if isinstance(out, tuple) else out
+        assert events == [], f"{name}: host syncs in one micro-batch: {events}"
+        assert torch.isfinite(loss.detach()).all(), name
+
+
+def test_a_finetuning_sync_is_seen(monkeypatch):
+    """The counter can fail here: DPO's rewards read with .item() per micro-batch (as before) are counted."""
+    from gpt.finetune import dpo
+
+    real = dpo.compute_dpo_loss_batch
+
+    def reads(*a, **k):
+        loss, chosen, rejected = real(*a, **k)
+        chosen.item()
+        return loss, chosen, rejected
+
+    monkeypatch.setattr(dpo, "compute_dpo_loss_batch", reads)
+    name, thunk = _recipe_losses("cpu")[1]
+    events: list = []
+    with SyncCounter(events, list), HostReads(events):
+        thunk()
+    assert name == "dpo" and ("sync", "_local_scalar_dense") in events

@@ -27,7 +27,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from ..data import DataError
-from ..training import TrainSpec, calc_token_logprobs
+from ..training import TrainSpec, calc_token_logprobs, to_device
 from .instruct import PAD_ID, format_input, read_json_list, split
 
 FIELDS = ("instruction", "chosen", "rejected")  # required; "input" may be absent (""), "output" is unused
@@ -117,7 +117,7 @@ def custom_collate_fn(batch, pad_token_id: int = PAD_ID, allowed_max_length: int
         tensor_stack = torch.stack(batch_data[key])  # (b, T)
         if allowed_max_length is not None:
             tensor_stack = tensor_stack[:, :allowed_max_length]
-        batch_data[key] = tensor_stack.to(device)
+        batch_data[key] = to_device(tensor_stack, device)  # CUDA: pinned, asynchronous (no host sync)
     return batch_data
 
 
@@ -203,7 +203,7 @@ def dpo_spec(train_ds: PreferenceDataset, val_ds: PreferenceDataset, reference_m
                 "reward_margin": (chosen - rejected).item()}
 
     def loss_fn(model, batch, dev):
-        batch = {k: v.to(dev) for k, v in batch.items() if k != "prompt"}
+        batch = {k: to_device(v, dev) for k, v in batch.items() if k != "prompt"}
         loss, chosen, rejected = compute_dpo_loss_batch(batch, model, reference_model, beta)
         chosen, rejected = chosen.detach(), rejected.detach()  # device tensors: the loop reads them once a step
         return loss, {"chosen_reward": chosen, "rejected_reward": rejected, "reward_margin": chosen - rejected}
@@ -213,7 +213,7 @@ def dpo_spec(train_ds: PreferenceDataset, val_ds: PreferenceDataset, reference_m
         rows = []
         for s in range(0, n, batch_size):
             batch = collate([val_ds[i] for i in range(s, min(s + batch_size, n))])
-            batch = {k: v.to(device) for k, v in batch.items() if k != "prompt"}
+            batch = {k: to_device(v, device) for k, v in batch.items() if k != "prompt"}
             loss, chosen, rejected = compute_dpo_loss_batch(batch, model, reference_model, beta)
             rows.append({"val_loss": loss.item(), **{f"val_{k}": v for k, v in stats(loss, chosen, rejected).items()}})
         return {k: sum(r[k] for r in rows) / len(rows) for k in rows[0]} if rows else {}

@@ -16,7 +16,7 @@ from ..batch_generate import iter_batch
 from ..data import DataError
 from ..generate import generate
 from ..tokenizer import EOT_ID, text_to_token_ids, token_ids_to_text
-from ..training import TrainSpec, calc_loss_batch, calc_loss_loader
+from ..training import TrainSpec, calc_loss_batch, calc_loss_loader, to_device
 
 PAD_ID = EOT_ID  # <|endoftext|> pads the batches and stops generation
 IGNORE_INDEX = -100
@@ -107,7 +107,7 @@ def custom_collate_fn(batch, pad_token_id: int = PAD_ID, ignore_index: int = IGN
             inputs, targets = inputs[:allowed_max_length], targets[:allowed_max_length]
         inputs_lst.append(inputs)
         targets_lst.append(targets)
-    return torch.stack(inputs_lst).to(device), torch.stack(targets_lst).to(device)  # (b, T), (b, T)
+    return to_device(torch.stack(inputs_lst), device), to_device(torch.stack(targets_lst), device)  # (b, T), (b, T)
 
 
 def extract_response(generated_text: str, prompt: str) -> str:

@@ -1,4 +1,4 @@
-"""Ctrl-C and SIGTERM in the middle of ``python -m gpt.eval`` and ``python -m gpt.export``: a real signal sent
+"""Ctrl-C and SIGTERM in the middle of ``python -m gpt.eval``, ``gpt.export`` and ``gpt.generate``: a real signal sent
 to this process while the work runs (a patched step sends it), then one line on stderr, exit 130 / 143, nothing
 written and no staging files left; the previous SIGTERM handler is back afterwards. (train.py and prepare have
 their own signal tests: tests/test_train_faults.py, tests/test_prepare.py.)"""
@@ -13,6 +13,7 @@ import torch
 
 from gpt.cli import eval as eval_cli
 from gpt.cli import export as export_cli
+from gpt.cli import generate as generate_cli
 from gpt.cli.stopping import Terminated, exit_code, sigterm_raises
 from gpt.config import GPTConfig
 from gpt.reference import GPTModel as RefModel
@@ -88,3 +89,45 @@ def test_sigterm_raises_restores_the_handler_and_codes():
     finally:
         signal.signal(signal.SIGTERM, old)
     assert exit_code(Terminated()) == 143 and exit_code(KeyboardInterrupt()) == 130
+
+
+@pytest.mark.parametrize("signum,code", SIGNALS, ids=["ctrl-c", "sigterm"])
+def test_generate_prompts_file_interrupted_keeps_the_old_output(model_dir, tmp_path, monkeypatch, capsys, signum,
+                                                                code):
+    real = generate_cli.iter_batch
+
+    def one_then_signal(*a, **k):  # the first prompt finishes, then the signal
+        for n, item in enumerate(real(*a, **k)):
+            if n == 1:
+                _signal_self(signum)
+            yield item
+
+    monkeypatch.setattr(generate_cli, "iter_batch", one_then_signal)
+    prompts, out = tmp_path / "prompts.txt", tmp_path / "out.jsonl"
+    prompts.write_text("Hello\nEvery effort\nThe sky\n")
+    out.write_text("an earlier run's output\n")
+    rc = generate_cli.main(["--init", str(model_dir), "--prompts-file", str(prompts), "--out", str(out),
+                            "--max-new-tokens", "3", "--batch-size", "1", "--backend", "reference", "--device", "cpu"])
+    assert rc == code
+    _one_line(capsys, f"interrupted: {out} not written")
+    assert out.read_text() == "an earlier run's output\n" and sorted(p.name for p in tmp_path.iterdir()) == [
+        "out.jsonl", "prompts.txt"]  # no temp file
+
+
+@pytest.mark.parametrize("signum,code", SIGNALS, ids=["ctrl-c", "sigterm"])
+def test_generate_stream_interrupted(model_dir, monkeypatch, capsys, signum, code):
+    real = generate_cli.stream
+
+    def two_then_signal(*a, **k):
+        for n, token in enumerate(real(*a, **k)):
+            if n == 2:
+                _signal_self(signum)
+            yield token
+
+    monkeypatch.setattr(generate_cli, "stream", two_then_signal)
+    rc = generate_cli.main(["--init", str(model_dir), "--prompt", "Hello", "--max-new-tokens", "5",
+                            "--backend", "reference", "--device", "cpu"])
+    assert rc == code
+    out = capsys.readouterr()
+    assert out.out.startswith("Hello") and "Traceback" not in out.err
+    assert [ln for ln in out.err.splitlines() if ln.strip()] == ["interrupted: the text so far is above"]

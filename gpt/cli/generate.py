@@ -26,6 +26,7 @@ from ..generate import check_sampling, stream, supports_kv_cache
 from ..recipes import model_class
 from ..tokenizer import ENDOFTEXT, EOT_ID, TokenizerError, get_tokenizer, text_to_token_ids
 from ..weights import WeightsError
+from .stopping import exit_code, sigterm_raises
 
 
 def _check_cli_args(args) -> None:
@@ -135,42 +136,51 @@ def main(argv=None) -> int:
     p.add_argument("--backend", choices=["fused", "reference"], default=None)
     p.add_argument("--device", default=None)
     args = p.parse_args(argv)
+    with sigterm_raises():  # SIGTERM stops as Ctrl-C does (exit 143)
+        try:
+            return _generate(args)
+        except (ValueError, CheckpointError, WeightsError, TokenizerError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt as e:
+            what = f"{args.out} not written" if args.prompts_file is not None else "the text so far is above"
+            print(f"\ninterrupted: {what}", file=sys.stderr)
+            return exit_code(e)
 
-    try:
-        _check_cli_args(args)
-        if args.prompts_file is not None:
-            records = read_prompts(args.prompts_file, args.out)
-        elif not args.prompt.strip():
-            raise ValueError("--prompt is empty")
-        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        tok = get_tokenizer()
-        model = model_class(args.backend)[0].from_pretrained(args.init, device=device)
-        gen = torch.Generator(device=device).manual_seed(args.seed) if args.seed is not None else None
-        if args.prompts_file is not None:
-            return cli_batch(model, tok, records, args, gen, device)
-        idx = text_to_token_ids(args.prompt, tok).to(device)
-        tokens = stream(model, idx, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                        top_p=args.top_p, eos_id=EOT_ID, use_cache=not args.no_cache, generator=gen)
-        sys.stdout.write(args.prompt)
-        sys.stdout.flush()
-        new_ids: list[int] = []
-        printed = 0
-        start = time.perf_counter()
-        for token in tokens:
-            new_ids.append(int(token[0, 0]))
-            text = tok.decode(new_ids)
-            if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
-                sys.stdout.write(text[printed:])
-                sys.stdout.flush()
-                printed = len(text)
-        sys.stdout.write(tok.decode(new_ids)[printed:] + "\n")  # what was held back, and end the line
-        sys.stdout.flush()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        elapsed = time.perf_counter() - start
-    except (ValueError, CheckpointError, WeightsError, TokenizerError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+
+def _generate(args) -> int:
+    """The work of ``main`` for parsed ``args``: stream one prompt to stdout, or run a prompts file."""
+    _check_cli_args(args)
+    if args.prompts_file is not None:
+        records = read_prompts(args.prompts_file, args.out)
+    elif not args.prompt.strip():
+        raise ValueError("--prompt is empty")
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    tok = get_tokenizer()
+    model = model_class(args.backend)[0].from_pretrained(args.init, device=device)
+    gen = torch.Generator(device=device).manual_seed(args.seed) if args.seed is not None else None
+    if args.prompts_file is not None:
+        return cli_batch(model, tok, records, args, gen, device)
+    idx = text_to_token_ids(args.prompt, tok).to(device)
+    tokens = stream(model, idx, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                    top_p=args.top_p, eos_id=EOT_ID, use_cache=not args.no_cache, generator=gen)
+    sys.stdout.write(args.prompt)
+    sys.stdout.flush()
+    new_ids: list[int] = []
+    printed = 0
+    start = time.perf_counter()
+    for token in tokens:
+        new_ids.append(int(token[0, 0]))
+        text = tok.decode(new_ids)
+        if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+            sys.stdout.write(text[printed:])
+            sys.stdout.flush()
+            printed = len(text)
+    sys.stdout.write(tok.decode(new_ids)[printed:] + "\n")  # what was held back, and end the line
+    sys.stdout.flush()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    elapsed = time.perf_counter() - start
     n = len(new_ids)
     print(f"\n[{n} tokens in {elapsed:.2f} s: {n / max(elapsed, 1e-9):.1f} tokens/s, "
           f"{'KV cache' if supports_kv_cache(model) and not args.no_cache else 'no cache'}, {device}]", file=sys.stderr)

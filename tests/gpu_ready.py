@@ -168,10 +168,10 @@ def _qkv(B, H, T, D, dtype, layout):
 def attention_cases(dtn, D, causal, dropout, T, layout, configs: str, *, Hk=None, window=0, softcap=0.0,
                     varlen=False) -> list[Case]:
     """The three attention kernels (and, with every config, the delta preprocess) with the arguments
-    the launchers build (kernels.attention._fwd_call / _bwd_calls). ``Hk`` < 12: GQA; ``window``,
+    the launchers build (kernels.attention_launch._fwd_call / _bwd_calls). ``Hk`` < 12: GQA; ``window``,
     ``softcap``; ``varlen``: the packed (total, H, D) layout of flash_attention_varlen (4 sequences of
     up to T tokens)."""
-    import kernels.attention as A
+    import kernels.attention_launch as A
 
     dtype = DTYPES[dtn]
     B, H = 2, 12

@@ -262,6 +262,28 @@ def check_tensor(name: str, t, *, ndim: int | None = None, min_ndim: int | None 
         raise ValueError(f"{name} must have at least {min_ndim} dims, got shape {tuple(t.shape)}")
 
 
+def check_rows(name: str, x, max_width: int) -> int:
+    """Checks of a row-wise op's input (LayerNorm, RMSNorm): a float tensor with a non-empty last dim of
+    at most ``max_width``; returns that width."""
+    check_tensor(name, x, min_ndim=1, dtypes=FLOAT_DTYPES)
+    n = x.shape[-1]
+    if n == 0:
+        raise ValueError(f"{name} must have a non-empty last dim, got shape {tuple(x.shape)}")
+    if n > max_width:
+        raise ValueError(f"{name}: normalized (last) dim {n} is too large; at most {max_width} is supported")
+    return n
+
+
+def check_normalized_input(input, normalized_shape) -> int:
+    """A norm module's input: a float tensor ending with ``normalized_shape``; returns its length."""
+    k = len(normalized_shape)
+    check_tensor("input", input, min_ndim=k, dtypes=FLOAT_DTYPES)
+    if tuple(input.shape[input.dim() - k:]) != tuple(normalized_shape):
+        raise ValueError(f"input must end with normalized_shape {normalized_shape}, "
+                         f"got shape {tuple(input.shape)}")
+    return k
+
+
 def check_same_device(**tensors) -> None:
     """Raise ValueError when the given (non-None) tensors are not all on one device."""
     items = [(k, v) for k, v in tensors.items() if v is not None]

@@ -29,6 +29,8 @@ from ._utils import (
     FLOAT_DTYPES,
     any_float64,
     as_rows,
+    check_normalized_input,
+    check_rows,
     check_same_device,
     check_tensor,
     kernel_op,
@@ -159,12 +161,7 @@ def _layer_norm_bwd_launch(dy, x, weight, mean, rstd, ds, compute_dw, compute_db
 
 
 def _check_layer_norm_args(x, weight, bias, eps, *, name="x"):
-    check_tensor(name, x, min_ndim=1, dtypes=FLOAT_DTYPES)
-    n = x.shape[-1]
-    if n == 0:
-        raise ValueError(f"{name} must have a non-empty last dim, got shape {tuple(x.shape)}")
-    if n > MAX_WIDTH:
-        raise ValueError(f"{name}: normalized (last) dim {n} is too large; at most {MAX_WIDTH} is supported")
+    n = check_rows(name, x, MAX_WIDTH)
     for pname, p in (("weight", weight), ("bias", bias)):
         if p is None:
             continue
@@ -279,11 +276,7 @@ class LayerNorm(nn.LayerNorm):
     """
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        k = len(self.normalized_shape)
-        check_tensor("input", input, min_ndim=k, dtypes=FLOAT_DTYPES)
-        if tuple(input.shape[input.dim() - k:]) != self.normalized_shape:
-            raise ValueError(f"input must end with normalized_shape {self.normalized_shape}, "
-                             f"got shape {tuple(input.shape)}")
+        k = check_normalized_input(input, self.normalized_shape)
         if k == 1:
             return layer_norm(input, self.weight, self.bias, self.eps)
         lead = input.shape[: input.dim() - k]

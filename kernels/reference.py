@@ -67,6 +67,15 @@ def _opt_float(t: torch.Tensor | None) -> torch.Tensor | None:
     return None if t is None else t.float()
 
 
+def _residual_sum_ref(x: torch.Tensor, residual: torch.Tensor | None, sum_dtype: torch.dtype | None):
+    """``(s, src)`` of the fused norms' fallbacks: with a residual, ``s = x + residual`` rounded to
+    ``sum_dtype`` is what gets normalized (``src = s``); without, ``s`` is empty and ``src = x``."""
+    if residual is None:
+        return x.new_empty(0), x
+    s = (x.float() + residual.float()).to(sum_dtype)
+    return s, s
+
+
 def layer_norm_fwd_ref(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor | None,
                        bias: torch.Tensor | None, eps: float, sum_dtype: torch.dtype | None = None):
     """Fallback of the fused forward on a 2-D ``x``: ``(y, s, mean, rstd)``.
@@ -74,12 +83,7 @@ def layer_norm_fwd_ref(x: torch.Tensor, residual: torch.Tensor | None, weight: t
     ``s = (x + residual).to(sum_dtype)`` when ``residual`` is given (else an empty tensor), and the
     LayerNorm runs over ``s`` (else over ``x``). ``mean``/``rstd`` are fp32 of shape ``(rows,)``.
     """
-    if residual is not None:
-        s = (x.float() + residual.float()).to(sum_dtype)
-        src = s
-    else:
-        s = x.new_empty(0)
-        src = x
+    s, src = _residual_sum_ref(x, residual, sum_dtype)
     n = src.shape[-1]
     y, mean, rstd = torch.native_layer_norm(src.float(), [n], _opt_float(weight), _opt_float(bias), eps)
     return y.to(src.dtype), s, mean.reshape(-1).float(), rstd.reshape(-1).float()
@@ -252,12 +256,7 @@ def rms_norm_fwd_ref(x: torch.Tensor, residual: torch.Tensor | None, weight: tor
                      eps: float, offset: float, sum_dtype: torch.dtype):
     """Fallback of the fused forward on a 2-D ``x``: ``(y, s, rstd)``; ``s = (x + residual)`` in
     ``sum_dtype`` when a residual is given (else empty) and normalized instead of ``x``; rstd fp32 (rows,)."""
-    if residual is not None:
-        s = (x.float() + residual.float()).to(sum_dtype)
-        src = s
-    else:
-        s = x.new_empty(0)
-        src = x
+    s, src = _residual_sum_ref(x, residual, sum_dtype)
     xf = src.float()
     rstd = torch.rsqrt(xf.pow(2).mean(dim=-1) + eps)
     y = xf * rstd[:, None]

@@ -25,6 +25,8 @@ from ._utils import (
     FLOAT_DTYPES,
     any_float64,
     as_rows,
+    check_normalized_input,
+    check_rows,
     check_same_device,
     check_tensor,
     kernel_op,
@@ -145,12 +147,7 @@ def _check_number(name, value, *, minimum=None):
 
 
 def _check_rms_norm_args(x, weight, eps, offset, *, name="x"):
-    check_tensor(name, x, min_ndim=1, dtypes=FLOAT_DTYPES)
-    n = x.shape[-1]
-    if n == 0:
-        raise ValueError(f"{name} must have a non-empty last dim, got shape {tuple(x.shape)}")
-    if n > MAX_WIDTH:
-        raise ValueError(f"{name}: normalized (last) dim {n} is too large; at most {MAX_WIDTH} is supported")
+    n = check_rows(name, x, MAX_WIDTH)
     if weight is not None:
         check_tensor("weight", weight, dtypes=FLOAT_DTYPES)
         if tuple(weight.shape) != (n,):
@@ -278,11 +275,7 @@ class RMSNorm(nn.RMSNorm):
         return super().extra_repr() + (f", offset={self.offset}" if self.offset else "")
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        k = len(self.normalized_shape)
-        check_tensor("input", input, min_ndim=k, dtypes=FLOAT_DTYPES)
-        if tuple(input.shape[input.dim() - k:]) != self.normalized_shape:
-            raise ValueError(f"input must end with normalized_shape {self.normalized_shape}, "
-                             f"got shape {tuple(input.shape)}")
+        k = check_normalized_input(input, self.normalized_shape)
         eps = torch.finfo(input.dtype).eps if self.eps is None else self.eps
         if k == 1:
             return rms_norm(input, self.weight, eps, offset=self.offset)

@@ -26,62 +26,81 @@ def _cfg(bm, bn, warps, stages):
     return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages)
 
 
-# Which calls a candidate is tuned for, from (BLOCK_D, DROPOUT): a candidate that spills registers or
-# needs more than 227 KB of shared memory for some calls is left out of those calls' autotuning.
-def _always(block_d, dropout):
+# Which calls a candidate is tuned for, from the call's features ``f`` (BLOCK_D, DROPOUT, VARLEN; the
+# autotune key fixes them, BLOCK_D through HEAD_DIM): a candidate that spills registers or needs more
+# than 227 KB of shared memory for some calls is left out of those calls' autotuning.
+def _always(f):
     return True
 
 
-def _d64_or_no_dropout(block_d, dropout):
-    return block_d <= 64 or not dropout
+def _d64_or_no_dropout(f):
+    return f["BLOCK_D"] <= 64 or not f["DROPOUT"]
 
 
-def _d64_no_dropout(block_d, dropout):
-    return block_d <= 64 and not dropout
+def _d64_no_dropout(f):
+    return f["BLOCK_D"] <= 64 and not f["DROPOUT"]
 
 
-# Facts from the as-launched compile for sm_90 (tests/gpu_ready.py: bf16, causal, GPT-2's packed q/k/v,
-# T=1024, triton 3.9; registers per thread, spill bytes stores/loads, shared memory). Every bf16/fp16
-# candidate issues wgmma (HGMMA); tests/test_gpu_ready.py fails on a spill or on > 227 KB. GPU timings
-# decide among the candidates at run time.
+def _d64_or_dense(f):
+    return f["BLOCK_D"] <= 64 or not f["VARLEN"]
+
+
+def _d64_or_dense_no_dropout(f):
+    return f["BLOCK_D"] <= 64 or not (f["DROPOUT"] or f["VARLEN"])
+
+
+# Facts from the as-launched compile for sm_90 (tests/gpu_ready.py: bf16, causal, GPT-2's packed q/k/v
+# (H = 12), T=1024, triton 3.9; registers per thread, spill bytes stores/loads, shared memory; "varlen
+# GQA": the packed varlen layout with Hk = 4). Every bf16/fp16 candidate issues wgmma (HGMMA);
+# tests/test_gpu_ready.py fails on a spill or on > 227 KB. GPU timings decide among the candidates at
+# run time.
 _FWD_TABLE = [] if not hasattr(triton, "Config") else [
-    # D=64: 116 regs, 0 spills, 64 KB (dropout: 255 regs, 0 spills); D=128: 170 regs, 128 KB, but 24/24 B
-    # of spills with dropout
+    # D=64: 120 regs (dropout 255), 64 KB; D=128: 173 regs, 128 KB; 0 spills, but D=128 with dropout
+    # 24/24 B of spills
     (_cfg(128, 64, 8, 3), _d64_or_no_dropout),
-    # D=64 long T, wider key blocks: 203 regs, 112 KB, 0 spills; with dropout 255 regs and 40/60 B of
-    # spills; D=128 needs 224 KB and spills 176/180 B with dropout
+    # D=64 long T, wider key blocks: 211 regs, 112 KB, 0 spills; with dropout 255 regs and 40/60 B of
+    # spills; D=128 needs 224 KB (236 regs) and spills 180/184 B with dropout
     (_cfg(128, 128, 8, 3), _d64_no_dropout),
-    # the 128-row tile for D=80-128: D=64 99 regs (dropout 168), 48 KB; D=128 127 regs (dropout 243),
+    # the 128-row tile for D=80-128: D=64 118 regs (dropout 169), 48 KB; D=128 128 regs (dropout 243),
     # 96 KB; 0 spills
     (_cfg(128, 32, 8, 4), _always),
-    # short T or few heads (twice the programs): D=64 with dropout 255 regs, 72 KB, 0 spills; D=128
-    # 167 regs, 144 KB, 0 spills, but with dropout 255 regs and 12/12 B of spills
-    (_cfg(64, 64, 4, 4), _d64_or_no_dropout),
-    # smallest: D=64 89 regs (dropout 128), 32 KB; D=128 128 regs (dropout 238), 64 KB; 0 spills
+    # short T or few heads (twice the programs): D=64 127 regs (dropout 255), 72 KB, 0 spills; D=128
+    # 165 regs, 144 KB, 0 spills, but with dropout 255 regs and 12/12 B of spills (varlen with a window:
+    # 20/20 B)
+    (_cfg(64, 64, 4, 4), _d64_or_dense_no_dropout),
+    # smallest: D=64 94 regs (dropout 128), 32 KB; D=128 128 regs (dropout 240), 64 KB; 0 spills
     (_cfg(64, 32, 4, 3), _always),
 ]
+# dK/dV: the varlen kernel holds more live values (sequence offsets, masked tails, the GQA loop over the
+# group's query heads), so at D=128 it gets the one tile that does not spill there.
 _DKDV_TABLE = [] if not hasattr(triton, "Config") else [
-    # 128 resident keys: D=64 160 regs, 57 KB; D=128 231 regs (dropout 254), 113 KB; 0 spills
-    (_cfg(32, 128, 8, 3), _always),
-    # D=64 with dropout 254 regs, 69 KB; D=128 239 regs, 129 KB, 0 spills, but 168/172 B of spills
-    # with dropout
-    (_cfg(64, 64, 8, 3), _d64_or_no_dropout),
-    # D=64 long T: 223 regs, 81 KB, 0 spills; with dropout 124/124 B of spills; D=128 255 regs and
-    # 76/96 B of spills (161 KB): D=64 without dropout only
+    # 128 resident keys: D=64 158 regs (dropout 251), 57 KB; D=128 231 regs (dropout 255), 113 KB;
+    # 0 spills; varlen GQA D=128: 255 regs and 28/28 B of spills with window + softcap (172/172 B without)
+    (_cfg(32, 128, 8, 3), _d64_or_dense),
+    # D=64 186 regs (dropout 253), 65 KB (dropout 69 KB), 0 spills; D=128 237 regs, 129 KB, 0 spills, but
+    # 180/184 B of spills with dropout and 120/120 B in varlen GQA with window + softcap
+    (_cfg(64, 64, 8, 3), _d64_or_dense_no_dropout),
+    # D=64 long T: 220 regs, 81 KB, 0 spills; with dropout 124/124 B of spills; D=128 255 regs and
+    # 68/80 B of spills (161 KB): D=64 without dropout only
     (_cfg(64, 128, 8, 3), _d64_no_dropout),
-    # D=128: 202 regs (dropout 244), 56 KB, 0 spills
-    (_cfg(16, 64, 4, 3), _always),
-    # D=128 long T, 128 resident keys: 202 regs (dropout 244), 88 KB, 0 spills
+    # D=64 116 regs (dropout 128), 28 KB; D=128 198 regs (dropout 245), 56 KB; 0 spills; varlen GQA
+    # D=128: 242 regs with window + softcap, but 128/128 B of spills without
+    (_cfg(16, 64, 4, 3), _d64_or_dense),
+    # D=64 117 regs (dropout 172), 44 KB; D=128 202 regs (dropout 245), 88 KB; 0 spills; varlen GQA
+    # D=128: 233 regs with window + softcap, 252 without, 0 spills (with dropout every candidate spills
+    # there: this one 140/140 B)
     (_cfg(16, 128, 8, 3), _always),
 ]
 _DQ_TABLE = [] if not hasattr(triton, "Config") else [
-    # 128 resident queries: D=64 132 regs, 80 KB; D=128 176 regs, 160 KB; 0 spills (also with dropout)
+    # 128 resident queries: D=64 132 regs (dropout 174), 80 KB; D=128 185 regs (dropout 255), 160 KB;
+    # 0 spills
     (_cfg(128, 64, 8, 3), _always),
-    # D=64 106 regs, 56 KB; D=128 130 regs, 112 KB
+    # D=64 116 regs (dropout 169), 56 KB; D=128 127 regs (dropout 222), 112 KB; 0 spills
     (_cfg(128, 32, 8, 3), _always),
-    # D=128 with dropout 255 regs, 132 KB, 0 spills
-    (_cfg(64, 64, 8, 3), _always),
-    # D=64 92 regs, 40 KB; D=128 with dropout 224 regs, 80 KB
+    # D=64 117 regs (dropout 241), 64 KB; D=128 175 regs, 128 KB, 0 spills, but 28/28 B of spills with
+    # dropout (varlen: 32/32 B)
+    (_cfg(64, 64, 8, 3), _d64_or_no_dropout),
+    # D=64 92 regs (dropout 128), 40 KB; D=128 134 regs (dropout 224), 80 KB; 0 spills
     (_cfg(64, 32, 4, 3), _always),
 ]
 # fp32 (IEEE dots, 4-byte tiles, no wgmma): the bf16 tiles at D=128 need up to 240-384 KB of shared memory
@@ -102,10 +121,13 @@ _KEY = ["HEAD_DIM", "CAUSAL", "DROPOUT", "T_BUCKET", "stride_qm", "stride_kn", "
 
 
 def _candidates(table, table_fp32):
-    """``early_config_prune``: the candidates of the call's dtype (IEEE: fp32) tuned for its BLOCK_D/DROPOUT."""
+    """``early_config_prune``: the candidates of the call's dtype (IEEE: fp32) tuned for its BLOCK_D,
+    DROPOUT and VARLEN."""
     def prune(configs, named_args, **meta):
         rows = table_fp32 if meta.get("IEEE") else table
-        keep = [c for c, ok in rows if ok(meta.get("BLOCK_D", 128), meta.get("DROPOUT", False))]
+        f = dict(BLOCK_D=meta.get("BLOCK_D", 128), DROPOUT=meta.get("DROPOUT", False),
+                 VARLEN=meta.get("VARLEN", False))
+        keep = [c for c, ok in rows if ok(f)]
         return keep or [rows[-1][0]]
     return prune
 

@@ -392,9 +392,11 @@ def fast_cases() -> list[Case]:
     for D in (64, 128):
         cases += attention_cases("bf16", D, True, False, 1024, "packed", "first")
     # issue 24's variants: GQA + sliding window + softcap (Gemma 2) dense at D=128, packed varlen at D=64
+    # and D=128 (varlen GQA at D=128 spilled with the dense default dK/dV tile: its own candidates)
     cases += attention_cases("bf16", 128, True, False, 1024, "packed", "first", Hk=4, window=256, softcap=50.0)
-    cases += attention_cases("bf16", 64, True, False, 1024, "packed", "first", Hk=4, window=256, softcap=50.0,
-                             varlen=True)
+    for D in (64, 128):
+        cases += attention_cases("bf16", D, True, False, 1024, "packed", "first", Hk=4, window=256, softcap=50.0,
+                                 varlen=True)
     cases += decode_cases("bf16", 64)
     cases += decode_cases("bf16", 128, Hk=4, window=256, softcap=50.0)[:1]
     for N in (768, 1600):

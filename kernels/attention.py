@@ -31,15 +31,17 @@ dot products, no TF32), fp16 and bf16 with fp32 accumulation and statistics.
 * Element offsets of each (batch, head) slice are int64; row offsets inside a slice switch to int64
   (``LARGE``) when a slice spans more than 2**31 elements.
 
-Files: the ``@triton.jit`` kernels are in ``kernels/attention_fwd.py`` (forward, and the device
-functions the backward shares) and ``kernels/attention_bwd.py``; autotune candidates, argument binding
-and the launchers in ``kernels/attention_launch.py``; this file registers the ops and their autograd and
-holds the functional API and the ``nn.Module``. Registration, dispatch and launches are the shared
-plumbing of ``kernels/_utils.py`` (``kernel_op``, ``launch``): a ``triton_op`` in the ``gpt_kernels``
-namespace (CUDA: ``wrap_triton`` launches, visible to ``torch.compile``), a ``"cpu"`` kernel that runs
-the same Triton code under the interpreter when ``TRITON_INTERPRET=1`` and the PyTorch fallback of
-``kernels/reference.py`` otherwise, ``register_autograd`` for the backward. Device building blocks come
-from ``kernels/_blocks.py``.
+File order: ``@triton.jit`` kernels -> launchers -> op registration / autograd -> functional API ->
+``nn.Module``. Registration, dispatch and launches are the shared plumbing of ``kernels/_utils.py``
+(``kernel_op``, ``launch``): a ``triton_op`` in the ``gpt_kernels`` namespace (CUDA: ``wrap_triton``
+launches, visible to ``torch.compile``), a ``"cpu"`` kernel that runs the same Triton code under the
+interpreter when ``TRITON_INTERPRET=1`` and the PyTorch fallback of ``kernels/reference.py`` otherwise,
+``register_autograd`` for the backward. Device building blocks come from ``kernels/_blocks.py``.
+
+That order runs across files: the ``@triton.jit`` kernels are in ``kernels/attention_fwd.py`` (the
+forward and the device functions the backward shares) and ``kernels/attention_bwd.py``; autotune
+candidates, argument binding and the launchers in ``kernels/attention_launch.py``; op registration,
+autograd and the functional API here.
 """
 
 from __future__ import annotations

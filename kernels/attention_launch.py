@@ -26,8 +26,8 @@ def _cfg(bm, bn, warps, stages):
     return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages)
 
 
-# Which calls a candidate is tuned for, from the call's features ``f`` (BLOCK_D, DROPOUT, VARLEN; the
-# autotune key fixes them, BLOCK_D through HEAD_DIM): a candidate that spills registers or needs more
+# Which calls a candidate is tuned for, from the call's features ``f`` (BLOCK_D, DROPOUT, VARLEN, WINDOW,
+# SOFTCAP; the autotune key fixes them, BLOCK_D through HEAD_DIM): a candidate that spills registers or needs more
 # than 227 KB of shared memory for some calls is left out of those calls' autotuning.
 def _always(f):
     return True
@@ -47,6 +47,14 @@ def _d64_or_dense(f):
 
 def _d64_or_dense_no_dropout(f):
     return f["BLOCK_D"] <= 64 or not (f["DROPOUT"] or f["VARLEN"])
+
+
+def _d64_or_plain(f):  # D=128 only without dropout, varlen, window and softcap
+    return f["BLOCK_D"] <= 64 or not (f["DROPOUT"] or f["VARLEN"] or f["WINDOW"] or f["SOFTCAP"])
+
+
+def _d64_or_no_varlen_softcap(f):
+    return f["BLOCK_D"] <= 64 or not (f["VARLEN"] and f["SOFTCAP"])
 
 
 # Facts from the as-launched compile for sm_90 (tests/gpu_ready.py: bf16, causal, GPT-2's packed q/k/v
@@ -78,8 +86,8 @@ _DKDV_TABLE = [] if not hasattr(triton, "Config") else [
     # 0 spills; varlen GQA D=128: 255 regs and 28/28 B of spills with window + softcap (172/172 B without)
     (_cfg(32, 128, 8, 3), _d64_or_dense),
     # D=64 186 regs (dropout 253), 65 KB (dropout 69 KB), 0 spills; D=128 237 regs, 129 KB, 0 spills, but
-    # 180/184 B of spills with dropout and 120/120 B in varlen GQA with window + softcap
-    (_cfg(64, 64, 8, 3), _d64_or_dense_no_dropout),
+    # 180/184 B of spills with dropout, 136/136 B in GQA with window + softcap (varlen: 120/120 B)
+    (_cfg(64, 64, 8, 3), _d64_or_plain),
     # D=64 long T: 220 regs, 81 KB, 0 spills; with dropout 124/124 B of spills; D=128 255 regs and
     # 68/80 B of spills (161 KB): D=64 without dropout only
     (_cfg(64, 128, 8, 3), _d64_no_dropout),
@@ -93,8 +101,9 @@ _DKDV_TABLE = [] if not hasattr(triton, "Config") else [
 ]
 _DQ_TABLE = [] if not hasattr(triton, "Config") else [
     # 128 resident queries: D=64 132 regs (dropout 174), 80 KB; D=128 185 regs (dropout 255), 160 KB;
-    # 0 spills
-    (_cfg(128, 64, 8, 3), _always),
+    # 0 spills, but varlen D=128 with window + softcap 255 regs and 100/104 B of spills (softcap alone
+    # 254 regs)
+    (_cfg(128, 64, 8, 3), _d64_or_no_varlen_softcap),
     # D=64 116 regs (dropout 169), 56 KB; D=128 127 regs (dropout 222), 112 KB; 0 spills
     (_cfg(128, 32, 8, 3), _always),
     # D=64 117 regs (dropout 241), 64 KB; D=128 175 regs, 128 KB, 0 spills, but 28/28 B of spills with
@@ -122,11 +131,11 @@ _KEY = ["HEAD_DIM", "CAUSAL", "DROPOUT", "T_BUCKET", "stride_qm", "stride_kn", "
 
 def _candidates(table, table_fp32):
     """``early_config_prune``: the candidates of the call's dtype (IEEE: fp32) tuned for its BLOCK_D,
-    DROPOUT and VARLEN."""
+    DROPOUT, VARLEN, WINDOW and SOFTCAP."""
     def prune(configs, named_args, **meta):
         rows = table_fp32 if meta.get("IEEE") else table
-        f = dict(BLOCK_D=meta.get("BLOCK_D", 128), DROPOUT=meta.get("DROPOUT", False),
-                 VARLEN=meta.get("VARLEN", False))
+        f = {k: meta.get(k, False) for k in ("DROPOUT", "VARLEN", "WINDOW", "SOFTCAP")}
+        f["BLOCK_D"] = meta.get("BLOCK_D", 128)
         keep = [c for c, ok in rows if ok(f)]
         return keep or [rows[-1][0]]
     return prune

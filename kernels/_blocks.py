@@ -118,3 +118,48 @@ def _visible(rows, cols, n_cols, shift, window, CAUSAL: tl.constexpr, WINDOW: tl
     if WINDOW:
         vis = vis & (cols[None, :] > rows[:, None] + (shift - window))
     return vis
+
+
+# Row-wise kernels (LayerNorm, RMSNorm): whole rows of a row-major (M, N) tensor with unit-stride last dim,
+# BLOCK_M rows per tile, row offsets in int64 (``rows64``: row * stride can exceed 2**31).
+
+@triton.jit
+def _row_tile(row_start, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    # (rows, cols, row_mask, col_mask, mask, rows64) of the tile of rows [row_start, row_start + BLOCK_M).
+    rows = row_start + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_N)
+    row_mask = rows < M
+    col_mask = cols < N
+    return rows, cols, row_mask, col_mask, row_mask[:, None] & col_mask[None, :], rows.to(tl.int64)[:, None]
+
+
+@triton.jit
+def _load_rows(PTR, rows64, stride, cols, mask):
+    # (BLOCK_M, BLOCK_N) tile in fp32; masked elements 0.
+    return tl.load(PTR + rows64 * stride + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _load_residual_sum(X, RES, S, rows64, stride_x, stride_res, stride_s, cols, mask, HAS_RES: tl.constexpr):
+    # x, or s = x + residual rounded to S's dtype (stored to S: exactly what an unfused add gives), in fp32.
+    x = _load_rows(X, rows64, stride_x, cols, mask)
+    if HAS_RES:
+        s = (x + _load_rows(RES, rows64, stride_res, cols, mask)).to(S.dtype.element_ty)
+        tl.store(S + rows64 * stride_s + cols[None, :], s, mask=mask)
+        x = s.to(tl.float32)
+    return x
+
+
+@triton.jit
+def _store_dx(DX, DS, dx, rows64, stride_dx, stride_ds, cols, mask, HAS_DS: tl.constexpr):
+    # dx (+ ds, the gradient of a fused residual sum, which flows into both summands) in DX's dtype.
+    if HAS_DS:
+        dx += _load_rows(DS, rows64, stride_ds, cols, mask)
+    tl.store(DX + rows64 * stride_dx + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _store_partial_row(P, acc, pid, N, cols, col_mask):
+    # Program pid's partial row of a weight gradient, P[pid, :] = Σ over its rows of the (BLOCK_M,
+    # BLOCK_N) accumulator; the launcher sums the partial rows in a fixed order (``row_bwd_launch``).
+    tl.store(P + pid * N + cols, tl.sum(acc, axis=0), mask=col_mask)

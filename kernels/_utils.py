@@ -158,6 +158,49 @@ def row_partials_grid(M: int, BLOCK_M: int, num_warps: int, device: torch.device
     return max(grid, 1)
 
 
+def row_fwd_launch(kernel, x, residual, sum_dtype, params, n_stats, scalars, meta, *, tile, interpret_tile):
+    """Launch a row-wise forward (LayerNorm, RMSNorm) over 2-D ``x (M, N)``: ``(y, s, *stats)``.
+
+    With ``residual`` the kernel normalizes ``s = x + residual`` (``sum_dtype``, also returned; ``y`` in
+    ``sum_dtype``), else ``x`` (``y`` in x's dtype, ``s`` empty). ``stats``: ``n_stats`` fp32 ``(M,)``
+    per-row statistics the backward reads. Kernel arguments: ``(x, residual, s, y, *params, *stats,
+    x.stride(0), residual.stride(0), N, N, *param strides, M, N, *scalars)`` (a ``None`` param: stride 0);
+    ``meta`` gets ``HAS_RES``, ``BLOCK_M``, ``BLOCK_N``, ``num_warps`` (``row_launch_config``)."""
+    M, N = x.shape
+    has_res = residual is not None
+    s = torch.empty((M, N), dtype=sum_dtype, device=x.device) if has_res else x.new_empty(0)
+    y = torch.empty((M, N), dtype=sum_dtype if has_res else x.dtype, device=x.device)
+    stats = [torch.empty((M,), dtype=torch.float32, device=x.device) for _ in range(n_stats)]
+    if M > 0:
+        BLOCK_M, BLOCK_N, num_warps = row_launch_config(M, N, x.device, tile, interpret_tile)
+        launch(kernel, (triton.cdiv(M, BLOCK_M),),
+               (x, residual, s, y, *params, *stats, x.stride(0), residual.stride(0) if has_res else 0, N, N,
+                *(p.stride(0) if p is not None else 0 for p in params), M, N, *scalars),
+               dict(meta, HAS_RES=has_res, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, num_warps=num_warps))
+    return (y, s, *stats)
+
+
+def row_bwd_launch(kernel, x, pointers, partials, scalars, meta, *, tile, interpret_tile, interpret_programs):
+    """Launch a row-wise backward (LayerNorm, RMSNorm) over 2-D ``x (M, N)``: ``(dx, *sums)``.
+
+    ``dx`` in x's dtype. Each ``True`` of ``partials`` is a weight gradient that the kernel reduces into
+    one fp32 partial row per program (``(programs, N)``; program p takes rows p, p + P, ...; no atomics)
+    and that is summed here in a fixed order: deterministic. A ``False`` is an empty fp32 ``(0,)``.
+    Kernel arguments: ``(*pointers, dx, *partial buffers, *scalars)``; ``meta`` gets ``BLOCK_M``,
+    ``BLOCK_N``, ``num_warps`` (``row_launch_config``; grid ``row_partials_grid``)."""
+    M, N = x.shape
+    dx = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    BLOCK_M, BLOCK_N, num_warps = row_launch_config(M, N, x.device, tile, interpret_tile)
+    grid = row_partials_grid(M, BLOCK_M, num_warps, x.device, interpret_programs)
+    # Every program writes its partial row, so only an empty problem needs zeros.
+    alloc = torch.zeros if M == 0 else torch.empty
+    bufs = [alloc((grid, N) if p else (0,), dtype=torch.float32, device=x.device) for p in partials]
+    if M > 0:
+        launch(kernel, (grid,), (*pointers, dx, *bufs, *scalars),
+               dict(meta, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, num_warps=num_warps))
+    return (dx, *(b.sum(dim=0) if p else b for p, b in zip(partials, bufs)))
+
+
 def kernel_op(name: str, *, launch, fallback, dispatch_arg: int = 0, triton_if=None,
               backward=None, setup_context=None):
     """Register a ``torch.library.triton_op`` with its CPU kernel and autograd in one call (a decorator).
@@ -217,6 +260,28 @@ def check_tensor(name: str, t, *, ndim: int | None = None, min_ndim: int | None 
         raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(t.shape)}")
     if min_ndim is not None and t.dim() < min_ndim:
         raise ValueError(f"{name} must have at least {min_ndim} dims, got shape {tuple(t.shape)}")
+
+
+def check_rows(name: str, x, max_width: int) -> int:
+    """Checks of a row-wise op's input (LayerNorm, RMSNorm): a float tensor with a non-empty last dim of
+    at most ``max_width``; returns that width."""
+    check_tensor(name, x, min_ndim=1, dtypes=FLOAT_DTYPES)
+    n = x.shape[-1]
+    if n == 0:
+        raise ValueError(f"{name} must have a non-empty last dim, got shape {tuple(x.shape)}")
+    if n > max_width:
+        raise ValueError(f"{name}: normalized (last) dim {n} is too large; at most {max_width} is supported")
+    return n
+
+
+def check_normalized_input(input, normalized_shape) -> int:
+    """A norm module's input: a float tensor ending with ``normalized_shape``; returns its length."""
+    k = len(normalized_shape)
+    check_tensor("input", input, min_ndim=k, dtypes=FLOAT_DTYPES)
+    if tuple(input.shape[input.dim() - k:]) != tuple(normalized_shape):
+        raise ValueError(f"input must end with normalized_shape {normalized_shape}, "
+                         f"got shape {tuple(input.shape)}")
+    return k
 
 
 def check_same_device(**tensors) -> None:

@@ -90,31 +90,28 @@ def _grid_settings(t: torch.Tensor) -> tuple[int, int]:
     return (_BLOCK, _NUM_WARPS) if t.device.type == "cuda" else (_BLOCK_INTERPRET, 1)
 
 
-def _gelu_fwd_launch(x: torch.Tensor, approximate: str) -> torch.Tensor:
-    x = x.contiguous()
-    y = torch.empty_like(x)
+def _launch_elementwise(kernel, inputs, x: torch.Tensor, approximate: str) -> torch.Tensor:
+    """Launch a GELU kernel over the elements of contiguous ``x``: arguments ``(*inputs, out, n)``, with
+    ``out`` a new tensor like ``x``; returns ``out``."""
+    out = torch.empty_like(x)
     n = x.numel()
     if n == 0:
-        return y
+        return out
     BLOCK, num_warps = _grid_settings(x)
-    launch(_gelu_fwd_kernel, (triton.cdiv(n, BLOCK),), (x, y, n),
+    launch(kernel, (triton.cdiv(n, BLOCK),), (*inputs, out, n),
            dict(APPROX_TANH=approximate == "tanh", BLOCK=BLOCK, INT64=needs_int64(x, slack=BLOCK),
                 num_warps=num_warps))
-    return y
+    return out
+
+
+def _gelu_fwd_launch(x: torch.Tensor, approximate: str) -> torch.Tensor:
+    x = x.contiguous()
+    return _launch_elementwise(_gelu_fwd_kernel, (x,), x, approximate)
 
 
 def _gelu_bwd_launch(dy: torch.Tensor, x: torch.Tensor, approximate: str) -> torch.Tensor:
     x = x.contiguous()
-    dy = dy.contiguous()
-    dx = torch.empty_like(x)
-    n = x.numel()
-    if n == 0:
-        return dx
-    BLOCK, num_warps = _grid_settings(x)
-    launch(_gelu_bwd_kernel, (triton.cdiv(n, BLOCK),), (dy, x, dx, n),
-           dict(APPROX_TANH=approximate == "tanh", BLOCK=BLOCK, INT64=needs_int64(x, slack=BLOCK),
-                num_warps=num_warps))
-    return dx
+    return _launch_elementwise(_gelu_bwd_kernel, (dy.contiguous(), x), x, approximate)
 
 
 def _check_gelu_args(x, approximate):

@@ -20,16 +20,18 @@ from torch import nn
 
 from . import _eager_cpu
 from . import reference as ref
+from ._blocks import _load_residual_sum, _load_rows, _row_tile, _store_dx, _store_partial_row
 from ._utils import (
     FLOAT_DTYPES,
     any_float64,
     as_rows,
+    check_normalized_input,
+    check_rows,
     check_same_device,
     check_tensor,
     kernel_op,
-    launch,
-    row_launch_config,
-    row_partials_grid,
+    row_bwd_launch,
+    row_fwd_launch,
     tl,
     triton,
 )
@@ -54,19 +56,8 @@ def _rms_norm_fwd_kernel(
     # One program normalizes BLOCK_M whole rows held in registers (BLOCK_N >= N).
     # s = x + residual (rounded to S's dtype, exactly what is stored and what an unfused add gives);
     # rstd = 1 / sqrt(sum(s^2) / N + eps);  y = s * rstd * (offset + w).  rstd is saved in fp32.
-    pid = tl.program_id(0)
-    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.arange(0, BLOCK_N)
-    row_mask = rows < M
-    col_mask = cols < N
-    mask = row_mask[:, None] & col_mask[None, :]
-    rows64 = rows.to(tl.int64)[:, None]  # row * stride can exceed 2**31
-    x = tl.load(X + rows64 * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    if HAS_RES:
-        r = tl.load(RES + rows64 * stride_res + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        s = (x + r).to(S.dtype.element_ty)
-        tl.store(S + rows64 * stride_s + cols[None, :], s, mask=mask)
-        x = s.to(tl.float32)
+    rows, cols, row_mask, col_mask, mask, rows64 = _row_tile(tl.program_id(0) * BLOCK_M, M, N, BLOCK_M, BLOCK_N)
+    x = _load_residual_sum(X, RES, S, rows64, stride_x, stride_res, stride_s, cols, mask, HAS_RES)
     rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / N + eps)
     y = x * rstd[:, None]
     if HAS_W:
@@ -101,12 +92,9 @@ def _rms_norm_bwd_kernel(
         wt = offset + tl.load(W + cols * stride_w, mask=col_mask, other=0.0).to(tl.float32)
     dw_acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for row_start in range(pid * BLOCK_M, M, num_programs * BLOCK_M):
-        rows = row_start + tl.arange(0, BLOCK_M)
-        row_mask = rows < M
-        mask = row_mask[:, None] & col_mask[None, :]
-        rows64 = rows.to(tl.int64)[:, None]
-        x = tl.load(X + rows64 * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        dy = tl.load(DY + rows64 * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        rows, cols, row_mask, col_mask, mask, rows64 = _row_tile(row_start, M, N, BLOCK_M, BLOCK_N)
+        x = _load_rows(X, rows64, stride_x, cols, mask)
+        dy = _load_rows(DY, rows64, stride_dy, cols, mask)
         rstd = tl.load(RSTD + rows, mask=row_mask, other=0.0)
         xhat = x * rstd[:, None]
         if HAS_W:
@@ -115,13 +103,11 @@ def _rms_norm_bwd_kernel(
             dxhat = dy
         c = tl.sum(xhat * dxhat, axis=1) / N
         dx = (dxhat - xhat * c[:, None]) * rstd[:, None]
-        if HAS_DS:
-            dx += tl.load(DS + rows64 * stride_ds + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        tl.store(DX + rows64 * stride_dx + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
+        _store_dx(DX, DS, dx, rows64, stride_dx, stride_ds, cols, mask, HAS_DS)
         if COMPUTE_DW:
             dw_acc += dy * xhat
     if COMPUTE_DW:
-        tl.store(DW + pid * N + cols, tl.sum(dw_acc, axis=0), mask=col_mask)
+        _store_partial_row(DW, dw_acc, pid, N, cols, col_mask)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -138,43 +124,19 @@ _BWD_PROGRAMS_INTERPRET = 4
 
 def _rms_norm_fwd_launch(x, residual, weight, eps, offset, sum_dtype):
     """Triton forward on 2-D tensors: ``(y, s, rstd)`` (``s`` is empty without a residual)."""
-    M, N = x.shape
-    has_res = residual is not None
-    s = torch.empty((M, N), dtype=sum_dtype, device=x.device) if has_res else x.new_empty(0)
-    y = torch.empty((M, N), dtype=sum_dtype if has_res else x.dtype, device=x.device)
-    rstd = torch.empty((M,), dtype=torch.float32, device=x.device)
-    if M == 0:
-        return y, s, rstd
-    BLOCK_M, BLOCK_N, num_warps = row_launch_config(M, N, x.device, _TILE_FWD, _TILE_INTERPRET)
-    launch(_rms_norm_fwd_kernel, (triton.cdiv(M, BLOCK_M),),
-           (x, residual, s, y, weight, rstd,
-            x.stride(0), residual.stride(0) if has_res else 0, N, N,
-            weight.stride(0) if weight is not None else 0,
-            M, N, eps, offset),
-           dict(HAS_RES=has_res, HAS_W=weight is not None, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, num_warps=num_warps))
-    return y, s, rstd
+    return row_fwd_launch(_rms_norm_fwd_kernel, x, residual, sum_dtype, (weight,), 1, (eps, offset),
+                          dict(HAS_W=weight is not None), tile=_TILE_FWD, interpret_tile=_TILE_INTERPRET)
 
 
 def _rms_norm_bwd_launch(dy, x, weight, rstd, ds, offset, compute_dw):
     """Triton backward on 2-D tensors: ``(dx, dw)``, dw fp32 (empty when not asked for)."""
-    M, N = x.shape
     compute_dw = compute_dw and weight is not None
-    dx = torch.empty((M, N), dtype=x.dtype, device=x.device)
-    BLOCK_M, BLOCK_N, num_warps = row_launch_config(M, N, x.device, _TILE_BWD, _TILE_INTERPRET)
-    grid = row_partials_grid(M, BLOCK_M, num_warps, x.device, _BWD_PROGRAMS_INTERPRET)
-    # Every program writes its partial row, so only an empty problem needs zeros.
-    alloc = torch.zeros if M == 0 else torch.empty
-    dw_partial = alloc((grid, N) if compute_dw else (0,), dtype=torch.float32, device=x.device)
-    if M > 0:
-        launch(_rms_norm_bwd_kernel, (grid,),
-               (dy, x, weight, rstd, ds, dx, dw_partial,
-                dy.stride(0), x.stride(0), ds.stride(0) if ds is not None else 0, N,
-                weight.stride(0) if weight is not None else 0,
-                M, N, offset),
-               dict(HAS_W=weight is not None, HAS_DS=ds is not None, COMPUTE_DW=compute_dw,
-                    BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, num_warps=num_warps))
-    dw = dw_partial.sum(dim=0) if compute_dw else dw_partial
-    return dx, dw
+    M, N = x.shape
+    return row_bwd_launch(_rms_norm_bwd_kernel, x, (dy, x, weight, rstd, ds), (compute_dw,),
+                          (dy.stride(0), x.stride(0), ds.stride(0) if ds is not None else 0, N,
+                           weight.stride(0) if weight is not None else 0, M, N, offset),
+                          dict(HAS_W=weight is not None, HAS_DS=ds is not None, COMPUTE_DW=compute_dw),
+                          tile=_TILE_BWD, interpret_tile=_TILE_INTERPRET, interpret_programs=_BWD_PROGRAMS_INTERPRET)
 
 
 def _check_number(name, value, *, minimum=None):
@@ -185,12 +147,7 @@ def _check_number(name, value, *, minimum=None):
 
 
 def _check_rms_norm_args(x, weight, eps, offset, *, name="x"):
-    check_tensor(name, x, min_ndim=1, dtypes=FLOAT_DTYPES)
-    n = x.shape[-1]
-    if n == 0:
-        raise ValueError(f"{name} must have a non-empty last dim, got shape {tuple(x.shape)}")
-    if n > MAX_WIDTH:
-        raise ValueError(f"{name}: normalized (last) dim {n} is too large; at most {MAX_WIDTH} is supported")
+    n = check_rows(name, x, MAX_WIDTH)
     if weight is not None:
         check_tensor("weight", weight, dtypes=FLOAT_DTYPES)
         if tuple(weight.shape) != (n,):
@@ -318,11 +275,7 @@ class RMSNorm(nn.RMSNorm):
         return super().extra_repr() + (f", offset={self.offset}" if self.offset else "")
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        k = len(self.normalized_shape)
-        check_tensor("input", input, min_ndim=k, dtypes=FLOAT_DTYPES)
-        if tuple(input.shape[input.dim() - k:]) != self.normalized_shape:
-            raise ValueError(f"input must end with normalized_shape {self.normalized_shape}, "
-                             f"got shape {tuple(input.shape)}")
+        k = check_normalized_input(input, self.normalized_shape)
         eps = torch.finfo(input.dtype).eps if self.eps is None else self.eps
         if k == 1:
             return rms_norm(input, self.weight, eps, offset=self.offset)

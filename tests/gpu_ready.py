@@ -168,10 +168,10 @@ def _qkv(B, H, T, D, dtype, layout):
 def attention_cases(dtn, D, causal, dropout, T, layout, configs: str, *, Hk=None, window=0, softcap=0.0,
                     varlen=False) -> list[Case]:
     """The three attention kernels (and, with every config, the delta preprocess) with the arguments
-    the launchers build (kernels.attention._fwd_call / _bwd_calls). ``Hk`` < 12: GQA; ``window``,
+    the launchers build (kernels.attention_launch._fwd_call / _bwd_calls). ``Hk`` < 12: GQA; ``window``,
     ``softcap``; ``varlen``: the packed (total, H, D) layout of flash_attention_varlen (4 sequences of
     up to T tokens)."""
-    import kernels.attention as A
+    import kernels.attention_launch as A
 
     dtype = DTYPES[dtn]
     B, H = 2, 12
@@ -392,9 +392,11 @@ def fast_cases() -> list[Case]:
     for D in (64, 128):
         cases += attention_cases("bf16", D, True, False, 1024, "packed", "first")
     # issue 24's variants: GQA + sliding window + softcap (Gemma 2) dense at D=128, packed varlen at D=64
+    # and D=128 (varlen GQA at D=128 spilled with the dense default dK/dV tile: its own candidates)
     cases += attention_cases("bf16", 128, True, False, 1024, "packed", "first", Hk=4, window=256, softcap=50.0)
-    cases += attention_cases("bf16", 64, True, False, 1024, "packed", "first", Hk=4, window=256, softcap=50.0,
-                             varlen=True)
+    for D in (64, 128):
+        cases += attention_cases("bf16", D, True, False, 1024, "packed", "first", Hk=4, window=256, softcap=50.0,
+                                 varlen=True)
     cases += decode_cases("bf16", 64)
     cases += decode_cases("bf16", 128, Hk=4, window=256, softcap=50.0)[:1]
     for N in (768, 1600):

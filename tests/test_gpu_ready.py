@@ -75,6 +75,9 @@ def test_fast_subset_covers_every_kernel(fast_facts):
                      "rotary"}, names
     assert any("smoothing+softcap" in f["label"] for f in fast_facts if f["name"] == "lce_dlogits")
     assert {re.search(r"D=(\d+)", f["label"]).group(1) for f in fast_facts if f["name"] == "attn_fwd"} == {"64", "128"}
+    varlen_d = {re.search(r"D=(\d+)", f["label"]).group(1) for f in fast_facts
+                if f["name"] == "attn_dkdv" and "varlen" in f["label"] and "W=" in f["label"] and "softcap" in f["label"]}
+    assert varlen_d == {"64", "128"}, varlen_d  # the varlen + window + softcap dK/dV pass at both head dims
 
 
 def test_every_kernel_compiles_for_sm90(fast_facts):

@@ -312,13 +312,14 @@ def test_interpreter_runs_the_kernel(monkeypatch):
     if not kernels_utils.INTERPRETED:
         pytest.skip("kernels were not decorated under TRITON_INTERPRET=1")
     launched = []
-    real_launch = ln_mod.launch
+    real_launch = kernels_utils.launch
 
     def spy(kernel, *args, **kwargs):  # every Triton launch of the module goes through _utils.launch
         launched.append(kernel)
         return real_launch(kernel, *args, **kwargs)
 
-    monkeypatch.setattr(ln_mod, "launch", spy)
+    # the launchers call _utils.row_fwd_launch / row_bwd_launch, which launch through _utils.launch
+    monkeypatch.setattr(kernels_utils, "launch", spy)
     x = _leaf(torch.randn(3, 10))
     y, s = add_layer_norm(x, torch.randn(3, 10))
     (y.sum() + s.sum() + layer_norm(x).sum()).backward()
@@ -327,7 +328,7 @@ def test_interpreter_runs_the_kernel(monkeypatch):
 
 def test_fallback_path(fallback_path, monkeypatch):
     """TRITON_INTERPRET=0 on CPU: the pure-PyTorch fallback, same results and gradients."""
-    monkeypatch.setattr(ln_mod, "launch", _boom)  # no Triton kernel may launch
+    monkeypatch.setattr(kernels_utils, "launch", _boom)  # no Triton kernel may launch (row_*_launch's)
     _run_layer_norm((3, 7, 100), torch.float32, "weight_bias", 1e-5, 1e-5)
     _run_layer_norm((37, 129), torch.float16, "weight", 2e-3, 2e-3)
     _run_add_layer_norm((3, 7, 100), torch.float32, torch.float32, "weight_bias", 1e-5, 1e-5)

@@ -141,11 +141,20 @@ _TILE_INTERPRET = 32768
 _BWD_PROGRAMS_INTERPRET = 4
 
 
+def _fwd_tile(N: int) -> int:
+    """The forward's CUDA tile for rows of width ``N``: ``_TILE_FWD``, except 2048 for BLOCK_N 1024
+    (N 513..1024: GPT-2 small's 768, medium's 1024), i.e. 2 rows x 4 warps instead of 4 rows x 8 warps,
+    still 16 elements per thread: with 4 x 8 ptxas (sm_90) spilled 8 B in fp16 without a residual
+    (48 registers); 2 x 4 compiles to 39-44 registers and no spill in bf16/fp16/fp32, with and without
+    a residual (tests/gpu_ready.py; bench/results/2026-12-01-sm90-compile-norms.md)."""
+    return 2048 if 512 < N <= 1024 else _TILE_FWD
+
+
 def _layer_norm_fwd_launch(x, residual, weight, bias, eps, sum_dtype):
     """Triton forward on 2-D tensors: ``(y, s, mean, rstd)`` (``s`` is empty without a residual)."""
     return row_fwd_launch(_layer_norm_fwd_kernel, x, residual, sum_dtype, (weight, bias), 2, (eps,),
                           dict(HAS_W=weight is not None, HAS_B=bias is not None),
-                          tile=_TILE_FWD, interpret_tile=_TILE_INTERPRET)
+                          tile=_fwd_tile(x.shape[1]), interpret_tile=_TILE_INTERPRET)
 
 
 def _layer_norm_bwd_launch(dy, x, weight, mean, rstd, ds, compute_dw, compute_db):

@@ -256,7 +256,7 @@ def layernorm_cases(dtn, N, *, residual=True) -> list[Case]:
     y = torch.empty((M, N), dtype=dtype)
     mean = torch.empty((M,), dtype=torch.float32)
     rstd = torch.empty((M,), dtype=torch.float32)
-    bm, bn, warps = row_launch_config(M, N, cuda, LN._TILE_FWD, LN._TILE_INTERPRET)
+    bm, bn, warps = row_launch_config(M, N, cuda, LN._fwd_tile(N), LN._TILE_INTERPRET)
     fwd = Case("ln_fwd", f"{dtn} N={N} res={residual} BLOCK_M={bm} w{warps}", unwrap(LN._layer_norm_fwd_kernel),
                (x, res, s, y, w, b, mean, rstd, x.stride(0), res.stride(0) if residual else 0, N, N,
                 w.stride(0), b.stride(0), M, N, 1e-5),

@@ -92,7 +92,7 @@ def _rms_norm_bwd_kernel(
     # row-length vector across rows or across the row sum (w, dw_acc, x and dy all in registers spilled
     # 132-188 B at N=16384 on sm_90): w is reloaded per row, x and dy are read again after the row sum
     # (L1/L2 hits), and program p accumulates its partial row DW[p, :] in memory (its own row, read-
-    # modify-write per row tile in the same order as the registers would: still deterministic; the row
+    # modify-write per row tile, in a fixed order: still deterministic; the row
     # sum's cross-warp barrier orders one tile's store before the next tile's load).
     WIDE: tl.constexpr = BLOCK_N > 8192
     if HAS_W and not WIDE:

@@ -100,7 +100,11 @@ def _layer_norm_bwd_kernel(
     num_programs = tl.num_programs(0)
     cols = tl.arange(0, BLOCK_N)
     col_mask = cols < N
-    if HAS_W:
+    # A wide row (BLOCK_N > 8192), as in kernels/rmsnorm.py: w reloaded per row, x and dy read again after
+    # the row sums, dW/dB accumulated in the program's own partial rows in memory (holding w, dw_acc,
+    # db_acc, x and dy in registers spilled 388 B at N=16384 on sm_90).
+    WIDE: tl.constexpr = BLOCK_N > 8192
+    if HAS_W and not WIDE:
         w = tl.load(W + cols * stride_w, mask=col_mask, other=0.0).to(tl.float32)
     dw_acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     db_acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -110,22 +114,47 @@ def _layer_norm_bwd_kernel(
         dy = _load_rows(DY, rows64, stride_dy, cols, mask)
         mean = tl.load(MEAN + rows, mask=row_mask, other=0.0)
         rstd = tl.load(RSTD + rows, mask=row_mask, other=0.0)
-        xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
+        if WIDE:  # (no mask on xhat: dy, hence dxhat, dx and dy * xhat are 0 past N; dx is stored masked)
+            xhat = (x - mean[:, None]) * rstd[:, None]
+        else:
+            xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
         if HAS_W:
+            if WIDE:
+                w = tl.load(W + cols * stride_w, mask=col_mask, other=0.0).to(tl.float32)
             dxhat = dy * w[None, :]
         else:
             dxhat = dy
         c1 = tl.sum(xhat * dxhat, axis=1) / N
         c2 = tl.sum(dxhat, axis=1) / N
+        if WIDE:  # read x, dy (and w) again (L1/L2 hits) instead of holding them across the row sums
+            xhat = (tl.load(X + rows64 * stride_x + cols[None, :], mask=mask, other=0.0,
+                            eviction_policy="evict_first").to(tl.float32) - mean[:, None]) * rstd[:, None]
+            dy = tl.load(DY + rows64 * stride_dy + cols[None, :], mask=mask, other=0.0,
+                         eviction_policy="evict_first").to(tl.float32)
+            if HAS_W:
+                dxhat = dy * tl.load(W + cols * stride_w, mask=col_mask, other=0.0,
+                                     eviction_policy="evict_last").to(tl.float32)[None, :]
+            else:
+                dxhat = dy
         dx = (dxhat - (xhat * c1[:, None] + c2[:, None])) * rstd[:, None]
         _store_dx(DX, DS, dx, rows64, stride_dx, stride_ds, cols, mask, HAS_DS)
-        if COMPUTE_DW:
+        if WIDE and (COMPUTE_DW or COMPUTE_DB):  # the first row tile adds to 0
+            later = col_mask[None, :] & (tl.full((1, BLOCK_N), row_start, tl.int32) > pid * BLOCK_M)
+            if COMPUTE_DW:
+                dw_ptrs = DW + pid * N + cols[None, :]
+                dw_prev = tl.load(dw_ptrs, mask=later, other=0.0)
+                tl.store(dw_ptrs, dw_prev + tl.sum(dy * xhat, axis=0, keep_dims=True), mask=col_mask[None, :])
+            if COMPUTE_DB:
+                db_ptrs = DB + pid * N + cols[None, :]
+                db_prev = tl.load(db_ptrs, mask=later, other=0.0)
+                tl.store(db_ptrs, db_prev + tl.sum(dy, axis=0, keep_dims=True), mask=col_mask[None, :])
+        if COMPUTE_DW and not WIDE:
             dw_acc += dy * xhat
-        if COMPUTE_DB:
+        if COMPUTE_DB and not WIDE:
             db_acc += dy
-    if COMPUTE_DW:
+    if COMPUTE_DW and not WIDE:
         _store_partial_row(DW, dw_acc, pid, N, cols, col_mask)
-    if COMPUTE_DB:
+    if COMPUTE_DB and not WIDE:
         _store_partial_row(DB, db_acc, pid, N, cols, col_mask)
 
 
@@ -141,11 +170,20 @@ _TILE_INTERPRET = 32768
 _BWD_PROGRAMS_INTERPRET = 4
 
 
+def _fwd_tile(N: int) -> int:
+    """The forward's CUDA tile for rows of width ``N``: ``_TILE_FWD``, except 2048 for BLOCK_N 1024
+    (N 513..1024: GPT-2 small's 768, medium's 1024), i.e. 2 rows x 4 warps instead of 4 rows x 8 warps,
+    still 16 elements per thread: with 4 x 8 ptxas (sm_90) spilled 8 B in fp16 without a residual
+    (48 registers); 2 x 4 compiles to 39-44 registers and no spill in bf16/fp16/fp32, with and without
+    a residual (tests/gpu_ready.py; bench/results/2026-12-01-sm90-compile-norms.md)."""
+    return 2048 if 512 < N <= 1024 else _TILE_FWD
+
+
 def _layer_norm_fwd_launch(x, residual, weight, bias, eps, sum_dtype):
     """Triton forward on 2-D tensors: ``(y, s, mean, rstd)`` (``s`` is empty without a residual)."""
     return row_fwd_launch(_layer_norm_fwd_kernel, x, residual, sum_dtype, (weight, bias), 2, (eps,),
                           dict(HAS_W=weight is not None, HAS_B=bias is not None),
-                          tile=_TILE_FWD, interpret_tile=_TILE_INTERPRET)
+                          tile=_fwd_tile(x.shape[1]), interpret_tile=_TILE_INTERPRET)
 
 
 def _layer_norm_bwd_launch(dy, x, weight, mean, rstd, ds, compute_dw, compute_db):

@@ -75,7 +75,7 @@ def _rms_norm_fwd_kernel(
 # For add_rms_norm, x is the sum s = x_in + residual, whose output s also receives a gradient ds,
 # so d(x_in) = d(residual) = dx + ds.
 # dw is deterministic: program p accumulates rows p, p + P, p + 2P, ... (P programs) in fp32 registers
-# and writes one partial row to DW[p, :]; the launcher sums the P partials afterwards in a fixed order.
+# (a wide row: in its own partial row in memory) and writes one partial row to DW[p, :]; the launcher sums the P partials afterwards in a fixed order.
 @triton.jit
 def _rms_norm_bwd_kernel(
     DY, X, W, RSTD, DS, DX, DW,  # DS only when HAS_DS; DW: (programs, N) fp32 partials
@@ -88,7 +88,14 @@ def _rms_norm_bwd_kernel(
     num_programs = tl.num_programs(0)
     cols = tl.arange(0, BLOCK_N)
     col_mask = cols < N
-    if HAS_W:
+    # A wide row (BLOCK_N > 8192: more than 16 elements per thread at the launcher's 16 warps) holds no
+    # row-length vector across rows or across the row sum (w, dw_acc, x and dy all in registers spilled
+    # 132-188 B at N=16384 on sm_90): w is reloaded per row, x and dy are read again after the row sum
+    # (L1/L2 hits), and program p accumulates its partial row DW[p, :] in memory (its own row, read-
+    # modify-write per row tile, in a fixed order: still deterministic; the row
+    # sum's cross-warp barrier orders one tile's store before the next tile's load).
+    WIDE: tl.constexpr = BLOCK_N > 8192
+    if HAS_W and not WIDE:
         wt = offset + tl.load(W + cols * stride_w, mask=col_mask, other=0.0).to(tl.float32)
     dw_acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for row_start in range(pid * BLOCK_M, M, num_programs * BLOCK_M):
@@ -98,15 +105,30 @@ def _rms_norm_bwd_kernel(
         rstd = tl.load(RSTD + rows, mask=row_mask, other=0.0)
         xhat = x * rstd[:, None]
         if HAS_W:
+            if WIDE:
+                wt = offset + tl.load(W + cols * stride_w, mask=col_mask, other=0.0).to(tl.float32)
             dxhat = dy * wt[None, :]
         else:
             dxhat = dy
+        if COMPUTE_DW and WIDE:  # before the row sum (dy dead across it); the first row tile adds to 0
+            dw_ptrs = DW + pid * N + cols[None, :]  # (1, BLOCK_N), in dy's layout: no conversion
+            later = tl.full((1, BLOCK_N), row_start, tl.int32) > pid * BLOCK_M
+            dw_prev = tl.load(dw_ptrs, mask=col_mask[None, :] & later, other=0.0)
+            tl.store(dw_ptrs, dw_prev + tl.sum(dy * xhat, axis=0, keep_dims=True), mask=col_mask[None, :])
         c = tl.sum(xhat * dxhat, axis=1) / N
+        if WIDE:  # read x, dy (and w) again (L1/L2 hits) instead of holding them across the row sum
+            xhat = tl.load(X + rows64 * stride_x + cols[None, :], mask=mask, other=0.0,
+                           eviction_policy="evict_first").to(tl.float32) * rstd[:, None]
+            dxhat = tl.load(DY + rows64 * stride_dy + cols[None, :], mask=mask, other=0.0,
+                            eviction_policy="evict_first").to(tl.float32)
+            if HAS_W:
+                dxhat = dxhat * (offset + tl.load(W + cols * stride_w, mask=col_mask, other=0.0,
+                                                  eviction_policy="evict_last").to(tl.float32))[None, :]
         dx = (dxhat - xhat * c[:, None]) * rstd[:, None]
         _store_dx(DX, DS, dx, rows64, stride_dx, stride_ds, cols, mask, HAS_DS)
-        if COMPUTE_DW:
+        if COMPUTE_DW and not WIDE:
             dw_acc += dy * xhat
-    if COMPUTE_DW:
+    if COMPUTE_DW and not WIDE:
         _store_partial_row(DW, dw_acc, pid, N, cols, col_mask)
 
 

@@ -99,8 +99,16 @@ def test_layer_norm_gpu_launch_settings_in_interpreter(monkeypatch, dtype, atol,
     _run_layer_norm((37, 129), dtype, "weight_bias", atol, rtol)
 
 
-def test_layer_norm_wide_rows():
+def test_layer_norm_wide_rows(monkeypatch):
     _run_layer_norm((3, 16384), torch.float32, "weight_bias", 1e-5, 1e-5)
+    # the backward's wide path (BLOCK_N 16384: w reloaded per row, x and dy read again after the row
+    # sums, dW/dB accumulated in each program's partial rows in memory) with the GPU's one row per
+    # program and 3 programs of 2-3 rows each, with and without weight and bias
+    monkeypatch.setattr(ln_mod, "_TILE_INTERPRET", 16384)
+    monkeypatch.setattr(ln_mod, "_BWD_PROGRAMS_INTERPRET", 3)
+    for dtype, atol, rtol in DTYPES:
+        _run_layer_norm((7, 8200), dtype, "weight_bias", atol, rtol)
+    _run_layer_norm((4, 9000), torch.float32, "none", 1e-5, 1e-5)
 
 
 def test_layer_norm_matches_torch():

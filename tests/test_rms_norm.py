@@ -109,6 +109,33 @@ def test_rms_norm_gpu_launch_settings_in_interpreter(monkeypatch):
     assert torch.equal(grads[0], grads[1])
 
 
+def test_rms_norm_wide_rows_in_interpreter(monkeypatch):
+    """Rows wider than 8192 (BLOCK_N 16384): the backward's wide path (w reloaded per row, x and dy read
+    again after the row sum, dw accumulated in each program's partial row in memory) with the GPU's one
+    row per program and 3 programs of 2-3 rows each; with and without a weight, with a residual (ds);
+    dw bit-identical run to run."""
+    monkeypatch.setattr(rms_mod, "_TILE_INTERPRET", 16384)  # BLOCK_N 16384 -> 1 row per program
+    monkeypatch.setattr(rms_mod, "_BWD_PROGRAMS_INTERPRET", 3)
+    _run((7, 8200), torch.float16, "cpu", offset=1.0)
+    _run((4, 9000), torch.float32, "cpu", affine=False)
+    g = torch.Generator().manual_seed(5)
+    x, r = (_leaf(torch.randn(5, 8200, generator=g)) for _ in range(2))
+    w = _leaf(torch.randn(8200, generator=g))
+    y, s = add_rms_norm(x, r, w)
+    dy, ds = torch.randn(5, 8200, generator=g), torch.randn(5, 8200, generator=g)
+    torch.autograd.backward([y, s], [dy, ds])
+    xr, rr, wr = _f64(x), _f64(r), _f64(w)
+    torch.autograd.backward([_oracle(xr + rr, wr, 1e-6, 0.0), xr + rr], [dy.double(), ds.double()])
+    _close(x.grad, xr.grad, torch.float32, "dx", scale=2)
+    _close(r.grad, rr.grad, torch.float32, "dres", scale=2)
+    _close(w.grad, wr.grad, torch.float32, "dw", scale=4)
+    first = w.grad.clone()
+    w.grad = None
+    y, s = add_rms_norm(x, r, w)
+    torch.autograd.backward([y, s], [dy, ds])
+    assert torch.equal(w.grad, first)
+
+
 @pytest.mark.parametrize("x_dtype,res_dtype", [(torch.float32, torch.float32), (torch.float16, torch.float16),
                                                (torch.float16, torch.float32)], ids=["fp32", "fp16", "mixed"])
 def test_add_rms_norm_fwd_bwd(kernel_path, device, x_dtype, res_dtype):

@@ -49,16 +49,17 @@ def _d64_or_dense_no_dropout(f):
     return f["BLOCK_D"] <= 64 or not (f["DROPOUT"] or f["VARLEN"])
 
 
-def _d64_or_plain(f):  # D=128 only without dropout, varlen, window and softcap
-    return f["BLOCK_D"] <= 64 or not (f["DROPOUT"] or f["VARLEN"] or f["WINDOW"] or f["SOFTCAP"])
-
-
 def _d128_varlen_dropout(f):
     return f["BLOCK_D"] > 64 and f["VARLEN"] and f["DROPOUT"]
 
 
 def _not_d128_varlen_dropout(f):
     return not _d128_varlen_dropout(f)
+
+
+def _d64_no_varlen_dropout_or_plain(f):
+    return (f["BLOCK_D"] <= 64 and not (f["VARLEN"] and f["DROPOUT"])) or not (
+        f["DROPOUT"] or f["VARLEN"] or f["WINDOW"] or f["SOFTCAP"])
 
 
 def _d64_or_no_varlen_softcap(f):
@@ -91,11 +92,13 @@ _FWD_TABLE = [] if not hasattr(triton, "Config") else [
 # group's query heads), so at D=128 it gets the one tile that does not spill there.
 _DKDV_TABLE = [] if not hasattr(triton, "Config") else [
     # 128 resident keys: D=64 158 regs (dropout 251), 57 KB; D=128 231 regs (dropout 255), 113 KB;
-    # 0 spills; varlen GQA D=128: 255 regs and 28/28 B of spills with window + softcap (172/172 B without)
+    # 0 spills (varlen GQA with dropout at D=64: 251 regs); varlen GQA D=128: 255 regs and 28/28 B of
+    # spills with window + softcap (172/172 B without)
     (_cfg(32, 128, 8, 3), _d64_or_dense),
-    # D=64 186 regs (dropout 253), 65 KB (dropout 69 KB), 0 spills; D=128 237 regs, 129 KB, 0 spills, but
-    # 180/184 B of spills with dropout, 136/136 B in GQA with window + softcap (varlen: 120/120 B)
-    (_cfg(64, 64, 8, 3), _d64_or_plain),
+    # D=64 186 regs (dropout 253), 65 KB (dropout 69 KB), 0 spills, but varlen GQA with dropout 16/12 B;
+    # D=128 237 regs, 129 KB, 0 spills, but 180/184 B of spills with dropout, 136/136 B in GQA with
+    # window + softcap (varlen: 120/120 B)
+    (_cfg(64, 64, 8, 3), _d64_no_varlen_dropout_or_plain),
     # D=64 long T: 220 regs, 81 KB, 0 spills; with dropout 124/124 B of spills; D=128 255 regs and
     # 68/80 B of spills (161 KB): D=64 without dropout only
     (_cfg(64, 128, 8, 3), _d64_no_dropout),
@@ -103,11 +106,12 @@ _DKDV_TABLE = [] if not hasattr(triton, "Config") else [
     # D=128: 242 regs with window + softcap, but 128/128 B of spills without
     (_cfg(16, 64, 4, 3), _d64_or_dense),
     # D=64 117 regs (dropout 172), 44 KB; D=128 202 regs (dropout 245), 88 KB; 0 spills; varlen GQA
-    # D=128: 233 regs with window + softcap, 252 without, 0 spills; with dropout 140/140 B of spills
+    # D=128: 233 regs with window + softcap, 252 without, 0 spills; with dropout 36/36 B of spills
     (_cfg(16, 128, 8, 3), _not_d128_varlen_dropout),
-    # varlen GQA with dropout at D=128 (issue 24): no wgmma tile compiles without spills there (255 regs;
-    # 16x64 w8 s1-4: 148/40/80/44 B, w4: 112-328 B; 32x64: 136-300 B; 16x128: 128-144 B; 32x128 428 B;
-    # 64x64 676-2,336 B); this one spills the least, 40/36 B (50 KB)
+    # varlen GQA with dropout at D=128 (issue 24): 231 regs, 50 KB, 0 spills, the one tile without (16x128
+    # w8 36 B, 16x64 w4 76 B, 32x128 332 B). Causal varlen with dropout walks its query blocks as one
+    # masked loop (kernels/attention_bwd.py): with the two loop instances every wgmma tile spilled
+    # there (16x64 w8 s1-4: 40-148 B, 16x128 128-144 B, 32x64 136-300 B, 64x64 676-2,336 B)
     (_cfg(16, 64, 8, 2), _d128_varlen_dropout),
 ]
 _DQ_TABLE = [] if not hasattr(triton, "Config") else [

@@ -136,6 +136,8 @@ def _attn_bwd_dkdv_kernel(
     # unmasked (rows that see every key of the block). Rows < lo see none of these keys (causal). With a
     # window, rows >= hi see none either (they are never visited) and [lo, hi) runs as one masked loop:
     # a third loop instance (the window's far edge) made ptxas spill at D=128 (sm_90, 32x128 tile).
+    # Causal varlen with dropout runs one masked loop too: with two, every wgmma dK/dV tile spilled at
+    # D=128 (sm_90; the mask is exact on every row, so only the unmasked blocks' masking is extra work).
     if CAUSAL:
         lo = (tl.maximum(start_n - causal_shift, 0) // BLOCK_M) * BLOCK_M
         mid = tl.cdiv(tl.maximum(start_n + BLOCK_N - 1 - causal_shift, 0), BLOCK_M) * BLOCK_M
@@ -158,7 +160,7 @@ def _attn_bwd_dkdv_kernel(
             seed_g = tl.load(SEED) + (off_b * H + off_h).to(tl.int32)
         else:
             seed_g = 0
-        if WINDOW:
+        if WINDOW or (CAUSAL and VARLEN and DROPOUT):  # one masked loop (see above)
             dk, dv = _dkdv_inner(dk, dv, k, v, Q_ptr, DO_ptr, LSE_ptr, DELTA_ptr,
                                  stride_qm, stride_qd, stride_dom, stride_dod, cols, offs_m, offs_d,
                                  lo, hi, seqlen_q, seqlen_k, causal_shift, window, qk_scale, cap2, seed_g,

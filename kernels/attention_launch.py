@@ -49,8 +49,17 @@ def _d64_or_dense_no_dropout(f):
     return f["BLOCK_D"] <= 64 or not (f["DROPOUT"] or f["VARLEN"])
 
 
-def _d64_or_plain(f):  # D=128 only without dropout, varlen, window and softcap
-    return f["BLOCK_D"] <= 64 or not (f["DROPOUT"] or f["VARLEN"] or f["WINDOW"] or f["SOFTCAP"])
+def _d128_varlen_dropout(f):
+    return f["BLOCK_D"] > 64 and f["VARLEN"] and f["DROPOUT"]
+
+
+def _not_d128_varlen_dropout(f):
+    return not _d128_varlen_dropout(f)
+
+
+def _d64_no_varlen_dropout_or_plain(f):
+    return (f["BLOCK_D"] <= 64 and not (f["VARLEN"] and f["DROPOUT"])) or not (
+        f["DROPOUT"] or f["VARLEN"] or f["WINDOW"] or f["SOFTCAP"])
 
 
 def _d64_or_no_varlen_softcap(f):
@@ -83,11 +92,13 @@ _FWD_TABLE = [] if not hasattr(triton, "Config") else [
 # group's query heads), so at D=128 it gets the one tile that does not spill there.
 _DKDV_TABLE = [] if not hasattr(triton, "Config") else [
     # 128 resident keys: D=64 158 regs (dropout 251), 57 KB; D=128 231 regs (dropout 255), 113 KB;
-    # 0 spills; varlen GQA D=128: 255 regs and 28/28 B of spills with window + softcap (172/172 B without)
+    # 0 spills (varlen GQA with dropout at D=64: 251 regs); varlen GQA D=128: 255 regs and 28/28 B of
+    # spills with window + softcap (172/172 B without)
     (_cfg(32, 128, 8, 3), _d64_or_dense),
-    # D=64 186 regs (dropout 253), 65 KB (dropout 69 KB), 0 spills; D=128 237 regs, 129 KB, 0 spills, but
-    # 180/184 B of spills with dropout, 136/136 B in GQA with window + softcap (varlen: 120/120 B)
-    (_cfg(64, 64, 8, 3), _d64_or_plain),
+    # D=64 186 regs (dropout 253), 65 KB (dropout 69 KB), 0 spills, but varlen GQA with dropout 16/12 B;
+    # D=128 237 regs, 129 KB, 0 spills, but 180/184 B of spills with dropout, 136/136 B in GQA with
+    # window + softcap (varlen: 120/120 B)
+    (_cfg(64, 64, 8, 3), _d64_no_varlen_dropout_or_plain),
     # D=64 long T: 220 regs, 81 KB, 0 spills; with dropout 124/124 B of spills; D=128 255 regs and
     # 68/80 B of spills (161 KB): D=64 without dropout only
     (_cfg(64, 128, 8, 3), _d64_no_dropout),
@@ -95,9 +106,13 @@ _DKDV_TABLE = [] if not hasattr(triton, "Config") else [
     # D=128: 242 regs with window + softcap, but 128/128 B of spills without
     (_cfg(16, 64, 4, 3), _d64_or_dense),
     # D=64 117 regs (dropout 172), 44 KB; D=128 202 regs (dropout 245), 88 KB; 0 spills; varlen GQA
-    # D=128: 233 regs with window + softcap, 252 without, 0 spills (with dropout every candidate spills
-    # there: this one 140/140 B)
-    (_cfg(16, 128, 8, 3), _always),
+    # D=128: 233 regs with window + softcap, 252 without, 0 spills; with dropout 36/36 B of spills
+    (_cfg(16, 128, 8, 3), _not_d128_varlen_dropout),
+    # varlen GQA with dropout at D=128 (issue 24): 231 regs, 50 KB, 0 spills, the one tile without (16x128
+    # w8 36 B, 16x64 w4 76 B, 32x128 332 B). Causal varlen with dropout walks its query blocks as one
+    # masked loop (kernels/attention_bwd.py): with the two loop instances every wgmma tile spilled
+    # there (16x64 w8 s1-4: 40-148 B, 16x128 128-144 B, 32x64 136-300 B, 64x64 676-2,336 B)
+    (_cfg(16, 64, 8, 2), _d128_varlen_dropout),
 ]
 _DQ_TABLE = [] if not hasattr(triton, "Config") else [
     # 128 resident queries: D=64 132 regs (dropout 174), 80 KB; D=128 185 regs (dropout 255), 160 KB;
@@ -112,15 +127,41 @@ _DQ_TABLE = [] if not hasattr(triton, "Config") else [
     # D=64 92 regs (dropout 128), 40 KB; D=128 134 regs (dropout 224), 80 KB; 0 spills
     (_cfg(64, 32, 4, 3), _always),
 ]
-# fp32 (IEEE dots, 4-byte tiles, no wgmma): the bf16 tiles at D=128 need up to 240-384 KB of shared memory
-# (over the 227 KB a block may use) or spill heavily (fwd 128x64: 225 KB and 5,596/13,480 B of spills),
-# so fp32 tunes its own smaller tiles, sized to fit 227 KB at D=128 (K/V/Q stages x 4-byte rows).
+# fp32 (IEEE dots: FMA, no wgmma; 4-byte tiles). The FMA dot keeps its operands and accumulator in
+# registers, and whether ptxas fits them in 255 registers depends on the tile's shape, not only its size:
+# the earlier 64x32 / 128x32 / 64x64 fwd and dQ tiles spilled 4 B-87 KB (D=128 fwd 64x64: 52-84 KB,
+# dQ 64x32 up to 76 KB), while 64 keys per block with 16-32 rows fits. Facts: sm_90 compile, the 7 flag
+# variants of the sweep (causal/not, dropout, T=1000 uneven, GQA + window + softcap dense and varlen)
+# plus varlen GQA with dropout, D=64/80/128; tests/gpu_ready.py fails a spill at the default (first).
+def _d64_not_varlen_dropout(f):
+    return f["BLOCK_D"] <= 64 and not (f["VARLEN"] and f["DROPOUT"])
+
+
+def _d128_or_no_dropout(f):
+    return f["BLOCK_D"] > 64 or not f["DROPOUT"]
+
+
 _FWD_TABLE_FP32 = [] if not hasattr(triton, "Config") else [
-    (_cfg(64, 32, 4, 3), _always), (_cfg(128, 32, 8, 2), _always), (_cfg(64, 64, 4, 2), _always)]
+    # D=64 72-92 regs, 48 KB; D=80/128 87-98 regs, 88 KB; 0 spills in every variant
+    (_cfg(32, 64, 8, 2), _always),
+    # D=64 79-96 regs, 40 KB; D=80/128 103-126 regs, 76 KB; 0 spills in every variant
+    (_cfg(16, 64, 4, 2), _always),
+]
 _DKDV_TABLE_FP32 = [] if not hasattr(triton, "Config") else [
-    (_cfg(16, 64, 4, 2), _always), (_cfg(32, 64, 4, 2), _always)]
+    # the one dK/dV tile with 0 spills in every variant: D=64 75-114 regs, 17 KB; D=80/128 90-150 regs,
+    # 33 KB (16x32 and 32x16 spill 16-1,396 B with uneven T or varlen, 32x32 w8 20 B)
+    (_cfg(16, 16, 4, 2), _always),
+    # D=64 104-242 regs, 45 KB, 0 spills, but 32/32 B with varlen + dropout; D=128 0 spills except
+    # 1,384/1,180 B at an uneven T: D=64 only
+    (_cfg(16, 64, 8, 2), _d64_not_varlen_dropout),
+]
 _DQ_TABLE_FP32 = [] if not hasattr(triton, "Config") else [
-    (_cfg(64, 32, 4, 2), _always), (_cfg(32, 64, 4, 2), _always)]
+    # D=64 72-94 regs, 44 KB; D=80/128 91-111 regs, 84 KB; 0 spills in every variant
+    (_cfg(16, 64, 4, 2), _always),
+    # D=64 64-96 regs, 56 KB, 0 spills but 4/4 B with dropout (non-causal); D=80/128 83-112 regs, 104 KB,
+    # 0 spills
+    (_cfg(32, 64, 8, 2), _d128_or_no_dropout),
+]
 
 _FWD_CONFIGS = [c for c, _ in _FWD_TABLE]
 _DKDV_CONFIGS = [c for c, _ in _DKDV_TABLE]

@@ -8,14 +8,16 @@ compiles), so the 16-byte alignment hints and the stride-1 / int-1 specializatio
 launch. Per variant it reports registers, spill bytes (ptxas ``-v``), shared memory and whether the SASS
 issues wgmma (``HGMMA``, via the wheel's ``cuobjdump``).
 
-    python tests/gpu_ready.py            # the fast subset (default configs, bf16, D=64/128)
+    python tests/gpu_ready.py            # the fast subset (default configs, bf16 + fp32 attention, D=64/128)
     python tests/gpu_ready.py --full     # every autotune config x dtype x causal/dropout/EVEN flags
     python tests/gpu_ready.py --json F   # also write the facts as JSON
     python tests/gpu_ready.py --only attn_fwd,lce   # case-name substrings
 
 Exit status 1 when a variant fails the gate (does not compile, spills in bf16/fp16, needs more than
 227 KB of shared memory, or an attention / linear+CE kernel without HGMMA). fp32 variants must compile
-and fit in shared memory; their spills are reported, not failed (fp32 is the correctness path).
+and fit in shared memory; their spills are reported, not failed (fp32 is the correctness path), except
+at the default (first) autotune config of the three attention kernels: a training run with
+``--dtype fp32`` on a GPU gets those, so they fail the gate above FP32_ATTN_SPILL_LIMIT bytes.
 ``tests/test_gpu_ready.py`` runs this in subprocesses (the kernels must be decorated with the interpreter
 off), with a throw-away Triton cache so every variant really compiles.
 """
@@ -49,6 +51,10 @@ from kernels._utils import needs_int64, row_launch_config  # noqa: E402
 TARGET = GPUTarget("cuda", 90, 32)
 SMEM_LIMIT = 232448  # 227 KB: the most shared memory one block may opt into on sm_90
 WGMMA_KERNELS = ("attn_fwd", "attn_dkdv", "attn_dq", "lce_fwd", "lce_dlogits")
+# fp32 attention at its default config: the FMA tiles of kernels/attention_launch.py spill 0 B in every
+# variant of the sweep (the tiles before them spilled up to 84 KB)
+FP32_ATTN_SPILL_LIMIT = 0
+FP32_GATED = ("attn_fwd", "attn_dkdv", "attn_dq")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -61,6 +67,7 @@ class Case:
     kwargs: dict
     dtype: str
     facts: dict = field(default_factory=dict)
+    default: bool = False  # the first (default) of an autotuned kernel's candidates for this call
 
 
 def unwrap(k) -> JITFunction:
@@ -136,6 +143,10 @@ def problems(case: Case) -> list[str]:
         out.append(f"spills ({f['spill_stores']} B stores, {f['spill_loads']} B loads)")
     elif case.dtype != "fp32" and f["regs"] is None and f["ldl_stl"]:  # a cache hit prints no ptxas log
         out.append(f"{f['ldl_stl']} LDL/STL (local memory) in the SASS of a cached kernel")
+    if (case.dtype == "fp32" and case.default and case.name in FP32_GATED
+            and max(f["spill_stores"], f["spill_loads"]) > FP32_ATTN_SPILL_LIMIT):
+        out.append(f"fp32 default config spills ({f['spill_stores']} B stores, {f['spill_loads']} B loads; "
+                   f"limit {FP32_ATTN_SPILL_LIMIT})")
     if case.name in WGMMA_KERNELS and case.dtype != "fp32" and not f["hgmma"]:
         out.append("no HGMMA (wgmma) in the SASS")
     return out
@@ -216,9 +227,9 @@ def attention_cases(dtn, D, causal, dropout, T, layout, configs: str, *, Hk=None
                                           ("attn_dkdv", dkdv[0], dkdv[1], dkdv[3], dkdv[4]),
                                           ("attn_dq", dq_call[0], dq_call[1], dq_call[3], dq_call[4])):
         cfgs = candidates(tuned, unwrap(kern), args, meta)
-        for c in (cfgs if configs == "all" else cfgs[:1]):
+        for i, c in enumerate(cfgs if configs == "all" else cfgs[:1]):
             out.append(Case(name, f"{tag} {c.kwargs} w{c.num_warps}s{c.num_stages}", unwrap(kern), args,
-                            dict(meta, **_cfg_kwargs(c)), dtn))
+                            dict(meta, **_cfg_kwargs(c)), dtn, default=i == 0))
     if configs == "all":
         out.append(Case("attn_pre", tag, unwrap(pre[0]), pre[3], pre[4], dtn))
     return out
@@ -389,7 +400,7 @@ LLAMA_WIDTHS = (2048, 4096, 8192)
 
 
 def fast_cases() -> list[Case]:
-    """Default configs, bf16: what CI checks on every run."""
+    """Default configs, bf16 (and fp32 attention): what CI checks on every run."""
     cases = []
     for D in (64, 128):
         cases += attention_cases("bf16", D, True, False, 1024, "packed", "first")
@@ -399,6 +410,13 @@ def fast_cases() -> list[Case]:
     for D in (64, 128):
         cases += attention_cases("bf16", D, True, False, 1024, "packed", "first", Hk=4, window=256, softcap=50.0,
                                  varlen=True)
+    # varlen GQA with dropout (issue 24): at D=128 every wgmma dK/dV tile spilled before its one-loop
+    # causal walk and its own candidate (kernels/attention_launch.py)
+    for D in (64, 128):
+        cases += attention_cases("bf16", D, True, True, 1024, "packed", "first", Hk=4, varlen=True)
+    # fp32 (issue 21): the default FMA tiles, gated at FP32_ATTN_SPILL_LIMIT
+    cases += attention_cases("fp32", 128, True, True, 1024, "packed", "first")
+    cases += attention_cases("fp32", 64, True, True, 1024, "packed", "first", Hk=4, varlen=True)
     cases += decode_cases("bf16", 64)
     cases += decode_cases("bf16", 128, Hk=4, window=256, softcap=50.0)[:1]
     for N in (768, 1600):
@@ -431,6 +449,7 @@ def full_cases() -> list[Case]:
             for varlen in (False, True):  # GQA + window + softcap, dense and packed
                 cases += attention_cases(dtn, D, True, False, 1024, "packed", "all", Hk=4, window=256,
                                          softcap=50.0, varlen=varlen)
+            cases += attention_cases(dtn, D, True, True, 1024, "packed", "all", Hk=4, varlen=True)  # + dropout
         for N in GPT2_WIDTHS:
             cases += layernorm_cases(dtn, N, residual=True) + layernorm_cases(dtn, N, residual=False)[:1]
         cases += gelu_cases(dtn, True) + gelu_cases(dtn, False)
@@ -475,8 +494,8 @@ def main(argv=None) -> int:
     print(f"\n{len(cases) - failed} ok, {failed} failed; triton {triton.__version__}, sm_90")
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump([dict(name=c.name, label=c.label, dtype=c.dtype, problems=problems(c), **c.facts)
-                       for c in cases], fh, indent=1)
+            json.dump([dict(name=c.name, label=c.label, dtype=c.dtype, default=c.default, problems=problems(c),
+                            **c.facts) for c in cases], fh, indent=1)
     return 1 if failed else 0
 
 

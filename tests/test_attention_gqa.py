@@ -290,6 +290,32 @@ def test_varlen_equals_dense_batch(kernel_path):
     assert_verbose_allclose(out, pack(dense), atol=1e-6, rtol=1e-6, name=f"varlen vs dense [{kernel_path}]")
 
 
+@pytest.mark.parametrize("causal", [True, False])
+def test_varlen_dropout_equals_dense(kernel_path, causal):
+    """One packed sequence with dropout = the dense call (the same per-head mask from the same seed):
+    causal varlen with dropout walks its dK/dV query blocks as one masked loop (kernels/attention_bwd.py),
+    the dense call as a masked and an unmasked one; the masks, outputs and gradients agree."""
+    T, H, Hk, D = 45, 4, 2, 16
+    q, k, v, do = _rand(1, H, T, D, seed=1), _rand(1, Hk, T, D, seed=2), _rand(1, Hk, T, D, seed=3), \
+        _rand(1, H, T, D, seed=4)
+    pack = lambda t: t[0].transpose(0, 1)  # (1, h, T, D) -> (T, h, D)  # noqa: E731
+    cu = _cu([T])
+
+    def dense(q, k, v):
+        torch.manual_seed(5)
+        return kernels.flash_attention(q, k, v, causal=causal, dropout_p=0.3)
+
+    def varlen(q, k, v):
+        torch.manual_seed(5)
+        out = kernels.flash_attention_varlen(pack(q), pack(k), pack(v), cu, cu, T, T, causal=causal, dropout_p=0.3)
+        return out.transpose(0, 1)[None]  # (T, H, D) -> (1, H, T, D)
+
+    got, want = _fwd_bwd(varlen, q, k, v, do), _fwd_bwd(dense, q, k, v, do)
+    assert not torch.equal(got[0], _fwd_bwd(lambda q, k, v: kernels.flash_attention(q, k, v, causal=causal),
+                                            q, k, v, do)[0])  # dropout did drop
+    _compare(got, want, f"causal={causal} [{kernel_path}]", atol=1e-6, rtol=1e-6)
+
+
 # ---------------------------------------------------------------------------------------------------
 # decode_attention
 # ---------------------------------------------------------------------------------------------------

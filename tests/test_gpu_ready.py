@@ -4,8 +4,9 @@ stride-1 specializations are a GPU launch's), with 0 spill bytes in bf16/fp16, s
 227 KB and wgmma (HGMMA) in the attention and linear+cross-entropy SASS.
 
 The default run compiles the default (first) autotune config of every kernel at bf16 D=64/128 and GPT-2
-widths; ``pytest -m slow`` compiles every config x dtype x causal/dropout/EVEN flag x layout. Each run
-compiles into a throw-away Triton cache (nothing is cached across runs or written to the repo).
+widths, and of the three attention kernels in fp32 (whose default tiles must not spill either);
+``pytest -m slow`` compiles every config x dtype x causal/dropout/EVEN flag x layout. Each run compiles
+into a throw-away Triton cache (nothing is cached across runs or written to the repo).
 Also here: ``bash bench/gpu_session.sh --dry-run`` fits the GPU window.
 """
 
@@ -78,6 +79,11 @@ def test_fast_subset_covers_every_kernel(fast_facts):
     varlen_d = {re.search(r"D=(\d+)", f["label"]).group(1) for f in fast_facts
                 if f["name"] == "attn_dkdv" and "varlen" in f["label"] and "W=" in f["label"] and "softcap" in f["label"]}
     assert varlen_d == {"64", "128"}, varlen_d  # the varlen + window + softcap dK/dV pass at both head dims
+    # fp32 attention (issue 21): each kernel's default FMA tile at D=64 and D=128 (its spills are checked
+    # below, with bf16's)
+    fp32 = {(f["name"], re.search(r"D=(\d+)", f["label"]).group(1)) for f in fast_facts
+            if f["dtype"] == "fp32" and f["default"]}
+    assert fp32 == {(n, d) for n in ("attn_fwd", "attn_dkdv", "attn_dq") for d in ("64", "128")}, fp32
 
 
 def test_every_kernel_compiles_for_sm90(fast_facts):
@@ -86,6 +92,7 @@ def test_every_kernel_compiles_for_sm90(fast_facts):
 
 
 def test_no_register_spills_in_bf16(fast_facts):
+    """bf16, and the default fp32 attention tiles (tests/gpu_ready.py FP32_ATTN_SPILL_LIMIT = 0)."""
     bad = [f for f in fast_facts if f["ok"] and (f["spill_stores"] or f["spill_loads"])]
     assert not bad, _report(bad)
 
@@ -96,7 +103,8 @@ def test_shared_memory_fits_227kb(fast_facts):
 
 
 def test_attention_and_linear_ce_use_wgmma(fast_facts):
-    mma = [f for f in fast_facts if f["name"].startswith(("attn_fwd", "attn_dkdv", "attn_dq", "lce_"))]
+    mma = [f for f in fast_facts if f["name"].startswith(("attn_fwd", "attn_dkdv", "attn_dq", "lce_"))
+           and f["dtype"] != "fp32"]  # fp32: IEEE dots (FMA)
     assert mma
     bad = [f for f in mma if f["ok"] and not f["hgmma"]]
     assert not bad, _report(bad)

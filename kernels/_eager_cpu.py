@@ -138,10 +138,6 @@ class _LinearCrossEntropyGradInForward(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         dx, dw, db = ctx.saved_tensors
-        if bool(g == 1):  # loss.backward(): the gradients as computed, no second copy of dW and dx. Without
-            # retain_graph the saved ones are released before AccumulateGrad, which then keeps them as .grad;
-            # with it, AccumulateGrad copies (they stay saved, unchanged, for the next backward).
-            return dx, dw, db, None, None, None, None, None
         return (None if dx is None else dx * g, None if dw is None else dw * g,
                 None if db is None else db * g, None, None, None, None, None)
 
